@@ -1,0 +1,73 @@
+"""How many units each pruned module loses (METHOD.md sections 1 and 4).
+
+`sparsity_mode=model` (default): `sparsity` is the fraction of the whole model's parameters
+to remove; the per-module ratio r is solved for over the prunable layer range (for
+`uniform`) or becomes a global parameter budget (for `adaptive`). `sparsity_mode=module`:
+`sparsity` is r itself (LLM-Pruner's per-module ratio), and adaptive uses the budget
+r x (parameters of the prunable units). No module is ever emptied: at least one unit stays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ALLOCATIONS = ("uniform", "adaptive")
+SPARSITY_MODES = ("model", "module")
+
+
+@dataclass(frozen=True)
+class ModuleShape:
+    layer: int
+    kind: str  # attention | mlp
+    n_units: int
+    params_per_unit: int
+
+
+def uniform_removed(n_units: int, ratio: float) -> int:
+    """LLM-Pruner's rule: n - int(n (1 - r)) units removed, at most n - 1."""
+    return min(n_units - int(n_units * (1 - ratio)), n_units - 1)
+
+
+def removed_params(shapes: list[ModuleShape], ratio: float) -> int:
+    return sum(uniform_removed(s.n_units, ratio) * s.params_per_unit for s in shapes)
+
+
+def solve_ratio(shapes: list[ModuleShape], target_params: float) -> float:
+    """The per-module ratio whose removed parameter count is closest to the target.
+
+    The removed count is a step function of r; it only changes at r = 1 - j/n, so
+    checking those breakpoints is exact. Ties go to the smaller ratio."""
+    candidates = {0.0}
+    for s in shapes:
+        candidates.update(1 - j / s.n_units for j in range(1, s.n_units + 1))
+    best = min(sorted(candidates), key=lambda r: abs(removed_params(shapes, r) - target_params))
+    return float(best)
+
+
+def max_removable(shapes: list[ModuleShape]) -> int:
+    return sum((s.n_units - 1) * s.params_per_unit for s in shapes)
+
+
+def uniform(shapes: list[ModuleShape], ratio: float) -> list[int]:
+    return [uniform_removed(s.n_units, ratio) for s in shapes]
+
+
+def adaptive(shapes: list[ModuleShape], scores: list[torch.Tensor], budget_params: float) -> list[int]:
+    """Global ranking of standardised unit scores across layers and modules (FLAP AL-AM):
+    units are removed lowest score first, each costing its parameters, until the removed
+    parameters are closest to the budget; a module's last unit is never removed."""
+    flat = [(float(sc), i) for i, s in enumerate(scores) for sc in s.tolist()]
+    flat.sort(key=lambda t: t[0])
+    removed = [0] * len(shapes)
+    total = 0
+    for _, i in flat:
+        cost = shapes[i].params_per_unit
+        if removed[i] >= shapes[i].n_units - 1:
+            continue
+        if abs(total + cost - budget_params) > abs(total - budget_params):
+            break
+        removed[i] += 1
+        total += cost
+    return removed

@@ -1,0 +1,110 @@
+"""Scoring rules for heads and MLP channels, behind one registry.
+
+A metric scores the units of one depth-2 module from the statistics it asked for; higher
+means more important (kept). Adding a metric = one file here with `@register("name")` plus
+one YAML under conf/metric/.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+
+import torch
+
+from harness.models.base import DepthTwo
+from harness.stats import ModuleStats
+
+# Statistics a metric can ask for (filled by the pipeline's hooks):
+#   input_moment: Sigma_X = E[x x^T] of the module input
+#   level2:       per-channel mean / second moment / variance of the level-2 input
+#   js:           mean Jensen-Shannon distance between attention heads (attention only)
+#   grad:         LM-loss gradients of the weights (Taylor)
+NEEDS = ("input_moment", "level2", "js", "grad")
+
+
+@dataclass
+class Ranking:
+    """Unit scores of one module (higher = keep).
+
+    order: an explicit removal order (first = removed first) where the rule is not a
+    score threshold (the similarity metric's greedy candidates).
+    allocation_scores: what adaptive allocation compares across modules and layers;
+    defaults to the scores standardised within the module.
+    """
+
+    scores: torch.Tensor
+    order: torch.Tensor | None = None
+    allocation_scores: torch.Tensor | None = None
+
+    def removal_order(self) -> torch.Tensor:
+        if self.order is not None:
+            return self.order
+        # stable: equal scores go lowest index first
+        return torch.sort(self.scores.to(torch.float64), stable=True).indices
+
+    def for_allocation(self) -> torch.Tensor:
+        if self.allocation_scores is not None:
+            return self.allocation_scores
+        return standardise(self.scores.to(torch.float64))
+
+
+def standardise(x: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std with the unbiased std, as FLAP; a constant vector maps to zeros."""
+    x = x.to(torch.float64)
+    if x.numel() < 2:
+        return torch.zeros_like(x)
+    std = x.std()
+    return (x - x.mean()) / std if std > 0 else torch.zeros_like(x)
+
+
+class Metric:
+    name: str = ""
+    needs_attention: frozenset[str] = frozenset()
+    needs_mlp: frozenset[str] = frozenset()
+
+    def __init__(self, **params):
+        if params:
+            raise ValueError(f"metric {self.name!r} takes no parameters; got {sorted(params)}")
+
+    def needs(self, kind: str) -> frozenset[str]:
+        return self.needs_attention if kind == "attention" else self.needs_mlp
+
+    def rank(self, d2: DepthTwo, stats: ModuleStats, generator: torch.Generator) -> Ranking:
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, type[Metric]] = {}
+
+
+def register(name: str):
+    def wrap(cls: type[Metric]) -> type[Metric]:
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def _load_all() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+def build(name: str, params: dict | None = None) -> Metric:
+    _load_all()
+    if name not in REGISTRY:
+        raise ValueError(f"unknown metric {name!r}; accepted: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name](**(params or {}))
+
+
+def names() -> list[str]:
+    _load_all()
+    return sorted(REGISTRY)
+
+
+def per_unit(channel_scores: torch.Tensor, d2: DepthTwo) -> torch.Tensor:
+    """Sum level-2-channel scores over each unit's channels (a head sums its channels)."""
+    idx = d2.level2_channels(d2.all_units()).view(d2.n_units, -1)
+    return channel_scores[idx].sum(1)

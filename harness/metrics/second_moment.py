@@ -1,0 +1,55 @@
+"""Second-moment metric (paper section 3.2.3; METHOD.md section 3).
+
+MLP inner channel i of f(X) = B sigma(A X):
+    M_i = 1/2 ||B_i||^2 (A_i^T Sigma_X A_i),    Sigma_X = E[x x^T]   (eq. for ReLU-like sigma)
+gated MLP: the (W_gate, W_down) and (W_up, W_down) metrics multiplied.
+Head h (value path X_hat W_V^h W_O^h, X_hat = A_h X):
+    score_h = sum_{c in h} ||W_O row c||^2 (W_V[:, c]^T Sigma_{X_hat,h} W_V[:, c])
+and W_V[:, c]^T Sigma_{X_hat} W_V[:, c] is the second moment of o_proj's input channel c.
+Data-free (data_free=true): Sigma = I.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from harness.metrics import Metric, Ranking, per_unit, register
+from harness.models.base import DepthTwo, weight
+from harness.stats import ModuleStats
+
+
+def mlp_scores(d2: DepthTwo, sigma: torch.Tensor | None) -> torch.Tensor:
+    out_norm = weight(d2.level2).to(torch.float64).pow(2).sum(0)  # ||B_i||^2 over outputs
+    score = torch.ones(d2.n_units, dtype=torch.float64, device=out_norm.device)
+    for a in d2.level1:
+        w = weight(a).to(torch.float64)  # rows A_i
+        quad = w.pow(2).sum(1) if sigma is None else ((w @ sigma.to(torch.float64)) * w).sum(1)
+        score = score * 0.5 * out_norm * quad
+    return score
+
+
+def head_scores(d2: DepthTwo, level2_second_moment: torch.Tensor | None) -> torch.Tensor:
+    w_o = weight(d2.level2).to(torch.float64)
+    out_norm = w_o.pow(2).sum(0)  # per level-2 input channel
+    if level2_second_moment is None:
+        rows = d2.value_rows(d2.all_units())
+        w_v = weight(d2.level1[d2.value_index]).to(torch.float64)
+        moment = w_v[rows].pow(2).sum(1)
+    else:
+        moment = level2_second_moment.to(torch.float64)
+    return per_unit(out_norm * moment, d2)
+
+
+@register("second_moment")
+class SecondMoment(Metric):
+    def __init__(self, data_free: bool = False):
+        self.data_free = data_free
+        self.needs_attention = frozenset() if data_free else frozenset({"level2"})
+        self.needs_mlp = frozenset() if data_free else frozenset({"input_moment"})
+
+    def rank(self, d2: DepthTwo, stats: ModuleStats, generator: torch.Generator) -> Ranking:
+        if d2.kind == "mlp":
+            sigma = None if self.data_free else stats.input_moment.value
+            return Ranking(mlp_scores(d2, sigma))
+        moment = None if self.data_free else stats.level2.second_moment
+        return Ranking(head_scores(d2, moment))

@@ -1,0 +1,24 @@
+"""Model loading, architecture adapters (the common depth-2 form) and pruned save/load."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from torch import nn
+
+from harness.models import gpt2, llama
+
+ADAPTERS: dict[str, ModuleType] = {t: m for m in (llama, gpt2) for t in m.MODEL_TYPES}
+
+
+class UnsupportedArchitectureError(ValueError):
+    pass
+
+
+def adapter_for(model_or_type: nn.Module | str) -> ModuleType:
+    model_type = model_or_type if isinstance(model_or_type, str) else model_or_type.config.model_type
+    if model_type not in ADAPTERS:
+        raise UnsupportedArchitectureError(
+            f"no adapter for model_type {model_type!r}; supported: {', '.join(sorted(ADAPTERS))}"
+        )
+    return ADAPTERS[model_type]

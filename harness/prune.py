@@ -1,0 +1,338 @@
+"""The block-by-block pruning pipeline (DESIGN.md, "One run, as data flows").
+
+Calibration tokens go through the embeddings once; from then on only hidden states move.
+For each block k in the layer range, module by module in forward order (attention, then
+MLP): [recovery] -> statistics -> scores -> units to remove -> [bias] -> physical cut; then
+the pruned block's outputs become block k+1's inputs. Only block k is on the compute device
+and only its statistics exist at a time. Adaptive allocation first needs every module's
+scores, so it runs one extra dense scoring pass over all blocks to fix the counts.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from harness import allocation as alloc
+from harness import metrics as metrics_registry
+from harness.models.base import DepthTwo
+from harness.remedy import bias as bias_remedy
+from harness.remedy import check as check_remedy
+from harness.remedy.recovery import CrossMoments, refit
+from harness.stats import ChannelMoments, FlapSampleMoments, ModuleStats, SecondMoment, check_finite
+
+log = logging.getLogger(__name__)
+MODULES = ("attention", "mlp")
+
+
+@dataclass
+class PruneSettings:
+    sparsity: float = 0.2
+    sparsity_mode: str = "model"
+    allocation: str = "uniform"
+    remedy: str = "none"
+    layers: tuple[int, int] | None = None  # [start, end); None = all blocks
+    modules: tuple[str, ...] = MODULES
+    damp: float = 1e-2
+    chunk_size: int = 8
+    seed: int = 0
+    flap_faithful: bool = False
+
+
+@dataclass
+class PruneReport:
+    ratio: float | None
+    params_before: int
+    params_after: int
+    per_layer: list[dict]
+    seconds: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def sparsity_achieved(self) -> float:
+        return 1 - self.params_after / self.params_before
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass early once what is needed was seen."""
+
+
+Chunk = tuple[torch.Tensor, dict]
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def prunable_layers(n_layers: int, layers: tuple[int, int] | None) -> range:
+    if layers is None:
+        return range(n_layers)
+    start, end = layers
+    if not (0 <= start < end <= n_layers):
+        raise ValueError(f"layer range [{start}, {end}) is outside the model's {n_layers} blocks; accepted: 0 <= start < end <= {n_layers}")
+    return range(start, end)
+
+
+def module_shapes(adapter, model, layer_range: range, modules: tuple[str, ...]) -> list[alloc.ModuleShape]:
+    shapes = []
+    for k in layer_range:
+        block = adapter.layers(model)[k]
+        for kind in modules:
+            d2 = _view(adapter, block, kind)
+            shapes.append(alloc.ModuleShape(k, kind, d2.n_units, d2.params_per_unit))
+    return shapes
+
+
+def _view(adapter, block: nn.Module, kind: str) -> DepthTwo:
+    return adapter.attention(block) if kind == "attention" else adapter.mlp(block)
+
+
+@contextmanager
+def _hooks(handles: list) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _forward(block: nn.Module, chunk: Chunk) -> torch.Tensor:
+    out = block(chunk[0], **chunk[1])
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _run_until_stop(block: nn.Module, chunk: Chunk) -> None:
+    try:
+        _forward(block, chunk)
+    except _Stop:
+        pass
+
+
+def _capture(block: nn.Module, module: nn.Module, chunk: Chunk) -> torch.Tensor:
+    """The input of `module` when `block` runs on `chunk` (the rest of the block is skipped)."""
+    seen = {}
+
+    def hook(_m, args):
+        seen["x"] = args[0].detach()
+        raise _Stop
+
+    with _hooks([module.register_forward_pre_hook(hook)]):
+        _run_until_stop(block, chunk)
+    return seen["x"]
+
+
+class Pipeline:
+    def __init__(self, model: nn.Module, adapter, metric: metrics_registry.Metric, settings: PruneSettings,
+                 device: torch.device):
+        check_remedy(settings.remedy)
+        if settings.allocation not in alloc.ALLOCATIONS:
+            raise ValueError(f"unknown allocation {settings.allocation!r}; accepted: {', '.join(alloc.ALLOCATIONS)}")
+        if settings.sparsity_mode not in alloc.SPARSITY_MODES:
+            raise ValueError(f"unknown sparsity_mode {settings.sparsity_mode!r}; accepted: {', '.join(alloc.SPARSITY_MODES)}")
+        bad = [m for m in settings.modules if m not in MODULES]
+        if bad or not settings.modules:
+            raise ValueError(f"unknown prune modules {bad or '[]'}; accepted: a non-empty subset of {list(MODULES)}")
+        self.model, self.adapter, self.metric, self.s, self.device = model, adapter, metric, settings, device
+        self.stats_dtype = torch.float64 if device.type == "cpu" else torch.float32
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.times: dict[str, float] = defaultdict(float)
+        self.blocks = adapter.layers(model)
+        self.layer_range = prunable_layers(len(self.blocks), settings.layers)
+
+    @contextmanager
+    def _timed(self, stage: str) -> Iterator[None]:
+        t = time.perf_counter()
+        yield
+        self.times[stage] += time.perf_counter() - t
+
+    # ---- planning ------------------------------------------------------------------------
+
+    def budget(self, shapes: list[alloc.ModuleShape], total: int) -> tuple[float | None, float]:
+        """(uniform per-module ratio or None, parameters to remove)."""
+        s = self.s
+        if not 0 <= s.sparsity < 1:
+            raise ValueError(f"sparsity={s.sparsity} is outside [0, 1)")
+        prunable = sum(sh.n_units * sh.params_per_unit for sh in shapes)
+        target = s.sparsity * (total if s.sparsity_mode == "model" else prunable)
+        most = alloc.max_removable(shapes)
+        if target > most:
+            raise ValueError(
+                f"sparsity={s.sparsity} ({s.sparsity_mode} mode) asks to remove {target:,.0f} parameters, but keeping "
+                f"one unit per module in layers [{self.layer_range.start}, {self.layer_range.stop}) allows at most "
+                f"{most:,} ({most / (total if s.sparsity_mode == 'model' else prunable):.3f}); lower the sparsity or widen model.layers"
+            )
+        if s.allocation == "uniform":
+            ratio = s.sparsity if s.sparsity_mode == "module" else alloc.solve_ratio(shapes, target)
+            return ratio, target
+        return None, target
+
+    # ---- calibration inputs --------------------------------------------------------------
+
+    def capture_inputs(self, input_ids: torch.Tensor) -> list[Chunk]:
+        """Hidden states entering block 0, and the keyword arguments the model passes to every
+        block (masks, positions, rotary embeddings), one entry per calibration chunk."""
+        first = self.blocks[0]
+        chunks: list[Chunk] = []
+
+        def hook(_m, args, kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "layer_past")}
+            kwargs["use_cache"] = False
+            chunks.append((hidden.detach(), kwargs))
+            raise _Stop
+
+        with _hooks([first.register_forward_pre_hook(hook, with_kwargs=True)]), torch.no_grad():
+            for ids in input_ids.split(self.s.chunk_size):
+                try:
+                    self.model(input_ids=ids.to(self.device), use_cache=False)
+                except _Stop:
+                    pass
+        return chunks
+
+    # ---- statistics ----------------------------------------------------------------------
+
+    def collect(self, block: nn.Module, d2: DepthTwo, chunks: list[Chunk], needs: frozenset[str]) -> ModuleStats:
+        stats = ModuleStats()
+        handles = []
+        dt, dev = self.stats_dtype, self.device
+        if "input_moment" in needs:
+            width = d2.module_input.weight.shape[0 if type(d2.module_input).__name__ == "Conv1D" else 1]
+            stats.input_moment = SecondMoment(width, dt, dev)
+            handles.append(d2.module_input.register_forward_pre_hook(lambda _m, a: stats.input_moment.update(a[0])))
+        if "level2" in needs:
+            from harness.models.base import in_features
+
+            cls = FlapSampleMoments if self.s.flap_faithful else ChannelMoments
+            stats.level2 = cls(in_features(d2.level2), dt, dev)
+            handles.append(d2.level2.register_forward_pre_hook(lambda _m, a: stats.level2.update(a[0])))
+        if d2.kind == "attention":
+            def after_attention(_m, _args, out):
+                if "js" in needs:
+                    if out[1] is None:
+                        raise RuntimeError("attention probabilities are unavailable; the pipeline needs eager attention")
+                    stats.add_js(out[1])
+                raise _Stop  # the MLP is not needed for attention statistics
+
+            handles.append(self.adapter.attention_module(block).register_forward_hook(after_attention))
+        else:
+            def stop(_m, _a):
+                raise _Stop
+
+            handles.append(d2.level2.register_forward_pre_hook(stop))
+        with _hooks(handles), torch.no_grad():
+            for chunk in chunks:
+                _run_until_stop(block, chunk)
+        return stats
+
+    def rank(self, block: nn.Module, d2: DepthTwo, chunks: list[Chunk], layer: int) -> tuple[metrics_registry.Ranking, ModuleStats]:
+        needs = set(self.metric.needs(d2.kind))
+        if self.s.remedy == "bias":
+            needs.add("level2")
+        with self._timed("statistics"):
+            stats = self.collect(block, d2, chunks, frozenset(needs))
+        with self._timed("scoring"):
+            ranking = self.metric.rank(d2, stats, self.generator)
+        check_finite(ranking.scores, f"{self.metric.name} scores of block {layer} {d2.kind}")
+        return ranking, stats
+
+    # ---- the passes ----------------------------------------------------------------------
+
+    def dense_allocation_scores(self, chunks: list[Chunk]) -> list[torch.Tensor]:
+        """Adaptive allocation: every module's allocation scores on the dense model."""
+        scores = []
+        h = chunks
+        for k in tqdm(range(self.layer_range.stop), desc="scoring (dense pass)", disable=None):
+            block = self.blocks[k].to(self.device)
+            if k in self.layer_range:
+                for kind in self.s.modules:
+                    ranking, _ = self.rank(block, _view(self.adapter, block, kind), h, k)
+                    scores.append(ranking.for_allocation())
+            with torch.no_grad(), self._timed("forward"):
+                h = [(_forward(block, c), c[1]) for c in h]
+        return scores
+
+    def prune_module(self, block: nn.Module, dense: nn.Module | None, kind: str, n_remove: int,
+                     h: list[Chunk], hd: list[Chunk] | None, layer: int) -> None:
+        d2 = _view(self.adapter, block, kind)
+        if dense is not None:
+            with self._timed("recovery"), torch.no_grad():
+                self.recover(block, dense, kind, h, hd, layer)
+        ranking, stats = self.rank(block, d2, h, layer)
+        if n_remove == 0:
+            return
+        with self._timed("cut"), torch.no_grad():
+            removed = ranking.removal_order()[:n_remove]
+            mask = torch.ones(d2.n_units, dtype=torch.bool)
+            mask[removed] = False
+            keep = d2.all_units()[mask]
+            if self.s.remedy == "bias":
+                bias_remedy.compensate(d2, keep, stats.level2.mean)
+            (self.adapter.prune_attention if kind == "attention" else self.adapter.prune_mlp)(block, keep)
+
+    def recover(self, block: nn.Module, dense: nn.Module, kind: str, h: list[Chunk], hd: list[Chunk], layer: int) -> None:
+        d2, d2_dense = _view(self.adapter, block, kind), _view(self.adapter, dense, kind)
+        for level in (1, 2):
+            mods = d2.level1 if level == 1 else [d2.level2]
+            probe, probe_dense = (d2.module_input, d2_dense.module_input) if level == 1 else (d2.level2, d2_dense.level2)
+            moments = None
+            for c, cd in zip(h, hd, strict=True):
+                x, xd = _capture(block, probe, c), _capture(dense, probe_dense, cd)
+                if moments is None:
+                    moments = CrossMoments(x.shape[-1], any(m.bias is not None for m in mods), self.stats_dtype, self.device)
+                moments.update(x, xd)
+            refit(mods, moments, self.s.damp, f"block {layer} {kind} level {level}")
+
+    def run(self, input_ids: torch.Tensor) -> PruneReport:
+        start = time.perf_counter()
+        total = n_params(self.model)
+        shapes = module_shapes(self.adapter, self.model, self.layer_range, self.s.modules)
+        ratio, target = self.budget(shapes, total)
+        with self._timed("forward"):
+            chunks = self.capture_inputs(input_ids)
+        if ratio is not None:
+            counts = alloc.uniform(shapes, ratio)
+        else:
+            counts = alloc.adaptive(shapes, self.dense_allocation_scores(chunks), target)
+        plan = {(sh.layer, sh.kind): n for sh, n in zip(shapes, counts, strict=True)}
+
+        h, hd = chunks, (chunks if self.s.remedy == "recovery" else None)
+        for k in tqdm(range(self.layer_range.stop), desc=f"pruning ({self.metric.name})", disable=None):
+            block = self.blocks[k].to(self.device)
+            dense = copy.deepcopy(block) if hd is not None and k in self.layer_range else None
+            if k in self.layer_range:
+                for kind in self.s.modules:
+                    self.prune_module(block, dense, kind, plan[(k, kind)], h, hd, k)
+            with torch.no_grad(), self._timed("forward"):
+                h = [(_forward(block, c), c[1]) for c in h]
+                if hd is not None:
+                    hd = [(_forward(dense if dense is not None else block, c), c[1]) for c in hd]
+            for c in h:
+                check_finite(c[0], f"the output of block {k} after pruning")
+            if self.device.type != "cpu":
+                self.blocks[k].to("cpu")
+        per_layer = [self.adapter.shape(b) for b in self.blocks]
+        return PruneReport(ratio, total, n_params(self.model), per_layer, time.perf_counter() - start, dict(self.times))
+
+
+def prune(model: nn.Module, input_ids: torch.Tensor, metric: metrics_registry.Metric, settings: PruneSettings,
+          device: torch.device | None = None) -> PruneReport:
+    """Prune `model` in place on calibration `input_ids` [N, seqlen]; see the module doc."""
+    from harness.models import adapter_for
+
+    device = device or next(model.parameters()).device
+    adapter = adapter_for(model)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # attention probabilities for the similarity statistics
+    try:
+        return Pipeline(model, adapter, metric, settings, device).run(input_ids)
+    finally:
+        model.set_attn_implementation(previous)

@@ -1,0 +1,27 @@
+"""FLAP bias compensation: the removed level-2 input channels are replaced by their mean.
+
+    b_level2 += W[:, pruned] @ m[pruned]
+m = calibration mean of the level-2 input. A bias is added where the architecture has none
+(LLaMA o_proj / down_proj); the pruned save/load keeps it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from harness.models.base import DepthTwo, ensure_bias, weight
+
+
+def compensate(d2: DepthTwo, keep_units: torch.Tensor, level2_mean: torch.Tensor) -> None:
+    all_channels = d2.level2_channels(d2.all_units())
+    kept = d2.level2_channels(keep_units)
+    mask = torch.ones(weight(d2.level2).shape[1], dtype=torch.bool)
+    mask[kept] = False
+    pruned = all_channels[mask[all_channels]]
+    if len(pruned) == 0:
+        return
+    w = weight(d2.level2)
+    shift = w[:, pruned].to(torch.float64) @ level2_mean[pruned].to(w.device, torch.float64)
+    bias = ensure_bias(d2.level2)
+    with torch.no_grad():
+        bias += shift.to(bias.dtype)

@@ -1,0 +1,143 @@
+"""Streaming statistics from forward hooks: nothing is kept per token.
+
+Memory per module: one d x d second-moment matrix of the module input (float64 on CPU,
+float32 on GPU), three vectors over the level-2 input channels, one h x h divergence
+matrix per block, and for recovery two d x d cross products. Peak = those plus one
+calibration chunk's activations inside the block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+class ChannelMoments:
+    """Per-channel mean, second moment and variance over tokens (Chan/Welford merge)."""
+
+    def __init__(self, width: int, dtype: torch.dtype, device: torch.device):
+        self.n = 0
+        self.mean = torch.zeros(width, dtype=dtype, device=device)
+        self.m2 = torch.zeros(width, dtype=dtype, device=device)  # sum of squared deviations
+        self.sq = torch.zeros(width, dtype=dtype, device=device)  # sum of squares
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(self.mean.dtype)
+        nb = x.shape[0]
+        mb = x.mean(0)
+        m2b = ((x - mb) ** 2).sum(0)
+        delta = mb - self.mean
+        total = self.n + nb
+        self.mean += delta * nb / total
+        self.m2 += m2b + delta**2 * self.n * nb / total
+        self.sq += (x * x).sum(0)
+        self.n = total
+
+    @property
+    def second_moment(self) -> torch.Tensor:
+        return self.sq / max(self.n, 1)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self.m2 / max(self.n - 1, 1)
+
+
+class FlapSampleMoments:
+    """FLAP's reference statistics (lib/layerwrapper.py BiasGPT.add_batch), reproduced exactly:
+    updated once per calibration sample with that sample's token-mean; the running
+    'variance' skips the first sample and uses the updated mean in both factors."""
+
+    def __init__(self, width: int, dtype: torch.dtype, device: torch.device):
+        self.n = 0
+        self.mean = torch.zeros(width, dtype=dtype, device=device)
+        self.var = torch.zeros(width, dtype=dtype, device=device)
+        self.sq = torch.zeros(width, dtype=dtype, device=device)
+        self.tokens = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.to(self.mean.dtype)
+        x = x.reshape(-1, *x.shape[-2:]) if x.dim() > 2 else x[None]
+        for sample in x:  # [seq, width]
+            s = sample.shape[0]
+            old_mean = self.mean.clone()
+            self.mean = self.mean * self.n / (self.n + 1) + sample.mean(0) / (self.n + 1)
+            if self.n > 0:
+                self.var = self.var * (self.n - 1) / self.n + ((sample - old_mean) * (sample - self.mean)).sum(0) / (self.n + 1)
+            self.n += 1
+            self.sq += (sample * sample).sum(0)
+            self.tokens += s
+
+    @property
+    def second_moment(self) -> torch.Tensor:
+        return self.sq / max(self.tokens, 1)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self.var
+
+
+class SecondMoment:
+    """Sigma = E[x x^T] (uncentred) over tokens, accumulated as sum x x^T."""
+
+    def __init__(self, width: int, dtype: torch.dtype, device: torch.device):
+        self.n = 0
+        self.sum = torch.zeros(width, width, dtype=dtype, device=device)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(self.sum.dtype)
+        self.sum.addmm_(x.T, x)
+        self.n += x.shape[0]
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self.sum / max(self.n, 1)
+
+
+def js_distance_sums(probs: torch.Tensor, eps: float = 1e-10) -> tuple[torch.Tensor, int]:
+    """Sum over query rows of sqrt(JS(P_i || P_j)) for every head pair, and the row count.
+
+    probs: [batch, heads, q, k] attention probabilities (causal: masked keys are exactly 0,
+    so they add nothing). Returns an [heads, heads] symmetric matrix with zero diagonal.
+    """
+    p = probs.to(torch.float32)
+    b, h, q, _ = p.shape
+    out = torch.zeros(h, h, dtype=torch.float64, device=p.device)
+    for i in range(h - 1):
+        pi = p[:, i : i + 1]
+        pj = p[:, i + 1 :]
+        m = 0.5 * (pi + pj)
+        kl_i = (pi * (torch.log(pi + eps) - torch.log(m + eps))).sum(-1)
+        kl_j = (pj * (torch.log(pj + eps) - torch.log(m + eps))).sum(-1)
+        js = (0.5 * (kl_i + kl_j)).clamp_min(0.0)
+        d = js.sqrt().sum(dim=(0, 2)).to(torch.float64)
+        out[i, i + 1 :] = d
+        out[i + 1 :, i] = d
+    return out, b * q
+
+
+@dataclass
+class ModuleStats:
+    """What one pass over the calibration chunks collected for one depth-2 module."""
+
+    input_moment: SecondMoment | None = None  # Sigma_X of the module input
+    level2: ChannelMoments | FlapSampleMoments | None = None  # level-2 input channels
+    js_sum: torch.Tensor | None = None  # [heads, heads] sum of JS distances
+    js_rows: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def js(self) -> torch.Tensor:
+        """Mean Jensen-Shannon distance between heads (METHOD.md section 2)."""
+        return self.js_sum / max(self.js_rows, 1)
+
+    def add_js(self, probs: torch.Tensor) -> None:
+        s, rows = js_distance_sums(probs)
+        self.js_sum = s if self.js_sum is None else self.js_sum + s
+        self.js_rows += rows
+
+
+def check_finite(t: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).sum().item()
+        raise FloatingPointError(f"{bad} non-finite values (NaN/Inf) in {where}")
