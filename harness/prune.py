@@ -15,7 +15,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 import torch
@@ -111,10 +111,8 @@ def _forward(block: nn.Module, chunk: Chunk) -> torch.Tensor:
 
 
 def _run_until_stop(block: nn.Module, chunk: Chunk) -> None:
-    try:
+    with suppress(_Stop):
         _forward(block, chunk)
-    except _Stop:
-        pass
 
 
 def _capture(block: nn.Module, module: nn.Module, chunk: Chunk) -> torch.Tensor:
@@ -192,10 +190,8 @@ class Pipeline:
 
         with _hooks([first.register_forward_pre_hook(hook, with_kwargs=True)]), torch.no_grad():
             for ids in input_ids.split(self.s.chunk_size):
-                try:
+                with suppress(_Stop):
                     self.model(input_ids=ids.to(self.device), use_cache=False)
-                except _Stop:
-                    pass
         return chunks
 
     # ---- statistics ----------------------------------------------------------------------

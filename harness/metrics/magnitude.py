@@ -11,11 +11,14 @@ from harness.stats import ModuleStats
 
 
 def magnitude(d2: DepthTwo, p: int) -> torch.Tensor:
-    units = d2.all_units()
     total = per_unit(weight(d2.level2).to(torch.float64).abs().pow(p).sum(0), d2)
-    for module, rows in zip(d2.level1, d2.level1_channels(units), strict=True):
-        row_mass = weight(module).to(torch.float64).abs().pow(p).sum(1)[rows]
-        total = total + row_mass.view(d2.n_units, -1).sum(1)
+    for i, module in enumerate(d2.level1):
+        row_mass = weight(module).to(torch.float64).abs().pow(p).sum(1)
+        if d2.kind == "mlp":  # channel i is row i
+            total = total + row_mass[d2.level1_channels(d2.all_units())[i]]
+        else:  # channel lists are in layout order (GPT-2: all q, then k, then v): group per head
+            total = total + torch.stack([row_mass[d2.level1_channels(torch.tensor([u]))[i]].sum()
+                                         for u in range(d2.n_units)])
     return total
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from harness.models.base import DepthTwo, channel_range, slice_inputs, slice_outputs
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
 
 def layers(model: nn.Module) -> nn.ModuleList:

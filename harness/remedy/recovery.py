@@ -46,7 +46,10 @@ class CrossMoments:
 def ridge_solve(xtx: torch.Tensor, rhs: torch.Tensor, damp: float, where: str) -> torch.Tensor | None:
     """(X^T X + lambda I)^{-1} rhs by Cholesky; lambda grows x10 on failure (3 tries).
     Returns None (the caller keeps the original weights) if every try fails."""
-    scale = xtx.diagonal().mean().clamp_min(1e-12)
+    scale = xtx.diagonal().mean()
+    if not torch.isfinite(xtx).all() or scale <= 0:
+        warnings.warn(f"recovery at {where}: X^T X is singular (zero or non-finite); weights left unchanged", stacklevel=2)
+        return None
     eye = torch.eye(xtx.shape[0], dtype=xtx.dtype, device=xtx.device)
     lam = damp
     for attempt in range(4):

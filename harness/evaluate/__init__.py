@@ -1,0 +1,1 @@
+"""Evaluation: perplexity (our own protocol code) and efficiency of the pruned model."""

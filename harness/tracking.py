@@ -1,0 +1,121 @@
+"""Experiment tracking (Weights & Biases) and the console summary.
+
+Mode `auto`: online when credentials exist (WANDB_API_KEY or a netrc entry), otherwise
+offline (files under the run folder; `wandb sync` later). A wandb failure is logged and
+never fails the run or touches the local record.
+"""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from contextlib import contextmanager
+from pathlib import Path  # noqa: F401 (type of out_dir)
+
+log = logging.getLogger(__name__)
+
+
+def _has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_mode(mode: str) -> str:
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if mode == "auto":
+        return "online" if _has_credentials() else "offline"
+    return mode
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class Tracker:
+    """Thin wrapper: every call is a no-op once wandb failed or when disabled."""
+
+    def __init__(self, run=None):
+        self.run = run
+
+    def summary(self, metrics: dict) -> None:
+        if self.run is None:
+            return
+        try:
+            for k, v in flatten(metrics).items():
+                self.run.summary[k] = v
+        except Exception as e:  # noqa: BLE001
+            log.warning("wandb summary failed: %s", e)
+
+    def table(self, key: str, rows: list[dict]) -> None:
+        if self.run is None or not rows:
+            return
+        try:
+            import wandb
+
+            cols = list(rows[0])
+            self.run.log({key: wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])})
+        except Exception as e:  # noqa: BLE001
+            log.warning("wandb table failed: %s", e)
+
+
+@contextmanager
+def tracking(logger_cfg: dict, config: dict, run_id: str, group: str, out_dir: Path):
+    if logger_cfg.get("name", "none") == "none":
+        yield Tracker()
+        return
+    run = None
+    try:
+        import wandb
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        run = wandb.init(
+            project=logger_cfg.get("project", "harness"), entity=logger_cfg.get("entity"), group=group,
+            job_type="prune_eval", name=run_id, id=run_id, resume="allow", dir=str(out_dir),
+            mode=resolve_mode(logger_cfg.get("mode", "auto")), config=flatten(config),
+            settings=wandb.Settings(start_method="thread", silent=True),
+        )
+    except Exception as e:  # noqa: BLE001 - tracking must never fail a run
+        log.warning("wandb.init failed, continuing without tracking: %s", e)
+    try:
+        yield Tracker(run)
+    finally:
+        if run is not None:
+            try:
+                run.finish()
+            except Exception as e:  # noqa: BLE001
+                log.warning("wandb finish failed: %s", e)
+
+
+def summary_text(record: dict) -> str:
+    m, p, ev = record["model"], record["pruning"], record["eval"]
+    cfg = record["config"]
+    lines = [
+        f"run {record['run_id']}  [{record['status']}]",
+        f"model      {m['id']}  params {m['params_before']:,} -> {m['params_after']:,}",
+        f"pruning    metric={cfg['metric']['name']} remedy={cfg['remedy']['name']} allocation={cfg['allocation']['name']} "
+        f"calibration={cfg['calibration']['dataset']}x{cfg['calibration']['n_samples']}",
+        f"sparsity   target {p['sparsity_target']:.3f} ({p['sparsity_mode']})  achieved {p['sparsity_achieved']:.3f}"
+        f"  module ratio {p['module_ratio']}  in {p['seconds']:.1f} s",
+    ]
+    for name, r in ev.get("ppl", {}).items():
+        lines.append(f"ppl        {name:10s} {r['value']:10.3f}  ({r['split']}, seqlen {r['seqlen']}, {r['tokens']:,} tokens)")
+    eff = ev.get("efficiency")
+    if eff:
+        lines.append(f"efficiency {eff['macs_per_token']:,} MACs/token, {eff['tokens_per_s']:.0f} tokens/s (batch {eff['batch_size']} x {eff['seqlen']})")
+    lines.append(f"record     {record['path']}")
+    return "\n".join(lines)
+
+

@@ -1,0 +1,76 @@
+"""Data layer: fallbacks in order, clear errors naming every place looked, corruption detected."""
+
+import json
+
+import pytest
+
+from harness.data import corpora
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    corpora.documents.cache_clear()
+    yield
+    corpora.documents.cache_clear()
+
+
+def test_wikitext2_test_from_data_dir_matches_checksum():
+    rows = corpora.documents("wikitext2", "test")
+    assert len(rows) == 4358
+
+
+def test_missing_data_names_every_place(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_DATA_DIR", str(tmp_path))
+    with pytest.raises(corpora.DataNotFoundError) as e:
+        corpora.documents("wikitext2", "train", data_dir=str(tmp_path / "other"))
+    msg = str(e.value)
+    assert "hub Salesforce/wikitext" in msg
+    assert str(tmp_path / "other" / "wikitext-2-raw-v1" / "train.jsonl") in msg
+    assert str(tmp_path / "wikitext-2-raw-v1" / "train.jsonl") in msg
+    assert "HARNESS_DATA_DIR" in msg
+
+
+def test_truncated_jsonl_is_reported(tmp_path):
+    d = tmp_path / "wikitext-2-raw-v1"
+    d.mkdir()
+    (d / "train.jsonl").write_text(json.dumps({"text": "a"}) + "\n" + '{"text": "trunc')
+    with pytest.raises(corpora.CorruptDataError, match="train.jsonl:2"):
+        corpora.documents("wikitext2", "train", data_dir=str(tmp_path))
+
+
+def test_wrong_checksum_is_reported(tmp_path):
+    d = tmp_path / "wikitext-2-raw-v1"
+    d.mkdir()
+    (d / "test.jsonl").write_text(json.dumps({"text": "not wikitext"}) + "\n")
+    with pytest.raises(corpora.CorruptDataError, match="sha256"):
+        corpora.documents("wikitext2", "test", data_dir=str(tmp_path))
+
+
+def test_ptb_falls_back_to_pip_package():
+    rows = corpora.documents("ptb", "test")
+    assert sum(len(r.split()) + 1 for r in rows) == 82_430  # words with <eos>, as DATA.md
+
+
+def test_unknown_corpus_and_protocol_list_accepted():
+    with pytest.raises(ValueError, match="accepted: wikitext2, ptb, c4"):
+        corpora.documents("nope", "test")
+    with pytest.raises(ValueError, match="accepted: llmpruner, gptq"):
+        corpora.evaluation_text("ptb", "nope")
+
+
+def test_calibration_is_seeded_and_shaped(zoo):
+    from harness import calibration
+
+    _, tok = zoo("tiny-llama")
+    a = calibration.batches(tok, "c4", 4, 32, seed=1)
+    b = calibration.batches(tok, "c4", 4, 32, seed=1)
+    c = calibration.batches(tok, "c4", 4, 32, seed=2)
+    assert a.shape == (4, 32) and a.equal(b) and not a.equal(c)
+
+
+def test_selfgen_samples_from_the_model(zoo):
+    from harness import calibration
+
+    model, tok = zoo("tiny-llama")
+    ids = calibration.batches(tok, "selfgen", 3, 16, seed=0, model=model)
+    assert ids.shape == (3, 16) and ids.equal(calibration.batches(tok, "selfgen", 3, 16, seed=0, model=model))

@@ -1,0 +1,93 @@
+"""A whole run through the Python API and the CLI: record, skip, force, failure, collect."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from harness import records
+from harness.run import run
+from harness.validation import ConfigError
+
+FAST = ["logger=none", "eval.ppl.max_tokens=2048", "calibration.n_samples=8", "eval.efficiency.seqlen=32"]
+
+
+def _cfg(tmp_path, *overrides):
+    with initialize_config_module(version_base="1.3", config_module="harness.conf"):
+        return compose(config_name="config", overrides=[*FAST, f"out_dir={tmp_path}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def gpt2_record(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    return run(_cfg(out, "model=tiny-gpt2", "metric=ours", "remedy=recovery")), out
+
+
+def test_record_is_complete_and_has_the_schema(gpt2_record):
+    rec, out = gpt2_record
+    on_disk = json.loads(records.record_path(out, rec["run_id"]).read_text())
+    assert on_disk["status"] == "complete"
+    for key in ("schema_version", "run_id", "config", "model", "pruning", "eval", "env", "started_at", "finished_at"):
+        assert key in on_disk
+    assert on_disk["model"]["params_after"] < on_disk["model"]["params_before"]
+    assert 0.15 < on_disk["pruning"]["sparsity_achieved"] < 0.25
+    for name in ("wikitext2", "ptb"):
+        ppl = on_disk["eval"]["ppl"][name]
+        assert ppl["tokens"] == 2048 and ppl["value"] > 1
+    assert len(on_disk["pruning"]["per_layer"]) == 4
+
+
+def test_rerun_skips_and_force_redoes(gpt2_record):
+    rec, out = gpt2_record
+    again = run(_cfg(out, "model=tiny-gpt2", "metric=ours", "remedy=recovery"))
+    assert again["finished_at"] == rec["finished_at"]
+    forced = run(_cfg(out, "model=tiny-gpt2", "metric=ours", "remedy=recovery", "force=true"))
+    assert forced["run_id"] == rec["run_id"]
+    assert forced["eval"]["ppl"]["ptb"]["value"] == pytest.approx(rec["eval"]["ppl"]["ptb"]["value"], rel=1e-9)
+
+
+def test_failed_run_leaves_no_complete_record(tmp_path, monkeypatch):
+    import harness.run as run_module
+
+    def boom(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(run_module, "prune", boom)
+    cfg = _cfg(tmp_path, "model=tiny-llama")
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        run(cfg)
+    (path,) = tmp_path.glob("*/result.json")
+    rec = json.loads(path.read_text())
+    assert rec["status"] == "failed" and "disk on fire" in rec["error"]
+    assert not records.is_complete(path)
+    assert not list(tmp_path.glob("*/.result.*.tmp"))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.layers=[2,9]", "outside the model's 4 blocks"),
+    ("calibration.seqlen=4096", "exceeds the model's context of 512"),
+    ("sparsity=0.9", "allows at most"),
+])
+def test_model_dependent_checks_fail_before_pruning(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        run(_cfg(tmp_path, "model=tiny-gpt2", override))
+
+
+def test_cli_multirun_and_collect(tmp_path):
+    sweep = tmp_path / "sweep"
+    r = subprocess.run([sys.executable, "-m", "harness", "-m", *FAST, f"out_dir={tmp_path / 'runs'}",
+                        f"hydra.sweep.dir={sweep}", "model=tiny-llama", "metric=random,l2", "sparsity=0.2,0.4"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(records.load_complete(tmp_path / "runs")) == 4
+    c = subprocess.run([sys.executable, "-m", "harness", "collect", "--runs", str(tmp_path / "runs"), "--out",
+                        str(tmp_path / "results"), "--rows", "metric", "--cols", "sparsity", "--values", "ppl.wikitext2"],
+                       capture_output=True, text=True, timeout=120)
+    assert c.returncode == 0, c.stderr[-3000:]
+    md = (tmp_path / "results" / "tables" / "pivot_ppl.wikitext2.md").read_text()
+    assert "random" in md and "l2" in md and "0.4" in md
+    tex = (tmp_path / "results" / "tables" / "table3_tiny-llama.tex").read_text()
+    assert "\\textbf{" in tex and "\\underline{" in tex and "\\toprule" in tex
+    assert (tmp_path / "results" / "plots" / "ppl_vs_sparsity_tiny-llama_ptb.png").exists()
