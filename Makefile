@@ -34,7 +34,7 @@ test-all: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check harness tests bench
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -56,6 +56,7 @@ class PruneReport:
     per_layer: list[dict]
     seconds: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    removed: dict[tuple[int, str], list[int]] = field(default_factory=dict)  # (layer, module) -> unit ids
 
     @property
     def sparsity_achieved(self) -> float:
@@ -143,6 +144,7 @@ class Pipeline:
         self.stats_dtype = torch.float64 if device.type == "cpu" else torch.float32
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.times: dict[str, float] = defaultdict(float)
+        self.removed: dict[tuple[int, str], list[int]] = {}
         self.blocks = adapter.layers(model)
         self.layer_range = prunable_layers(len(self.blocks), settings.layers)
 
@@ -267,6 +269,7 @@ class Pipeline:
             return
         with self._timed("cut"), torch.no_grad():
             removed = ranking.removal_order()[:n_remove]
+            self.removed[(layer, kind)] = sorted(removed.tolist())
             mask = torch.ones(d2.n_units, dtype=torch.bool)
             mask[removed] = False
             keep = d2.all_units()[mask]
@@ -316,7 +319,8 @@ class Pipeline:
             if self.device.type != "cpu":
                 self.blocks[k].to("cpu")
         per_layer = [self.adapter.shape(b) for b in self.blocks]
-        return PruneReport(ratio, total, n_params(self.model), per_layer, time.perf_counter() - start, dict(self.times))
+        return PruneReport(ratio, total, n_params(self.model), per_layer, time.perf_counter() - start, dict(self.times),
+                           self.removed)
 
 
 def prune(model: nn.Module, input_ids: torch.Tensor, metric: metrics_registry.Metric, settings: PruneSettings,

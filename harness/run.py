@@ -121,7 +121,9 @@ def _execute(config: dict, record: dict, device, dtype, path: Path, tracker) -> 
         "sparsity_target": config["sparsity"], "sparsity_mode": config["sparsity_mode"],
         "sparsity_achieved": report.sparsity_achieved, "module_ratio": report.ratio,
         "layers": [layer_range.start, layer_range.stop],
-        "per_layer": [{"layer": i, "heads_kept": s["heads"], "kv_heads_kept": s["kv_heads"], "channels_kept": s["channels"]}
+        "per_layer": [{"layer": i, "heads_kept": s["heads"], "kv_heads_kept": s["kv_heads"], "channels_kept": s["channels"],
+                       "attention_units_removed": report.removed.get((i, "attention"), []),
+                       "mlp_channels_removed": report.removed.get((i, "mlp"), [])}
                       for i, s in enumerate(report.per_layer)],
         "seconds": report.seconds, "calibration_seconds": calib_seconds, "stage_seconds": report.stage_seconds,
         "calibration": {"dataset": cal["dataset"], "n_samples": cal["n_samples"], "seqlen": cal["seqlen"]},

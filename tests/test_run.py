@@ -44,8 +44,11 @@ def test_rerun_skips_and_force_redoes(gpt2_record):
     again = run(_cfg(out, "model=tiny-gpt2", "metric=ours", "remedy=recovery"))
     assert again["finished_at"] == rec["finished_at"]
     forced = run(_cfg(out, "model=tiny-gpt2", "metric=ours", "remedy=recovery", "force=true"))
-    assert forced["run_id"] == rec["run_id"]
-    assert forced["eval"]["ppl"]["ptb"]["value"] == pytest.approx(rec["eval"]["ppl"]["ptb"]["value"], rel=1e-9)
+    # determinism: the same config and seed give the same removed units and the same perplexity
+    assert forced["run_id"] == rec["run_id"] and forced["finished_at"] >= rec["finished_at"]
+    assert forced["pruning"]["per_layer"] == rec["pruning"]["per_layer"]
+    assert forced["eval"]["ppl"] == {k: {**v, "tokens_per_second": forced["eval"]["ppl"][k]["tokens_per_second"]}
+                                     for k, v in rec["eval"]["ppl"].items()}
 
 
 def test_failed_run_leaves_no_complete_record(tmp_path, monkeypatch):
@@ -91,3 +94,41 @@ def test_cli_multirun_and_collect(tmp_path):
     tex = (tmp_path / "results" / "tables" / "table3_tiny-llama.tex").read_text()
     assert "\\textbf{" in tex and "\\underline{" in tex and "\\toprule" in tex
     assert (tmp_path / "results" / "plots" / "ppl_vs_sparsity_tiny-llama_ptb.png").exists()
+
+
+def test_sigint_during_evaluation_leaves_no_complete_record_and_rerun_completes(tmp_path):
+    import os
+    import signal
+    import time
+
+    args = [sys.executable, "-m", "harness", "model=tiny-llama", "logger=none", "calibration.n_samples=8",
+            f"out_dir={tmp_path}", "eval.efficiency.seqlen=32"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    path = None
+    while time.time() < deadline:  # wait until pruning is recorded, i.e. evaluation is running
+        found = list(tmp_path.glob("*/result.json"))
+        if found and "pruning" in (records.read(found[0]) or {}):
+            path = found[0]
+            break
+        time.sleep(0.2)
+    assert path is not None, "the run never reached evaluation"
+    os.kill(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=60)
+    rec = records.read(path)
+    assert rec["status"] == "interrupted" and not records.is_complete(path)
+    assert not list(path.parent.glob(".result.*.tmp"))
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert records.is_complete(path)
+
+
+def test_eval_full_records_all_seven_tasks(tmp_path):
+    from harness.evaluate.zeroshot import TASKS
+
+    rec = run(_cfg(tmp_path, "model=tiny-llama", "metric=l2", "eval=full", "eval.zeroshot.limit=10",
+                   "eval.ppl.max_tokens=1024"))
+    zs = rec["eval"]["zeroshot"]
+    assert set(zs) == set(TASKS) and all(v["n"] == 10 for v in zs.values())
+    assert rec["eval"]["zeroshot_protocol"]["average_metrics"]["hellaswag"] == "acc_norm"
+    assert 0 <= rec["eval"]["zeroshot_avg"] <= 1

