@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import shutil
 import signal
 import subprocess
 import time
@@ -17,12 +18,13 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from transformers import AutoTokenizer
 
 from harness import __version__, calibration, metrics, records, tracking
 from harness.evaluate import efficiency as eff
 from harness.evaluate import perplexity
 from harness.models import adapter_for, loading
-from harness.models.pruned import save_pruned
+from harness.models.pruned import load_pruned, save_pruned
 from harness.prune import PruneSettings, n_params, prunable_layers, prune
 from harness.validation import validate_config, validate_model
 
@@ -96,7 +98,37 @@ def _main_thread() -> bool:
 
 
 def _execute(config: dict, record: dict, device, dtype, path: Path, tracker) -> dict:
-    mc, cal, ev = config["model"], config["calibration"], config["eval"]
+    checkpoint = path.parent / "checkpoint"
+    prior = records.read(path) or {}
+    if config["resume"] and not config["force"] and "pruning" in prior and (checkpoint / "config.json").exists():
+        # An earlier attempt pruned and checkpointed: continue with its model and finished evaluations.
+        log.info("resuming from %s (attempt %d)", checkpoint, prior.get("attempts", 1) + 1)
+        model = load_pruned(checkpoint, dtype).to(device).eval()
+        tok = AutoTokenizer.from_pretrained(checkpoint)
+        record.update(model=prior["model"], pruning=prior["pruning"], eval=prior.get("eval", {}),
+                      attempts=prior.get("attempts", 1) + 1)
+    else:
+        model, tok = _load_and_prune(config, record, device, dtype, path)
+        if config["resume"]:
+            save_pruned(model, tok, checkpoint)
+        record["eval"] = {}
+    records.write(path, record)
+
+    evaluate(model, tok, config["eval"], config["data_dir"], record["eval"], lambda: records.write(path, record))
+    if config["save_model"]:
+        record["saved_model"] = str(save_pruned(model, tok, path.parent / "model"))
+    record["status"], record["finished_at"] = "complete", _now()
+    records.write(path, record)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    tracker.summary({"eval": _scalars(record["eval"]), "pruning": {k: v for k, v in record["pruning"].items()
+                                                                   if not isinstance(v, list | dict)}})
+    tracker.table("per_layer", record["pruning"]["per_layer"])
+    print(tracking.summary_text(record), flush=True)
+    return record
+
+
+def _load_and_prune(config: dict, record: dict, device, dtype, path: Path):
+    mc, cal = config["model"], config["calibration"]
     metric = metrics.build(config["metric"]["name"], config["metric"].get("params"))
     model, tok = loading.load(OmegaConf.create(mc), device, dtype)
     validate_model(model, config)
@@ -128,32 +160,27 @@ def _execute(config: dict, record: dict, device, dtype, path: Path, tracker) -> 
         "seconds": report.seconds, "calibration_seconds": calib_seconds, "stage_seconds": report.stage_seconds,
         "calibration": {"dataset": cal["dataset"], "n_samples": cal["n_samples"], "seqlen": cal["seqlen"]},
     }
-    records.write(path, record)
-    if config["save_model"]:
-        record["saved_model"] = str(save_pruned(model, tok, path.parent / "model"))
-
-    record["eval"] = evaluate(model, tok, ev, config["data_dir"])
-    record["status"], record["finished_at"] = "complete", _now()
-    records.write(path, record)
-    tracker.summary({"eval": _scalars(record["eval"]), "pruning": {k: v for k, v in record["pruning"].items()
-                                                                   if not isinstance(v, list | dict)}})
-    tracker.table("per_layer", record["pruning"]["per_layer"])
-    print(tracking.summary_text(record), flush=True)
-    return record
+    return model, tok
 
 
-def evaluate(model, tok, ev: dict, data_dir: str | None) -> dict:
-    out: dict = {}
+def evaluate(model, tok, ev: dict, data_dir: str | None, out: dict, save=lambda: None) -> dict:
+    """Fill `out` with what `ev` asks for, skipping parts already there; `save` after each part."""
     if ev.get("ppl"):
         p = ev["ppl"]
-        out["ppl"] = {d: perplexity.evaluate(model, tok, d, p["protocol"], p["seqlen"], p["batch_size"],
-                                             p.get("max_tokens"), data_dir).as_dict() for d in p["datasets"]}
-    if ev.get("zeroshot"):
+        done = out.setdefault("ppl", {})
+        for d in p["datasets"]:
+            if d not in done:
+                done[d] = perplexity.evaluate(model, tok, d, p["protocol"], p["seqlen"], p["batch_size"],
+                                              p.get("max_tokens"), data_dir).as_dict()
+                save()
+    if ev.get("zeroshot") and "zeroshot" not in out:
         from harness.evaluate import zeroshot
 
         out.update(zeroshot.evaluate(model, tok, ev["zeroshot"]))
-    if ev.get("efficiency"):
+        save()
+    if ev.get("efficiency") and "efficiency" not in out:
         out["efficiency"] = eff.efficiency(model, ev["efficiency"]["seqlen"], ev["efficiency"]["batch_size"])
+        save()
     return out
 
 

@@ -118,9 +118,13 @@ def test_sigint_during_evaluation_leaves_no_complete_record_and_rerun_completes(
     rec = records.read(path)
     assert rec["status"] == "interrupted" and not records.is_complete(path)
     assert not list(path.parent.glob(".result.*.tmp"))
+    assert (path.parent / "checkpoint" / "config.json").exists()  # the pruned model is kept
     again = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert records.is_complete(path)
+    final = records.read(path)
+    assert final["status"] == "complete" and final["attempts"] == 2  # resumed, not re-pruned
+    assert final["pruning"] == rec["pruning"]
+    assert not (path.parent / "checkpoint").exists()
 
 
 def test_eval_full_records_all_seven_tasks(tmp_path):
