@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 SHARED_DATA := $(wildcard ../shared/data)
 export HARNESS_DATA_DIR ?= $(if $(SHARED_DATA),$(abspath $(SHARED_DATA)),)
 
-.PHONY: setup demo test test-all lint bench tables slurm-up slurm-down clean
+.PHONY: setup demo test test-fast lint slurm-up slurm-down clean
 
 setup: $(VENV)/.installed
 
@@ -27,11 +27,20 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	HF_HUB_OFFLINE=1 $(PY) -m harness eval.ppl.max_tokens=32768 logger=none
 
+# Everything that runs on a CPU machine, the Slurm tests included (they start their own
+# single-node cluster); GPU tests skip themselves without CUDA.
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slurm and not gpu"
-
-test-all: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slurm and not slow"
+
+slurm-up:
+	scripts/slurm-local up
+	@scripts/slurm-local env
+
+slurm-down:
+	scripts/slurm-local down
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -106,6 +106,14 @@ def _hooks(handles: list) -> Iterator[None]:
             h.remove()
 
 
+def _to(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple | list):
+        return type(value)(_to(v, device) for v in value)
+    return value
+
+
 def _forward(block: nn.Module, chunk: Chunk) -> torch.Tensor:
     out = block(chunk[0], **chunk[1])
     return out[0] if isinstance(out, tuple) else out
@@ -185,15 +193,16 @@ class Pipeline:
 
         def hook(_m, args, kwargs):
             hidden = args[0] if args else kwargs.pop("hidden_states")
-            kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "layer_past")}
+            kwargs = {k: _to(v, self.device) for k, v in kwargs.items() if k not in ("past_key_values", "layer_past")}
             kwargs["use_cache"] = False
-            chunks.append((hidden.detach(), kwargs))
+            chunks.append((hidden.detach().to(self.device), kwargs))
             raise _Stop
 
+        embed_device = self.model.get_input_embeddings().weight.device
         with _hooks([first.register_forward_pre_hook(hook, with_kwargs=True)]), torch.no_grad():
             for ids in input_ids.split(self.s.chunk_size):
                 with suppress(_Stop):
-                    self.model(input_ids=ids.to(self.device), use_cache=False)
+                    self.model(input_ids=ids.to(embed_device), use_cache=False)
         return chunks
 
     # ---- statistics ----------------------------------------------------------------------
@@ -249,6 +258,7 @@ class Pipeline:
         scores = []
         h = chunks
         for k in tqdm(range(self.layer_range.stop), desc="scoring (dense pass)", disable=None):
+            home = next(self.blocks[k].parameters()).device
             block = self.blocks[k].to(self.device)
             if k in self.layer_range:
                 for kind in self.s.modules:
@@ -256,6 +266,7 @@ class Pipeline:
                     scores.append(ranking.for_allocation())
             with torch.no_grad(), self._timed("forward"):
                 h = [(_forward(block, c), c[1]) for c in h]
+            block.to(home)
         return scores
 
     def prune_module(self, block: nn.Module, dense: nn.Module | None, kind: str, n_remove: int,
@@ -305,6 +316,7 @@ class Pipeline:
 
         h, hd = chunks, (chunks if self.s.remedy == "recovery" else None)
         for k in tqdm(range(self.layer_range.stop), desc=f"pruning ({self.metric.name})", disable=None):
+            home = next(self.blocks[k].parameters()).device  # a CPU-resident model visits the device block by block
             block = self.blocks[k].to(self.device)
             dense = copy.deepcopy(block) if hd is not None and k in self.layer_range else None
             if k in self.layer_range:
@@ -316,8 +328,7 @@ class Pipeline:
                     hd = [(_forward(dense if dense is not None else block, c), c[1]) for c in hd]
             for c in h:
                 check_finite(c[0], f"the output of block {k} after pruning")
-            if self.device.type != "cpu":
-                self.blocks[k].to("cpu")
+            block.to(home)
         per_layer = [self.adapter.shape(b) for b in self.blocks]
         return PruneReport(ratio, total, n_params(self.model), per_layer, time.perf_counter() - start, dict(self.times),
                            self.removed)

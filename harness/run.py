@@ -6,7 +6,9 @@ point behind `python -m harness` and the `harness` console script.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import platform
 import shutil
 import signal
@@ -50,15 +52,47 @@ def _environment(device: torch.device) -> dict:
     return {"versions": {"harness": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                          "lm_eval": lm_eval.__version__, "python": platform.python_version()},
             "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-            "git_sha": _git_sha()}
+            "git_sha": _git_sha(),
+            "slurm": {k: os.environ[v] for k, v in (("job_id", "SLURM_JOB_ID"), ("array_job_id", "SLURM_ARRAY_JOB_ID"),
+                                                    ("array_task_id", "SLURM_ARRAY_TASK_ID")) if v in os.environ} or None}
 
 
 class _Interrupted(Exception):
     pass
 
 
-def _raise_on_sigterm(signum, _frame):
-    raise _Interrupted(f"signal {signum}")
+@contextlib.contextmanager
+def _sigterm_marks(record: dict, path: Path):
+    """SIGTERM ends the run as `interrupted` (the exception reaches submitit, which reports it).
+    Inside a submitit job, a SIGTERM that follows its requeue signal (USR2 before the time
+    limit) is part of the requeue: mark the record and hand the signal on to submitit."""
+    if not _main_thread():
+        yield
+        return
+    requeue_signal = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").removeprefix("SIG"))
+    previous_term, previous_requeue = signal.getsignal(signal.SIGTERM), signal.getsignal(requeue_signal)
+    requeueing = False
+
+    def on_requeue(signum, frame):
+        nonlocal requeueing
+        requeueing = True
+        previous_requeue(signum, frame)
+
+    def on_term(signum, frame):
+        if not (requeueing and callable(previous_term)):
+            raise _Interrupted(f"signal {signum}")
+        record.update(status="interrupted", error=f"signal {signum} (requeued)", finished_at=_now())
+        records.write(path, record)
+        previous_term(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_term)
+    if callable(previous_requeue):
+        signal.signal(requeue_signal, on_requeue)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(requeue_signal, previous_requeue)
 
 
 def run(cfg: DictConfig, group: str | None = None) -> dict:
@@ -76,19 +110,15 @@ def run(cfg: DictConfig, group: str | None = None) -> dict:
     dtype = loading.resolve_dtype(config["dtype"], device)
     record = {"schema_version": records.SCHEMA_VERSION, "run_id": run_id, "path": str(path), "config": config,
               "status": "running", "started_at": _now(), "env": _environment(device)}
-    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if _main_thread() else None
     try:
-        with tracking.tracking(config["logger"], config, run_id, group or "local", path.parent) as tracker:
-            record = _execute(config, record, device, dtype, path, tracker)
+        with _sigterm_marks(record, path), \
+                tracking.tracking(config["logger"], config, run_id, group or "local", path.parent) as tracker:
+            return _execute(config, record, device, dtype, path, tracker)
     except BaseException as e:
         record.update(status="failed" if not isinstance(e, KeyboardInterrupt | _Interrupted) else "interrupted",
                       error=f"{type(e).__name__}: {e}", finished_at=_now())
         records.write(path, record)
         raise
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    return record
 
 
 def _main_thread() -> bool:

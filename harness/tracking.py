@@ -112,6 +112,11 @@ def summary_text(record: dict) -> str:
     ]
     for name, r in ev.get("ppl", {}).items():
         lines.append(f"ppl        {name:10s} {r['value']:10.3f}  ({r['split']}, seqlen {r['seqlen']}, {r['tokens']:,} tokens)")
+    for task, r in ev.get("zeroshot", {}).items():
+        norm = "" if r.get("acc_norm") is None else f"  acc_norm {r['acc_norm']:.4f}"
+        lines.append(f"zero-shot  {task:14s} acc {r['acc']:.4f}{norm}  (n={r['n']})")
+    if "zeroshot_avg" in ev:
+        lines.append(f"zero-shot  7-task average {ev['zeroshot_avg']:.4f} (metric per task: see record)")
     eff = ev.get("efficiency")
     if eff:
         lines.append(f"efficiency {eff['macs_per_token']:,} MACs/token, {eff['tokens_per_s']:.0f} tokens/s (batch {eff['batch_size']} x {eff['seqlen']})")

@@ -1,0 +1,105 @@
+"""Sweeps through Hydra's submitit launcher on a real single-node Slurm (scripts/slurm-local).
+
+The session starts its own cluster (own folder and ports) and stops it afterwards; it is
+skipped, with the reason, where Slurm cannot be installed or started."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import records
+
+pytestmark = pytest.mark.slurm
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["logger=none", "calibration.n_samples=8", "eval.efficiency.seqlen=32"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "HARNESS_SLURM_DIR": str(folder), "HARNESS_SLURM_PORT": "6927"}
+    up = subprocess.run([str(ROOT / "scripts" / "slurm-local"), "up"], env=env, capture_output=True, text=True, timeout=600)
+    if up.returncode != 0:
+        pytest.skip(f"could not start a local Slurm cluster: {up.stderr[-500:]}")
+    env["SLURM_CONF"] = str(folder / "slurm.conf")
+    yield env
+    subprocess.run([str(ROOT / "scripts" / "slurm-local"), "down"], env=env, capture_output=True, timeout=120)
+
+
+def _sweep(env, tmp_path, *overrides, timeout=600, wait=True):
+    args = [sys.executable, "-m", "harness", "-m", "launcher=slurm", *FAST, f"out_dir={tmp_path / 'runs'}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=4",
+            *overrides]
+    if not wait:
+        return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _queue_empty(env, deadline=300):
+    end = time.time() + deadline
+    while time.time() < end:
+        out = subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True).stdout
+        if not out.strip():
+            return
+        time.sleep(1)
+    raise AssertionError(f"jobs still queued: {out}")
+
+
+def test_2x2_sweep_runs_as_a_job_array_and_is_collected(cluster, tmp_path):
+    r = _sweep(cluster, tmp_path, "model=tiny-gpt2", "metric=random,l2", "sparsity=0.2,0.4", "eval.ppl.max_tokens=2048")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    recs = records.load_complete(tmp_path / "runs")
+    assert len(recs) == 4
+    assert all(rec["env"]["slurm"]["array_job_id"] for rec in recs)  # they ran as Slurm array tasks
+    c = subprocess.run([sys.executable, "-m", "harness.collect", "--runs", str(tmp_path / "runs"), "--out",
+                        str(tmp_path / "results")], capture_output=True, text=True, timeout=120)
+    assert c.returncode == 0, c.stderr[-2000:]
+    runs_csv = (tmp_path / "results" / "tables" / "runs.csv").read_text().splitlines()
+    assert len(runs_csv) == 5
+
+
+def test_scancel_mid_sweep_then_rerun_finishes_only_the_missing_run(cluster, tmp_path):
+    overrides = ["model=tiny-llama", "metric=random,l2", "sparsity=0.2,0.4", "hydra.launcher.array_parallelism=1"]
+    proc = _sweep(cluster, tmp_path, *overrides, wait=False)
+    victim = None
+    end = time.time() + 300
+    while time.time() < end and victim is None:  # wait for a job that is evaluating after another completed
+        found = [records.read(p) or {} for p in (tmp_path / "runs").glob("*/result.json")]
+        if any(r.get("status") == "complete" for r in found):
+            victim = next((r for r in found if r.get("status") == "running" and "pruning" in r), None)
+        time.sleep(0.5)
+    assert victim is not None, "no second job reached evaluation"
+    slurm = victim["env"]["slurm"]
+    subprocess.run(["scancel", f"{slurm['array_job_id']}_{slurm['array_task_id']}"], env=cluster, check=True)
+    proc.communicate(timeout=600)
+    _queue_empty(cluster)
+    path = Path(victim["path"])
+    assert records.read(path)["status"] == "interrupted" and not records.is_complete(path)
+    before = {r["run_id"]: r["finished_at"] for r in records.load_complete(tmp_path / "runs")}
+    assert len(before) == 3
+
+    r = _sweep(cluster, tmp_path, *overrides)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    after = {r["run_id"]: r for r in records.load_complete(tmp_path / "runs")}
+    assert len(after) == 4
+    assert all(after[k]["finished_at"] == v for k, v in before.items())  # finished runs were skipped
+    assert after[victim["run_id"]]["attempts"] == 2  # the cancelled one resumed from its checkpoint
+
+
+def test_job_hitting_its_time_limit_is_requeued_and_completes(cluster, tmp_path):
+    """A 1-minute limit with more work than that: submitit's USR2 checkpoint requeues the job
+    and each attempt resumes from the pruned-model checkpoint and the finished evaluations."""
+    r = _sweep(cluster, tmp_path, "model=tiny-llama", "remedy=recovery", "calibration.n_samples=64", "eval=full",
+               "eval.zeroshot.limit=100", "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=20",
+               "hydra.launcher.max_num_timeout=6", "hydra.launcher.cpus_per_task=2", timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    (rec,) = records.load_complete(tmp_path / "runs")
+    assert rec["attempts"] >= 2
+    assert set(rec["eval"]["zeroshot"]) and rec["eval"]["ppl"]["wikitext2"]["tokens"] > 500_000
+    logs = list((tmp_path / "sweep").glob(".submitit/*/*.out"))
+    assert any("requeu" in p.read_text().lower() or "checkpoint" in p.read_text().lower() for p in logs), json.dumps([p.name for p in logs])
