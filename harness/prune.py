@@ -153,6 +153,7 @@ class Pipeline:
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.times: dict[str, float] = defaultdict(float)
         self.removed: dict[tuple[int, str], list[int]] = {}
+        self.grads: dict = {}
         self.blocks = adapter.layers(model)
         self.layer_range = prunable_layers(len(self.blocks), settings.layers)
 
@@ -221,6 +222,8 @@ class Pipeline:
             cls = FlapSampleMoments if self.s.flap_faithful else ChannelMoments
             stats.level2 = cls(in_features(d2.level2), dt, dev)
             handles.append(d2.level2.register_forward_pre_hook(lambda _m, a: stats.level2.update(a[0])))
+        if "grad" in needs:
+            stats.extra["grad"] = self.grads
         if d2.kind == "attention":
             def after_attention(_m, _args, out):
                 if "js" in needs:
@@ -306,6 +309,13 @@ class Pipeline:
         total = n_params(self.model)
         shapes = module_shapes(self.adapter, self.model, self.layer_range, self.s.modules)
         ratio, target = self.budget(shapes, total)
+        if any("grad" in self.metric.needs(kind) for kind in self.s.modules):
+            from harness.gradients import taylor_gradients
+
+            modules = [m for k in self.layer_range for kind in self.s.modules
+                       for d2 in [_view(self.adapter, self.blocks[k], kind)] for m in (*d2.level1, d2.level2)]
+            with self._timed("gradients"):
+                self.grads = taylor_gradients(self.model, modules, input_ids, self.device)
         with self._timed("forward"):
             chunks = self.capture_inputs(input_ids)
         if ratio is not None:

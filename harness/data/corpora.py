@@ -86,15 +86,16 @@ def _split_lines(text: str) -> list[str]:
 
 # ---- one loader per corpus: ordered (description, thunk) pairs -------------------------------
 
+def _local_sources(data_dir: str | None, relative: str, reader: Callable[[Path], list[str]]) -> list:
+    return [(str(d / relative), lambda p=d / relative: reader(p)) for d in _data_dirs(data_dir)]
+
+
 def _wikitext2_sources(split: str, data_dir: str | None) -> list[tuple[str, Callable[[], list[str]]]]:
     sources = [(
         f"hub Salesforce/wikitext (wikitext-2-raw-v1, {split})",
         lambda: _from_hub("Salesforce/wikitext", "wikitext-2-raw-v1", split, "text"),
     )]
-    for d in _data_dirs(data_dir):
-        path = d / "wikitext-2-raw-v1" / f"{split}.jsonl"
-        sources.append((str(path), lambda p=path: _read_jsonl(p)))
-    return sources
+    return sources + _local_sources(data_dir, f"wikitext-2-raw-v1/{split}.jsonl", _read_jsonl)
 
 
 def _ptb_sources(split: str, data_dir: str | None) -> list[tuple[str, Callable[[], list[str]]]]:
@@ -102,9 +103,8 @@ def _ptb_sources(split: str, data_dir: str | None) -> list[tuple[str, Callable[[
         f"hub ptb_text_only ({split})",
         lambda: _from_hub("ptb_text_only", "penn_treebank", split, "sentence"),
     )]
-    for d in _data_dirs(data_dir):
-        path = d / "ptb" / f"ptb.{_PTB_FILE[split]}.txt"
-        sources.append((str(path), lambda p=path: _split_lines(p.read_text(encoding="utf-8"))))
+    sources += _local_sources(data_dir, f"ptb/ptb.{_PTB_FILE[split]}.txt",
+                              lambda p: _split_lines(p.read_text(encoding="utf-8")))
 
     def from_package() -> list[str]:
         _package_file("treebank", "__init__.py")
@@ -127,9 +127,7 @@ def _c4_sources(split: str, data_dir: str | None) -> list[tuple[str, Callable[[]
             f"hub allenai/c4 ({shard[split]})",
             lambda: _from_hub("allenai/c4", None, "train", "text", data_files={"train": shard[split]}),
         ))
-    for d in _data_dirs(data_dir):
-        path = d / "c4" / f"{split}.jsonl"
-        sources.append((str(path), lambda p=path: _read_jsonl(p)))
+    sources += _local_sources(data_dir, f"c4/{split}.jsonl", _read_jsonl)
     if split == "train":
         # 118 real C4 documents, one per line; used as a calibration sample only.
         def from_package() -> list[str]:

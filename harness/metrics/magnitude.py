@@ -3,23 +3,32 @@ weights of a unit, i.e. its level-1 output rows and its level-2 input columns (n
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import nn
 
 from harness.metrics import Metric, Ranking, per_unit, register
 from harness.models.base import DepthTwo, weight
 from harness.stats import ModuleStats
 
 
-def magnitude(d2: DepthTwo, p: int) -> torch.Tensor:
-    total = per_unit(weight(d2.level2).to(torch.float64).abs().pow(p).sum(0), d2)
+def group_sum(d2: DepthTwo, per_weight: Callable[[nn.Module], torch.Tensor]) -> torch.Tensor:
+    """Sum a per-weight quantity ([out, in] like the weight) over every unit's weights:
+    its level-1 output rows and its level-2 input columns (the coupled group)."""
+    total = per_unit(per_weight(d2.level2).to(torch.float64).sum(0), d2)
     for i, module in enumerate(d2.level1):
-        row_mass = weight(module).to(torch.float64).abs().pow(p).sum(1)
+        row_mass = per_weight(module).to(torch.float64).sum(1)
         if d2.kind == "mlp":  # channel i is row i
             total = total + row_mass[d2.level1_channels(d2.all_units())[i]]
         else:  # channel lists are in layout order (GPT-2: all q, then k, then v): group per head
             total = total + torch.stack([row_mass[d2.level1_channels(torch.tensor([u]))[i]].sum()
                                          for u in range(d2.n_units)])
     return total
+
+
+def magnitude(d2: DepthTwo, p: int) -> torch.Tensor:
+    return group_sum(d2, lambda m: weight(m).detach().abs().pow(p))
 
 
 class _Magnitude(Metric):
