@@ -102,13 +102,13 @@ def js_distance_sums(probs: torch.Tensor, eps: float = 1e-10) -> tuple[torch.Ten
     """
     p = probs.to(torch.float32)
     b, h, q, _ = p.shape
+    logp = torch.log(p + eps)  # once per head, not once per pair
     out = torch.zeros(h, h, dtype=torch.float64, device=p.device)
     for i in range(h - 1):
-        pi = p[:, i : i + 1]
-        pj = p[:, i + 1 :]
-        m = 0.5 * (pi + pj)
-        kl_i = (pi * (torch.log(pi + eps) - torch.log(m + eps))).sum(-1)
-        kl_j = (pj * (torch.log(pj + eps) - torch.log(m + eps))).sum(-1)
+        pi, pj = p[:, i : i + 1], p[:, i + 1 :]
+        log_m = torch.log(0.5 * (pi + pj) + eps)
+        kl_i = (pi * (logp[:, i : i + 1] - log_m)).sum(-1)
+        kl_j = (pj * (logp[:, i + 1 :] - log_m)).sum(-1)
         js = (0.5 * (kl_i + kl_j)).clamp_min(0.0)
         d = js.sqrt().sum(dim=(0, 2)).to(torch.float64)
         out[i, i + 1 :] = d
