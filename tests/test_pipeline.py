@@ -95,6 +95,19 @@ def test_recovery_refit_equals_least_squares_and_lowers_error():
     assert (lin(x_cur) - y).pow(2).mean().item() < before
 
 
+def test_recovery_is_the_identity_when_the_input_is_unchanged():
+    """Nothing upstream pruned: the re-fit must return the weights as they are, whatever the damping."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8).double()
+    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    x = torch.randn(256, 16, dtype=torch.float64) * torch.logspace(-2, 2, 16, dtype=torch.float64)  # outlier channels
+    mom = CrossMoments(16, augment=True, dtype=torch.float64, device=torch.device("cpu"))
+    mom.update(x, x)
+    refit([lin], mom, damp=1.0, where="test")
+    torch.testing.assert_close(lin.weight.detach(), w0)
+    torch.testing.assert_close(lin.bias.detach(), b0)
+
+
 @pytest.mark.parametrize("bad", [0.0, float("nan")])
 def test_singular_gram_matrix_warns_and_keeps_weights(bad):
     lin = torch.nn.Linear(4, 3, bias=False).double()
