@@ -43,6 +43,7 @@ class PruneSettings:
     layers: tuple[int, int] | None = None  # [start, end); None = all blocks
     modules: tuple[str, ...] = MODULES
     damp: float = 1e-2
+    ridge_toward: str = "zero"  # recovery's ridge prior: zero (METHOD.md) or the current weights
     chunk_size: int = 8
     seed: int = 0
     flap_faithful: bool = False
@@ -302,7 +303,7 @@ class Pipeline:
                 if moments is None:
                     moments = CrossMoments(x.shape[-1], any(m.bias is not None for m in mods), self.stats_dtype, self.device)
                 moments.update(x, xd)
-            refit(mods, moments, self.s.damp, f"block {layer} {kind} level {level}")
+            refit(mods, moments, self.s.damp, f"block {layer} {kind} level {level}", self.s.ridge_toward)
 
     def run(self, input_ids: torch.Tensor) -> PruneReport:
         start = time.perf_counter()

@@ -174,6 +174,7 @@ def _load_and_prune(config: dict, record: dict, device, dtype, path: Path):
         sparsity=config["sparsity"], sparsity_mode=config["sparsity_mode"], allocation=config["allocation"]["name"],
         remedy=config["remedy"]["name"], layers=tuple(mc["layers"]) if mc.get("layers") else None,
         modules=tuple(config["prune"]["modules"]), damp=config["remedy"].get("damp", 1e-2),
+        ridge_toward=config["remedy"].get("toward", "zero"),
         chunk_size=config["prune"]["chunk_size"], seed=config["seed"], flap_faithful=config["prune"]["flap_faithful"],
     )
     report = prune(model, ids, metric, settings, device)

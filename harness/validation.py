@@ -25,6 +25,10 @@ def validate_config(c: dict) -> None:
     _one_of("sparsity_mode", c["sparsity_mode"], allocation.SPARSITY_MODES)
     _one_of("allocation", c["allocation"]["name"], allocation.ALLOCATIONS)
     _one_of("remedy", c["remedy"]["name"], remedy.REMEDIES)
+    if "toward" in c["remedy"]:
+        from harness.remedy.recovery import TOWARD
+
+        _one_of("remedy.toward", c["remedy"]["toward"], TOWARD)
     try:
         metrics.build(c["metric"]["name"], c["metric"].get("params"))
     except (ValueError, TypeError) as e:

@@ -96,14 +96,15 @@ def test_recovery_refit_equals_least_squares_and_lowers_error():
 
 
 def test_recovery_is_the_identity_when_the_input_is_unchanged():
-    """Nothing upstream pruned: the re-fit must return the weights as they are, whatever the damping."""
+    """toward=weights: with nothing upstream pruned the re-fit returns the weights as they are,
+    whatever the damping."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(16, 8).double()
     w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
     x = torch.randn(256, 16, dtype=torch.float64) * torch.logspace(-2, 2, 16, dtype=torch.float64)  # outlier channels
     mom = CrossMoments(16, augment=True, dtype=torch.float64, device=torch.device("cpu"))
     mom.update(x, x)
-    refit([lin], mom, damp=1.0, where="test")
+    refit([lin], mom, damp=1.0, where="test", toward="weights")
     torch.testing.assert_close(lin.weight.detach(), w0)
     torch.testing.assert_close(lin.bias.detach(), b0)
 

@@ -5,14 +5,11 @@ because earlier modules were pruned. Each level is re-fitted to the dense output
 regression, keeping only X_hat^T X_hat and X_hat^T X (the dense targets are X W, so
 X_hat^T Y = (X_hat^T X) W):
 
-    W_bar = argmin ||X_hat W' - X W||^2 + lambda ||W' - W||^2
-          = (X_hat^T X_hat + lambda I)^{-1} (X_hat^T X W + lambda W),   lambda = damp * mean(diag(X_hat^T X_hat))
+    W_bar = (X_hat^T X_hat + lambda I)^{-1} (X_hat^T X) W,    lambda = damp * mean(diag(X_hat^T X_hat))
 
-The ridge term pulls toward the current weights W, not toward zero (a deviation from the
-plain ridge of METHOD.md, made after measuring): with X_hat = X the re-fit is exactly the
-identity, and directions the calibration data does not determine keep W. Shrinking toward
-zero instead compounds over blocks on models with outlier channels (whose large diagonal
-sets lambda): on smollm2-135m at 20% it made recovery worse than no recovery.
+(ridge toward zero, METHOD.md; the default). `toward="weights"` pulls toward the current
+weights instead, argmin ||X_hat W' - X W||^2 + lambda ||W' - W||^2, which is exactly the
+identity when X_hat = X. Neither made recovery help on smollm2-135m (README).
 With a bias the inputs are augmented by a constant 1 (the intercept is solved with W).
 """
 
@@ -72,7 +69,10 @@ def ridge_solve(xtx: torch.Tensor, rhs: torch.Tensor, damp: float, where: str,
     return None
 
 
-def refit(modules: list[torch.nn.Module], moments: CrossMoments, damp: float, where: str) -> None:
+TOWARD = ("zero", "weights")
+
+
+def refit(modules: list[torch.nn.Module], moments: CrossMoments, damp: float, where: str, toward: str = "zero") -> None:
     """Re-fit every module reading the same input to reproduce its dense outputs."""
     width = moments.hh.shape[0] - int(moments.augment)
     for module in modules:
@@ -80,9 +80,10 @@ def refit(modules: list[torch.nn.Module], moments: CrossMoments, damp: float, wh
         has_bias = module.bias is not None and moments.augment
         if has_bias:
             w_aug = torch.cat([w, module.bias.detach().to(w.dtype)[:, None]], 1)  # [out, in+1]
-            sol = ridge_solve(moments.hh, moments.hd @ w_aug.T, damp, where, prior=w_aug.T)
+            sol = ridge_solve(moments.hh, moments.hd @ w_aug.T, damp, where, prior=w_aug.T if toward == "weights" else None)
         else:
-            sol = ridge_solve(moments.hh[:width, :width], moments.hd[:width, :width] @ w.T, damp, where, prior=w.T)
+            sol = ridge_solve(moments.hh[:width, :width], moments.hd[:width, :width] @ w.T, damp, where,
+                              prior=w.T if toward == "weights" else None)
         if sol is None:
             continue
         with torch.no_grad():
