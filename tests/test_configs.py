@@ -36,7 +36,7 @@ def test_contract_groups_exist():
     assert {"wandb", "none"} == set(_options("logger"))
 
 
-def _harness(*args, timeout=120):
+def _harness(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, timeout=timeout)
 
 

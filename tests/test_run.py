@@ -87,7 +87,7 @@ def test_cli_multirun_and_collect(tmp_path):
     assert len(records.load_complete(tmp_path / "runs")) == 4
     c = subprocess.run([sys.executable, "-m", "harness", "collect", "--runs", str(tmp_path / "runs"), "--out",
                         str(tmp_path / "results"), "--rows", "metric", "--cols", "sparsity", "--values", "ppl.wikitext2"],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=600)
     assert c.returncode == 0, c.stderr[-3000:]
     md = (tmp_path / "results" / "tables" / "pivot_ppl.wikitext2.md").read_text()
     assert "random" in md and "l2" in md and "0.4" in md

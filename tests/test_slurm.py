@@ -57,7 +57,7 @@ def test_2x2_sweep_runs_as_a_job_array_and_is_collected(cluster, tmp_path):
     assert len(recs) == 4
     assert all(rec["env"]["slurm"]["array_job_id"] for rec in recs)  # they ran as Slurm array tasks
     c = subprocess.run([sys.executable, "-m", "harness.collect", "--runs", str(tmp_path / "runs"), "--out",
-                        str(tmp_path / "results")], capture_output=True, text=True, timeout=120)
+                        str(tmp_path / "results")], capture_output=True, text=True, timeout=600)
     assert c.returncode == 0, c.stderr[-2000:]
     runs_csv = (tmp_path / "results" / "tables" / "runs.csv").read_text().splitlines()
     assert len(runs_csv) == 5
