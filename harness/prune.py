@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from harness import allocation as alloc
 from harness import metrics as metrics_registry
-from harness.models.base import DepthTwo
+from harness.models.base import DepthTwo, in_features
 from harness.remedy import bias as bias_remedy
 from harness.remedy import check as check_remedy
 from harness.remedy.recovery import CrossMoments, refit
@@ -214,12 +214,9 @@ class Pipeline:
         handles = []
         dt, dev = self.stats_dtype, self.device
         if "input_moment" in needs:
-            width = d2.module_input.weight.shape[0 if type(d2.module_input).__name__ == "Conv1D" else 1]
-            stats.input_moment = SecondMoment(width, dt, dev)
+            stats.input_moment = SecondMoment(in_features(d2.module_input), dt, dev)
             handles.append(d2.module_input.register_forward_pre_hook(lambda _m, a: stats.input_moment.update(a[0])))
         if "level2" in needs:
-            from harness.models.base import in_features
-
             cls = FlapSampleMoments if self.s.flap_faithful else ChannelMoments
             stats.level2 = cls(in_features(d2.level2), dt, dev)
             handles.append(d2.level2.register_forward_pre_hook(lambda _m, a: stats.level2.update(a[0])))
