@@ -24,11 +24,11 @@ from tqdm.auto import tqdm
 
 from harness import allocation as alloc
 from harness import metrics as metrics_registry
-from harness.models.base import DepthTwo, in_features
+from harness.models.base import DepthTwo, in_features, weight
 from harness.remedy import bias as bias_remedy
 from harness.remedy import check as check_remedy
 from harness.remedy.recovery import CrossMoments, refit
-from harness.stats import ChannelMoments, FlapSampleMoments, ModuleStats, SecondMoment, check_finite
+from harness.stats import ChannelMoments, FlapSampleMoments, ModuleStats, check_finite
 
 log = logging.getLogger(__name__)
 MODULES = ("attention", "mlp")
@@ -118,6 +118,13 @@ def _to(value, device: torch.device):
 def _forward(block: nn.Module, chunk: Chunk) -> torch.Tensor:
     out = block(chunk[0], **chunk[1])
     return out[0] if isinstance(out, tuple) else out
+
+
+def _output_moments(moments: ChannelMoments):
+    def hook(module, _args, out):
+        moments.update(out if module.bias is None else out - module.bias)
+
+    return hook
 
 
 def _run_until_stop(block: nn.Module, chunk: Chunk) -> None:
@@ -213,15 +220,19 @@ class Pipeline:
         stats = ModuleStats()
         handles = []
         dt, dev = self.stats_dtype, self.device
-        if "input_moment" in needs:
-            stats.input_moment = SecondMoment(in_features(d2.module_input), dt, dev)
-            handles.append(d2.module_input.register_forward_pre_hook(lambda _m, a: stats.input_moment.update(a[0])))
+        if "level1" in needs:
+            for module in d2.level1:
+                moments = ChannelMoments(weight(module).shape[0], dt, dev)
+                stats.level1.append(moments)
+                handles.append(module.register_forward_hook(_output_moments(moments)))
         if "level2" in needs:
             cls = FlapSampleMoments if self.s.flap_faithful else ChannelMoments
             stats.level2 = cls(in_features(d2.level2), dt, dev)
             handles.append(d2.level2.register_forward_pre_hook(lambda _m, a: stats.level2.update(a[0])))
         if "grad" in needs:
             stats.extra["grad"] = self.grads
+        if not needs & {"level1", "level2", "js"}:
+            return stats  # nothing to observe: no calibration pass
         if d2.kind == "attention":
             def after_attention(_m, _args, out):
                 if "js" in needs:

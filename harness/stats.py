@@ -1,8 +1,8 @@
 """Streaming statistics from forward hooks: nothing is kept per token.
 
-Memory per module: one d x d second-moment matrix of the module input (float64 on CPU,
-float32 on GPU), three vectors over the level-2 input channels, one h x h divergence
-matrix per block, and for recovery two d x d cross products. Peak = those plus one
+Memory per module: three vectors (float64 on CPU, float32 on GPU) over each level-1 output
+and over the level-2 input channels, one h x h divergence matrix per block, and for
+recovery two d x d cross products. Peak = those plus one
 calibration chunk's activations inside the block.
 """
 
@@ -23,15 +23,17 @@ class ChannelMoments:
         self.sq = torch.zeros(width, dtype=dtype, device=device)  # sum of squares
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(self.mean.dtype)
+        # chunk moments in (at least) float32, merged in the accumulator's precision
+        x = x.reshape(-1, x.shape[-1])
+        x = x.float() if x.element_size() < 4 else x
         nb = x.shape[0]
-        mb = x.mean(0)
-        m2b = ((x - mb) ** 2).sum(0)
+        var_b, mean_b = torch.var_mean(x, 0, correction=0)
+        mb, m2b = mean_b.to(self.mean.dtype), var_b.to(self.mean.dtype) * nb
         delta = mb - self.mean
         total = self.n + nb
         self.mean += delta * nb / total
         self.m2 += m2b + delta**2 * self.n * nb / total
-        self.sq += (x * x).sum(0)
+        self.sq += (m2b + mb**2 * nb)
         self.n = total
 
     @property
@@ -77,23 +79,6 @@ class FlapSampleMoments:
         return self.var
 
 
-class SecondMoment:
-    """Sigma = E[x x^T] (uncentred) over tokens, accumulated as sum x x^T."""
-
-    def __init__(self, width: int, dtype: torch.dtype, device: torch.device):
-        self.n = 0
-        self.sum = torch.zeros(width, width, dtype=dtype, device=device)
-
-    def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(self.sum.dtype)
-        self.sum.addmm_(x.T, x)
-        self.n += x.shape[0]
-
-    @property
-    def value(self) -> torch.Tensor:
-        return self.sum / max(self.n, 1)
-
-
 def js_distance_sums(probs: torch.Tensor, eps: float = 1e-10) -> tuple[torch.Tensor, int]:
     """Sum over query rows of sqrt(JS(P_i || P_j)) for every head pair, and the row count.
 
@@ -120,11 +105,16 @@ def js_distance_sums(probs: torch.Tensor, eps: float = 1e-10) -> tuple[torch.Ten
 class ModuleStats:
     """What one pass over the calibration chunks collected for one depth-2 module."""
 
-    input_moment: SecondMoment | None = None  # Sigma_X of the module input
+    level1: list[ChannelMoments] = field(default_factory=list)  # each level-1 output, bias excluded
     level2: ChannelMoments | FlapSampleMoments | None = None  # level-2 input channels
     js_sum: torch.Tensor | None = None  # [heads, heads] sum of JS distances
     js_rows: int = 0
     extra: dict = field(default_factory=dict)
+
+    @property
+    def level1_moments(self) -> list[torch.Tensor]:
+        """E[(A_i^T x)^2] per channel of each level-1 module (= diag(A Sigma_X A^T))."""
+        return [m.second_moment for m in self.level1]
 
     @property
     def js(self) -> torch.Tensor:

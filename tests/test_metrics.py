@@ -8,7 +8,7 @@ from harness.metrics.second_moment import mlp_scores
 from harness.metrics.similarity import greedy_candidates
 from harness.models import adapter_for
 from harness.models.base import DepthTwo
-from harness.stats import ChannelMoments, ModuleStats, SecondMoment
+from harness.stats import ChannelMoments, ModuleStats
 from tests.conftest import random_model
 
 
@@ -27,9 +27,11 @@ def test_second_moment_equals_monte_carlo_output_energy_for_linear_activation():
     d, n, out = 5, 4, 3
     a, b = torch.randn(n, d), torch.randn(out, n)
     x = torch.randn(200_000, d) @ torch.randn(d, d)
-    sigma = (x.T @ x / len(x)).double()
     d2 = _plain_mlp(a, b)
-    got = mlp_scores(d2, sigma) * 2  # undo the ReLU factor 1/2
+    level1 = ChannelMoments(n, torch.float64, torch.device("cpu"))  # what the pipeline's hook accumulates
+    for chunk in x.split(4096):
+        level1.update(d2.level1[0](chunk))
+    got = mlp_scores(d2, [level1.second_moment]) * 2  # undo the ReLU factor 1/2
     mc = torch.stack([((x @ a[i]).unsqueeze(1) * b[:, i]).pow(2).sum(1).mean() for i in range(n)]).double()
     torch.testing.assert_close(got, mc, rtol=1e-6, atol=1e-6)
 
@@ -38,7 +40,8 @@ def test_second_moment_hand_case_ranks_by_input_energy():
     # identity weights: channel i reads input i; input 2 carries the most energy
     d2 = _plain_mlp(torch.eye(3), torch.eye(3))
     sigma = torch.diag(torch.tensor([1.0, 0.1, 4.0])).double()
-    scores = mlp_scores(d2, sigma)
+    a = d2.level1[0].weight.double()
+    scores = mlp_scores(d2, [((a @ sigma) * a).sum(1)])  # diag(A Sigma A^T)
     assert scores.argsort().tolist() == [1, 0, 2]
     torch.testing.assert_close(scores, torch.tensor([0.5, 0.05, 2.0], dtype=torch.float64))
 
@@ -52,9 +55,11 @@ def test_greedy_candidates_follow_algorithm_1():
 
 
 def _stats_for(d2, x_in, z):
-    st = ModuleStats(input_moment=SecondMoment(x_in.shape[-1], torch.float64, torch.device("cpu")),
-                     level2=ChannelMoments(z.shape[-1], torch.float64, torch.device("cpu")))
-    st.input_moment.update(x_in)
+    cpu = torch.device("cpu")
+    st = ModuleStats(level1=[ChannelMoments(m.weight.shape[0], torch.float64, cpu) for m in d2.level1],
+                     level2=ChannelMoments(z.shape[-1], torch.float64, cpu))
+    for m, moments in zip(d2.level1, st.level1, strict=True):
+        moments.update(m(x_in))
     st.level2.update(z)
     return st
 

@@ -192,3 +192,24 @@ def test_nan_activations_fail_with_block_named():
 def test_params_count_shared_embeddings_once():
     model = random_model("llama", tie_word_embeddings=True)
     assert n_params(model) == sum(p.numel() for p in model.parameters())
+
+
+def test_level1_moments_equal_the_quadratic_form_of_the_input_second_moment(model_type):
+    """The MLP statistics (per-channel moments of level-1 outputs, bias removed) equal
+    diag(A Sigma_X A^T) with Sigma_X built from the module's captured inputs."""
+    from harness.prune import Pipeline, _capture
+
+    model = random_model(model_type)
+    adapter = adapter_for(model)
+    model.set_attn_implementation("eager")
+    pipe = Pipeline(model, adapter, metrics.build("second_moment"), PruneSettings(chunk_size=4), torch.device("cpu"))
+    chunks = pipe.capture_inputs(_calib())
+    block = adapter.layers(model)[0]
+    d2 = adapter.mlp(block)
+    stats = pipe.collect(block, d2, chunks, frozenset({"level1"}))
+    with torch.no_grad():
+        x = torch.cat([_capture(block, d2.module_input, c).reshape(-1, 64) for c in chunks]).double()
+    sigma = x.T @ x / len(x)
+    for module, got in zip(d2.level1, stats.level1_moments, strict=True):
+        a = module.weight.double().T if model_type == "gpt2" else module.weight.double()  # Conv1D is [in, out]
+        torch.testing.assert_close(got, ((a @ sigma) * a).sum(1), rtol=1e-5, atol=1e-8)

@@ -17,11 +17,12 @@ from harness.models.base import DepthTwo
 from harness.stats import ModuleStats
 
 # Statistics a metric can ask for (filled by the pipeline's hooks):
-#   input_moment: Sigma_X = E[x x^T] of the module input
+#   level1:       per-channel second moment of each level-1 output, bias excluded
+#                 (= diag(A Sigma_X A^T), Sigma_X = E[x x^T] of the module input)
 #   level2:       per-channel mean / second moment / variance of the level-2 input
 #   js:           mean Jensen-Shannon distance between attention heads (attention only)
 #   grad:         LM-loss gradients of the weights (Taylor)
-NEEDS = ("input_moment", "level2", "js", "grad")
+NEEDS = ("level1", "level2", "js", "grad")
 
 
 @dataclass

@@ -3,6 +3,9 @@
 MLP inner channel i of f(X) = B sigma(A X):
     M_i = 1/2 ||B_i||^2 (A_i^T Sigma_X A_i),    Sigma_X = E[x x^T]   (eq. for ReLU-like sigma)
 gated MLP: the (W_gate, W_down) and (W_up, W_down) metrics multiplied.
+A_i^T Sigma_X A_i = E[(A_i^T x)^2] is the second moment of level-1 output channel i (bias
+excluded), which the pipeline accumulates per channel: O(tokens x channels) instead of the
+O(tokens x d^2) of Sigma_X.
 Head h (value path X_hat W_V^h W_O^h, X_hat = A_h X):
     score_h = sum_{c in h} ||W_O row c||^2 (W_V[:, c]^T Sigma_{X_hat,h} W_V[:, c])
 and W_V[:, c]^T Sigma_{X_hat} W_V[:, c] is the second moment of o_proj's input channel c.
@@ -18,12 +21,12 @@ from harness.models.base import DepthTwo, weight
 from harness.stats import ModuleStats
 
 
-def mlp_scores(d2: DepthTwo, sigma: torch.Tensor | None) -> torch.Tensor:
+def mlp_scores(d2: DepthTwo, level1_moments: list[torch.Tensor] | None) -> torch.Tensor:
+    """level1_moments: E[(A_i^T x)^2] per channel for each level-1 module; None = data-free."""
     out_norm = weight(d2.level2).to(torch.float64).pow(2).sum(0)  # ||B_i||^2 over outputs
     score = torch.ones(d2.n_units, dtype=torch.float64, device=out_norm.device)
-    for a in d2.level1:
-        w = weight(a).to(torch.float64)  # rows A_i
-        quad = w.pow(2).sum(1) if sigma is None else ((w @ sigma.to(torch.float64)) * w).sum(1)
+    for j, a in enumerate(d2.level1):
+        quad = weight(a).to(torch.float64).pow(2).sum(1) if level1_moments is None else level1_moments[j].to(torch.float64)
         score = score * 0.5 * out_norm * quad
     return score
 
@@ -45,11 +48,10 @@ class SecondMoment(Metric):
     def __init__(self, data_free: bool = False):
         self.data_free = data_free
         self.needs_attention = frozenset() if data_free else frozenset({"level2"})
-        self.needs_mlp = frozenset() if data_free else frozenset({"input_moment"})
+        self.needs_mlp = frozenset() if data_free else frozenset({"level1"})
 
     def rank(self, d2: DepthTwo, stats: ModuleStats, generator: torch.Generator) -> Ranking:
         if d2.kind == "mlp":
-            sigma = None if self.data_free else stats.input_moment.value
-            return Ranking(mlp_scores(d2, sigma))
+            return Ranking(mlp_scores(d2, None if self.data_free else stats.level1_moments))
         moment = None if self.data_free else stats.level2.second_moment
         return Ranking(head_scores(d2, moment))

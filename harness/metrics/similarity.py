@@ -59,13 +59,13 @@ def similarity_ranking(d2: DepthTwo, stats: ModuleStats, importance: torch.Tenso
 @register("similarity")
 class Similarity(Metric):
     needs_attention = frozenset({"js", "level2"})
-    needs_mlp = frozenset({"input_moment"})
+    needs_mlp = frozenset({"level1"})
 
     def __init__(self, tau: float | None = None):
         self.tau = tau
 
     def rank(self, d2: DepthTwo, stats: ModuleStats, generator: torch.Generator) -> Ranking:
         if d2.kind == "mlp":
-            return Ranking(mlp_scores(d2, stats.input_moment.value))
+            return Ranking(mlp_scores(d2, stats.level1_moments))
         importance = head_scores(d2, stats.level2.second_moment)
         return similarity_ranking(d2, stats, importance, self.tau)

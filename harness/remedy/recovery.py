@@ -35,15 +35,16 @@ class CrossMoments:
         self.hd = torch.zeros(n, n, dtype=dtype, device=device)
 
     def _aug(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(-1, x.shape[-1]).to(self.hh.dtype)
+        x = x.reshape(-1, x.shape[-1])
+        x = x.float() if x.element_size() < 4 else x  # products of one chunk in float32 at least
         if self.augment:
             x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], 1)
         return x
 
     def update(self, current: torch.Tensor, dense: torch.Tensor) -> None:
         h, d = self._aug(current), self._aug(dense)
-        self.hh.addmm_(h.T, h)
-        self.hd.addmm_(h.T, d)
+        self.hh += (h.T @ h).to(self.hh.dtype)
+        self.hd += (h.T @ d).to(self.hd.dtype)
 
 
 def ridge_solve(xtx: torch.Tensor, rhs: torch.Tensor, damp: float, where: str,
