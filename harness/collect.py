@@ -3,8 +3,14 @@
     python -m harness.collect                       # default tables from results/runs
     python -m harness.collect --rows metric,remedy --cols sparsity --values ppl.wikitext2
     harness collect --runs DIR --out results
+    harness collect --wandb ENTITY/PROJECT          # also the records uploaded to a wandb project
 
-Only complete records are read. Tables go to <out>/tables, plots to <out>/plots.
+Only complete records are read. Tables go to <out>/tables, plots to <out>/plots:
+Table 1 (methods x perplexities, 7 tasks, average; runs with zero-shot), Table 2 (head-only
+pruning: pruned heads x perplexities), Table 3 (methods x sparsity x datasets), runs.csv,
+perplexity vs sparsity, perplexity vs calibration size (Figure 4, where a sweep varies
+n_samples) and the head-similarity graph of one block (Figure 3, runs whose metric
+measured head divergences).
 """
 
 from __future__ import annotations
@@ -14,8 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness import records
-from harness.evaluate.zeroshot import TASKS
+from harness import records, sources
+from harness.evaluate.tasks import TASKS
 
 LOWER_IS_BETTER_PREFIX = ("ppl.",)
 
@@ -33,6 +39,8 @@ def frame(recs: list[dict]) -> pd.DataFrame:
             "heads_kept": sum(layer["heads_kept"] for layer in p["per_layer"]), "params": r["model"]["params_after"], "prune_seconds": p["seconds"],
             "run_id": r["run_id"],
         }
+        if "heads_before" in r["model"]:
+            row["heads_pruned"] = r["model"]["heads_before"] - row["heads_kept"]
         for name, v in ev.get("ppl", {}).items():
             row[f"ppl.{name}"] = v["value"]
             row[f"ppl.{name}.tokens"] = v["tokens"]
@@ -74,6 +82,21 @@ def table1(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return out
 
 
+def table2(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per model, head-only runs (prune.modules=[attention]): methods x (pruned heads, dataset)."""
+    if "heads_pruned" not in df:
+        return {}
+    heads_only = df[(df["modules"] == "attention") & df["heads_pruned"].notna()]
+    ppl_cols = [c for c in df.columns if c.startswith("ppl.") and not c.endswith(".tokens")]
+    out = {}
+    for model, sub in heads_only.groupby("model"):
+        sub = sub.assign(heads_pruned=sub["heads_pruned"].astype(int))
+        t = sub.pivot_table(index=["metric", "remedy", "allocation"], columns="heads_pruned", values=ppl_cols, aggfunc="mean")
+        t.columns = [f"{h} heads {c.removeprefix('ppl.')}" for c, h in t.columns]
+        out[model] = t[sorted(t.columns, key=lambda c: (int(c.split()[0]), c))]
+    return out
+
+
 def _best_two(col: pd.Series, lower_better: bool) -> tuple:
     s = col.dropna().sort_values(ascending=lower_better)
     return tuple(s.index[:2])
@@ -109,36 +132,121 @@ def write_table(t: pd.DataFrame, out: Path, name: str) -> list[Path]:
     return paths
 
 
-def plot_ppl_vs_sparsity(df: pd.DataFrame, out: Path) -> list[Path]:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
+    return plt
+
+
+def _save(fig, out: Path, stem: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    for model, sub in df.groupby("model"):
-        for col in [c for c in sub.columns if c.startswith("ppl.") and not c.endswith(".tokens")]:
+    fig.tight_layout()
+    paths = [out / f"{stem}.{ext}" for ext in ("png", "pdf")]
+    for p in paths:
+        fig.savefig(p, dpi=150)
+    fig.clear()
+    return paths
+
+
+def _ppl_columns(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if c.startswith("ppl.") and not c.endswith(".tokens")]
+
+
+def plot_ppl_vs(df: pd.DataFrame, out: Path, x: str, fixed: list[str], stem: str) -> list[Path]:
+    """One figure per (model, fixed..., dataset): perplexity against `x`, a line per method;
+    only where some method has at least two values of `x`."""
+    plt = _pyplot()
+    paths = []
+    methods = ["metric", "remedy", "allocation"]
+    for key, sub in df.groupby(["model", *fixed]):
+        key = key if isinstance(key, tuple) else (key,)
+        if sub.groupby(methods)[x].nunique().max() < 2:
+            continue
+        for col in _ppl_columns(sub):
             fig, ax = plt.subplots(figsize=(5, 3.5))
-            for (metric, remedy, allocation), g in sub.groupby(["metric", "remedy", "allocation"]):
-                g = g.groupby("sparsity")[col].mean().sort_index()
+            for (metric, remedy, allocation), g in sub.groupby(methods):
+                g = g.groupby(x)[col].mean().dropna().sort_index()
                 ax.plot(g.index, g.values, marker="o", label=f"{metric}/{remedy}/{allocation}")
-            ax.set(xlabel="sparsity", ylabel=f"{col.removeprefix('ppl.')} perplexity", yscale="log", title=model)
+            title = " ".join(f"{k}" if i == 0 else f"{f}={k:g}" if isinstance(k, float) else f"{f}={k}"
+                             for i, (f, k) in enumerate(zip(["model", *fixed], key, strict=True)))
+            ax.set(xlabel=x, ylabel=f"{col.removeprefix('ppl.')} perplexity", yscale="log", title=title)
+            if x == "n_samples":
+                ax.set_xscale("log", base=2)
             ax.legend(fontsize=7)
-            fig.tight_layout()
-            for ext in ("png", "pdf"):
-                p = out / f"ppl_vs_sparsity_{model}_{col.removeprefix('ppl.')}.{ext}"
-                fig.savefig(p, dpi=150)
-                paths.append(p)
+            suffix = "_".join(f"{k:g}" if isinstance(k, float) else str(k) for k in key)
+            paths += _save(fig, out, f"{stem}_{suffix}_{col.removeprefix('ppl.')}")
             plt.close(fig)
     return paths
 
 
+def _heads_per_unit(layer: dict, n_heads: int) -> int:
+    removed = len(layer["attention_units_removed"])
+    return (n_heads - layer["heads_kept"]) // removed if removed else 1
+
+
+def plot_head_graph(rec: dict, out: Path, layer: int | None = None, tau: float | None = None) -> list[Path]:
+    """Figure 3: the heads of one block as nodes, an edge where their mean JS distance is below
+    tau (default: the median over the block's head pairs); removed heads are drawn filled."""
+    import math
+
+    plt = _pyplot()
+    layers = {lay["layer"]: lay for lay in rec["pruning"]["per_layer"] if "head_divergence" in lay}
+    if not layers:
+        return []
+    if layer is None:
+        layer = sorted(layers)[len(layers) // 2]
+    if layer not in layers:
+        raise ValueError(f"run {rec['run_id']} has no head divergences for block {layer}; blocks with them: {sorted(layers)}")
+    lay = layers[layer]
+    div = lay["head_divergence"]
+    n = len(div)
+    pairs = [(div[i][j], i, j) for i in range(n) for j in range(i + 1, n)]
+    if tau is None:
+        tau = sorted(d for d, _, _ in pairs)[len(pairs) // 2]
+    hpu = _heads_per_unit(lay, n)
+    removed = {u * hpu + k for u in lay["attention_units_removed"] for k in range(hpu)}
+    pos = [(math.cos(2 * math.pi * i / n), math.sin(2 * math.pi * i / n)) for i in range(n)]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for d, i, j in pairs:
+        if d < tau:
+            ax.plot([pos[i][0], pos[j][0]], [pos[i][1], pos[j][1]], color="tab:blue", lw=0.6 + 2.5 * (1 - d / tau), zorder=1)
+    for i, (px, py) in enumerate(pos):
+        ax.scatter(px, py, s=420, zorder=2, color="tab:red" if i in removed else "white", edgecolors="black")
+        ax.annotate(str(i), (px, py), ha="center", va="center", fontsize=8, zorder=3)
+    cfg = rec["config"]
+    ax.set_title(f"{cfg['model']['name']} block {layer}: JS distance < {tau:.3f}\n(filled: removed by {cfg['metric']['name']})", fontsize=9)
+    ax.set_axis_off()
+    ax.set_aspect("equal")
+    paths = _save(fig, out, f"head_similarity_{cfg['model']['name']}_block{layer}_{rec['run_id']}")
+    plt.close(fig)
+    return paths
+
+
+def _figure3_records(recs: list[dict], run_id: str | None) -> list[dict]:
+    """The run to draw per model: `run_id`, else the first run (by id) with head divergences."""
+    if run_id is not None:
+        chosen = [r for r in recs if r["run_id"] == run_id]
+        if not chosen:
+            raise ValueError(f"no complete record with run id {run_id!r}")
+        return chosen
+    first: dict[str, dict] = {}
+    for r in sorted(recs, key=lambda r: r["run_id"]):
+        if any("head_divergence" in lay for lay in r["pruning"]["per_layer"]):
+            first.setdefault(r["config"]["model"]["name"], r)
+    return list(first.values())
+
+
 def collect(runs: Path, out: Path, rows: list[str] | None = None, cols: list[str] | None = None,
-            values: str | None = None) -> list[Path]:
+            values: str | None = None, wandb_project: str | None = None, fig3_run: str | None = None,
+            fig3_layer: int | None = None, fig3_tau: float | None = None) -> list[Path]:
     recs = records.load_complete(runs)
+    if wandb_project:
+        recs = sources.merge(recs, sources.wandb_records(wandb_project))
     if not recs:
-        raise SystemExit(f"no complete records under {runs}")
+        raise SystemExit(f"no complete records under {runs}" + (f" or in wandb project {wandb_project}" if wandb_project else ""))
     df = frame(recs)
     tables = out / "tables"
     tables.mkdir(parents=True, exist_ok=True)
@@ -150,7 +258,13 @@ def collect(runs: Path, out: Path, rows: list[str] | None = None, cols: list[str
         written += write_table(t, tables, f"table3_{model}")
     for key, t in table1(df).items():
         written += write_table(t, tables, f"table1_{key}")
-    written += plot_ppl_vs_sparsity(df, out / "plots")
+    for model, t in table2(df).items():
+        written += write_table(t, tables, f"table2_{model}")
+    plots = out / "plots"
+    written += plot_ppl_vs(df, plots, "sparsity", ["modules", "calibration", "n_samples"], "ppl_vs_sparsity")
+    written += plot_ppl_vs(df, plots, "n_samples", ["modules", "calibration", "sparsity"], "ppl_vs_calibration")
+    for rec in _figure3_records(recs, fig3_run):
+        written += plot_head_graph(rec, plots, fig3_layer, fig3_tau)
     return written
 
 
@@ -161,8 +275,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", help="pivot rows, comma-separated (e.g. metric,remedy)")
     ap.add_argument("--cols", help="pivot columns (e.g. sparsity)")
     ap.add_argument("--values", help="pivot values (e.g. ppl.wikitext2, zs.avg)")
+    ap.add_argument("--wandb", metavar="ENTITY/PROJECT", help="also read the records uploaded to this wandb project")
+    ap.add_argument("--fig3-run", help="run id whose head similarity graph to draw (default: first per model)")
+    ap.add_argument("--fig3-layer", type=int, help="block of the head similarity graph (default: the middle one)")
+    ap.add_argument("--fig3-tau", type=float, help="edge threshold on the JS distance (default: the block's median)")
     a = ap.parse_args(argv)
-    paths = collect(a.runs, a.out, a.rows.split(",") if a.rows else None, a.cols.split(",") if a.cols else None, a.values)
+    paths = collect(a.runs, a.out, a.rows.split(",") if a.rows else None, a.cols.split(",") if a.cols else None, a.values,
+                    a.wandb, a.fig3_run, a.fig3_layer, a.fig3_tau)
     for p in paths:
         print(p)
 

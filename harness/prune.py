@@ -58,6 +58,7 @@ class PruneReport:
     seconds: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
     removed: dict[tuple[int, str], list[int]] = field(default_factory=dict)  # (layer, module) -> unit ids
+    divergence: dict[int, list[list[float]]] = field(default_factory=dict)  # layer -> head x head mean JS distance
 
     @property
     def sparsity_achieved(self) -> float:
@@ -161,6 +162,7 @@ class Pipeline:
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.times: dict[str, float] = defaultdict(float)
         self.removed: dict[tuple[int, str], list[int]] = {}
+        self.divergence: dict[int, list[list[float]]] = {}
         self.grads: dict = {}
         self.blocks = adapter.layers(model)
         self.layer_range = prunable_layers(len(self.blocks), settings.layers)
@@ -258,6 +260,8 @@ class Pipeline:
             needs.add("level2")
         with self._timed("statistics"):
             stats = self.collect(block, d2, chunks, frozenset(needs))
+        if stats.js_sum is not None:
+            self.divergence[layer] = stats.js.tolist()  # kept for the head-similarity figure
         with self._timed("scoring"):
             ranking = self.metric.rank(d2, stats, self.generator)
         check_finite(ranking.scores, f"{self.metric.name} scores of block {layer} {d2.kind}")
@@ -350,7 +354,7 @@ class Pipeline:
             block.to(home)
         per_layer = [self.adapter.shape(b) for b in self.blocks]
         return PruneReport(ratio, total, n_params(self.model), per_layer, time.perf_counter() - start, dict(self.times),
-                           self.removed)
+                           self.removed, self.divergence)
 
 
 def prune(model: nn.Module, input_ids: torch.Tensor, metric: metrics_registry.Metric, settings: PruneSettings,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 SCHEMA_VERSION = 1
 # Keys that do not change what a run computes, left out of the config hash.
-NON_SEMANTIC = ("force", "out_dir", "logger", "launcher", "data_dir", "save_model", "resume", "hydra")
+NON_SEMANTIC = ("force", "out_dir", "logger", "launcher", "data_dir", "save_model", "resume", "hydra", "collect")
 
 
 def config_hash(config: dict) -> str:

@@ -152,7 +152,9 @@ def _execute(config: dict, record: dict, device, dtype, path: Path, tracker) -> 
     shutil.rmtree(checkpoint, ignore_errors=True)
     tracker.summary({"eval": _scalars(record["eval"]), "pruning": {k: v for k, v in record["pruning"].items()
                                                                    if not isinstance(v, list | dict)}})
-    tracker.table("per_layer", record["pruning"]["per_layer"])
+    tracker.table("per_layer", [{k: v for k, v in row.items() if k != "head_divergence"}
+                                for row in record["pruning"]["per_layer"]])
+    tracker.save_record(path)
     print(tracking.summary_text(record), flush=True)
     return record
 
@@ -162,8 +164,10 @@ def _load_and_prune(config: dict, record: dict, device, dtype, path: Path):
     metric = metrics.build(config["metric"]["name"], config["metric"].get("params"))
     model, tok = loading.load(OmegaConf.create(mc), device, dtype)
     validate_model(model, config)
+    adapter = adapter_for(model)
     record["model"] = {"id": mc.get("path") or mc.get("hub_id") or mc["name"], "name": mc["name"],
-                       "model_type": model.config.model_type, "params_before": n_params(model)}
+                       "model_type": model.config.model_type, "params_before": n_params(model),
+                       "heads_before": sum(adapter.shape(b)["heads"] for b in adapter.layers(model))}
     records.write(path, record)
 
     t = time.perf_counter()
@@ -179,14 +183,15 @@ def _load_and_prune(config: dict, record: dict, device, dtype, path: Path):
     )
     report = prune(model, ids, metric, settings, device)
     record["model"]["params_after"] = report.params_after
-    layer_range = prunable_layers(len(adapter_for(model).layers(model)), settings.layers)
+    layer_range = prunable_layers(len(adapter.layers(model)), settings.layers)
     record["pruning"] = {
         "sparsity_target": config["sparsity"], "sparsity_mode": config["sparsity_mode"],
         "sparsity_achieved": report.sparsity_achieved, "module_ratio": report.ratio,
         "layers": [layer_range.start, layer_range.stop],
         "per_layer": [{"layer": i, "heads_kept": s["heads"], "kv_heads_kept": s["kv_heads"], "channels_kept": s["channels"],
                        "attention_units_removed": report.removed.get((i, "attention"), []),
-                       "mlp_channels_removed": report.removed.get((i, "mlp"), [])}
+                       "mlp_channels_removed": report.removed.get((i, "mlp"), []),
+                       **({"head_divergence": report.divergence[i]} if i in report.divergence else {})}
                       for i, s in enumerate(report.per_layer)],
         "seconds": report.seconds, "calibration_seconds": calib_seconds, "stage_seconds": report.stage_seconds,
         "calibration": {"dataset": cal["dataset"], "n_samples": cal["n_samples"], "seqlen": cal["seqlen"]},

@@ -11,7 +11,7 @@ import logging
 import netrc
 import os
 from contextlib import contextmanager
-from pathlib import Path  # noqa: F401 (type of out_dir)
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,15 @@ class Tracker:
         except Exception as e:  # noqa: BLE001
             log.warning("wandb summary failed: %s", e)
 
+    def save_record(self, path: Path) -> None:
+        """Upload the result record with the run, so `harness collect --wandb` can read it back."""
+        if self.run is None:
+            return
+        try:
+            self.run.save(str(path), base_path=str(path.parent), policy="now")
+        except Exception as e:  # noqa: BLE001
+            log.warning("wandb save of the record failed: %s", e)
+
     def table(self, key: str, rows: list[dict]) -> None:
         if self.run is None or not rows:
             return
@@ -85,7 +94,7 @@ def tracking(logger_cfg: dict, config: dict, run_id: str, group: str, out_dir: P
             project=logger_cfg.get("project", "harness"), entity=logger_cfg.get("entity"), group=group,
             job_type="prune_eval", name=run_id, id=run_id, resume="allow", dir=str(out_dir),
             mode=resolve_mode(logger_cfg.get("mode", "auto")), config=flatten(config),
-            settings=wandb.Settings(start_method="thread", silent=True),
+            settings=wandb.Settings(silent=True),
         )
     except Exception as e:  # noqa: BLE001 - tracking must never fail a run
         log.warning("wandb.init failed, continuing without tracking: %s", e)

