@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 SHARED_DATA := $(wildcard ../shared/data)
 export HARNESS_DATA_DIR ?= $(if $(SHARED_DATA),$(abspath $(SHARED_DATA)),)
 
-.PHONY: setup demo test test-fast lint slurm-up slurm-down clean
+.PHONY: setup demo test test-fast bench lint slurm-up slurm-down clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ test: setup
 
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slurm and not slow"
+
+# Pruning cost per stage and block, scaling with depth/width, pruned-model speed:
+# results/bench/bench.{json,md} (about 10 minutes on 2 CPU cores; see bench/run.py).
+bench: setup
+	HF_HUB_OFFLINE=1 $(PY) -m bench.run
 
 slurm-up:
 	scripts/slurm-local up

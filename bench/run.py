@@ -1,0 +1,276 @@
+"""Pruning-cost benchmarks (`make bench`): JSON + Markdown in results/bench/.
+
+    python -m bench.run                 # everything (about 10 minutes on 2 CPU cores)
+    python -m bench.run --smoke         # tiny sizes, seconds (what the test suite runs)
+
+Measures, per pruning stage and per block, the wall time of the pipeline (calibration
+forward, statistics, scoring, recovery, cut) for every metric on the zoo models, smollm2-135m
+and a random LLaMA-shaped model; how time and working memory grow with depth and width
+(log-log fit of the exponent); `taylor` and `flap` against `ours` as ratios; evaluation
+throughput; and the forward speed of the pruned models against the dense one. Working
+memory is the peak above what was allocated before pruning started (the model itself and
+the calibration ids): CUDA's allocator peak on a GPU, sampled process RSS on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from harness import metrics
+from harness.evaluate.efficiency import latency
+from harness.evaluate.perplexity import perplexity_of
+from harness.prune import PruneSettings, prune
+
+EVERY_METRIC = [("ours", "none"), ("ours", "recovery"), ("second_moment", "none"), ("similarity", "none"),
+                ("random", "none"), ("l1", "none"), ("l2", "none"), ("wanda", "none"), ("flap", "none"),
+                ("flap", "bias"), ("taylor", "none")]
+STAGES = ("gradients", "forward", "statistics", "scoring", "recovery", "cut")
+
+
+def _exact_cpu_rss() -> None:
+    """Make RSS follow tensor memory: glibc serves every allocation over 128 KiB by mmap (no
+    growing threshold) and returns freed heap memory, so a case starts from what it holds."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    libc.malloc_trim(0)
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA allocator stats, or RSS sampled every 2 ms."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        import gc
+
+        gc.collect()
+        _exact_cpu_rss()
+        self.base, self.top, self.done = self._rss(), self._rss(), threading.Event()
+
+        def sample():
+            while not self.done.wait(0.002):
+                self.top = max(self.top, self._rss())
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+            return
+        self.done.set()
+        self.thread.join()
+        self.peak = max(self.top, self._rss()) - self.base
+
+
+def llama_shaped(hidden: int, depth: int, vocab: int = 1024):
+    """A random LLaMA-shaped model: head_dim 64, MLP width 2.6875 x hidden (LLaMA-7B's ratio)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=64 * round(hidden * 2.6875 / 64),
+                      num_hidden_layers=depth, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                      max_position_embeddings=2048)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
+def named_model(name: str):
+    from omegaconf import OmegaConf
+
+    from harness.models import loading
+
+    with open(Path(loading.__file__).parent.parent / "conf" / "model" / f"{name}.yaml") as f:
+        cfg = OmegaConf.load(f)
+    model, _ = loading.load(cfg, torch.device("cpu"), torch.float32)
+    return model.eval()
+
+
+def calibration_ids(vocab: int, n_samples: int, seqlen: int) -> torch.Tensor:
+    # Timing does not depend on which tokens go in; real text would only add a data dependency.
+    return torch.randint(0, vocab, (n_samples, seqlen), generator=torch.Generator().manual_seed(0))
+
+
+def prune_case(model, label: str, metric: str, remedy: str, ids: torch.Tensor, device: torch.device,
+               sparsity: float = 0.2) -> dict:
+    with PeakMemory(device) as mem:
+        report = prune(model, ids, metrics.build(metric), PruneSettings(sparsity=sparsity, sparsity_mode="module",
+                                                                         remedy=remedy), device)
+    blocks = len(report.per_layer)
+    per_block = {s: report.stage_seconds.get(s, 0.0) / blocks for s in STAGES}
+    return {"model": label, "metric": metric, "remedy": remedy, "blocks": blocks, "params": report.params_before,
+            "seconds": report.seconds, "per_block_seconds": per_block, "peak_working_bytes": mem.peak,
+            "calibration_tokens": ids.numel()}
+
+
+def fit_exponent(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of log y against log x: y ~ x^slope."""
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / sum((a - mx) ** 2 for a in lx)
+
+
+def speed(model, label: str, ids: torch.Tensor, device: torch.device, batch: int, seqlen: int) -> list[dict]:
+    """Forward latency of the dense model, then after pruning 20% and 50% (ours)."""
+    import copy
+
+    rows = []
+    for sparsity in (0.0, 0.2, 0.5):
+        m = copy.deepcopy(model)
+        if sparsity:
+            prune(m, ids, metrics.build("ours"), PruneSettings(sparsity=sparsity, sparsity_mode="module"), device)
+        m.to(device)
+        lat = latency(m, batch, seqlen, repeats=5)
+        rows.append({"model": label, "sparsity": sparsity, "params": sum(p.numel() for p in m.parameters()), **lat})
+        del m
+    for r in rows:
+        r["speedup"] = rows[0]["latency_s"] / r["latency_s"]
+    return rows
+
+
+def run(smoke: bool, out: Path) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    n, seqlen = (4, 32) if smoke else (16, 128)
+    t0 = time.perf_counter()
+    result: dict = {"device": str(device), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+                    "calibration": {"n_samples": n, "seqlen": seqlen}}
+
+    # 1. every metric on real and random models
+    models = {"llama-shaped h256 x4": lambda: llama_shaped(256, 4)} if smoke else {
+        "tiny-llama": lambda: named_model("tiny-llama"), "tiny-gpt2": lambda: named_model("tiny-gpt2"),
+        "smollm2-135m": lambda: named_model("smollm2-135m"), "llama-shaped h512 x8": lambda: llama_shaped(512, 8)}
+    cases = []
+    for label, make in models.items():
+        for metric, remedy in EVERY_METRIC:
+            model = make()
+            cases.append(prune_case(model, label, metric, remedy, calibration_ids(model.config.vocab_size, n, seqlen), device))
+            print(f"{label:22s} {metric:14s} {remedy:9s} {cases[-1]['seconds']:8.2f} s", flush=True)
+    result["metrics"] = cases
+    by = {(c["model"], c["metric"], c["remedy"]): c["seconds"] for c in cases}
+    result["ratios_to_ours"] = {label: {m: by[(label, m, "none")] / by[(label, "ours", "none")] for m in ("taylor", "flap")}
+                                for label in models}
+
+    # 2. scaling with depth and width (ours, and ours+recovery)
+    depths, widths = ([2, 4, 8], [128, 256]) if smoke else ([4, 8, 16, 32], [256, 512, 1024, 2048])
+    scaling = []
+    for remedy in ("none", "recovery"):
+        for depth in depths:
+            scaling.append({"axis": "depth", **prune_case(llama_shaped(512 if not smoke else 128, depth), f"h{512 if not smoke else 128} x{depth}",
+                                                          "ours", remedy, calibration_ids(1024, n, seqlen), device)})
+        for width in widths:
+            scaling.append({"axis": "width", "hidden": width, **prune_case(llama_shaped(width, 4), f"h{width} x4", "ours", remedy,
+                                                                           calibration_ids(1024, n, seqlen), device)})
+        print(f"scaling ({remedy}) done", flush=True)
+    result["scaling"] = scaling
+    fits = {}
+    for remedy in ("none", "recovery"):
+        d = [s for s in scaling if s["axis"] == "depth" and s["remedy"] == remedy]
+        w = [s for s in scaling if s["axis"] == "width" and s["remedy"] == remedy]
+        mem = [s["peak_working_bytes"] for s in d]
+        fits[remedy] = {
+            "time_vs_depth_exponent": fit_exponent([s["blocks"] for s in d], [s["seconds"] for s in d]),
+            "time_vs_width_exponent": fit_exponent([s["hidden"] for s in w], [s["seconds"] for s in w]),
+            "memory_vs_width_exponent": fit_exponent([s["hidden"] for s in w], [max(s["peak_working_bytes"], 1) for s in w]),
+            "memory_max_over_min_across_depth": max(mem) / max(min(mem), 1),
+        }
+    result["fits"] = fits
+
+    # 3. evaluation throughput and the pruned models' real speed
+    spd_models = {"llama-shaped h256 x4": lambda: llama_shaped(256, 4)} if smoke else {
+        "smollm2-135m": lambda: named_model("smollm2-135m"), "llama-shaped h1024 x8": lambda: llama_shaped(1024, 8)}
+    result["speed"], result["eval_tokens_per_s"] = [], {}
+    for label, make in spd_models.items():
+        model = make()
+        stream = calibration_ids(model.config.vocab_size, 1, (8 if smoke else 32) * seqlen)[0]
+        _, _, tps = perplexity_of(model.to(device), stream, seqlen, batch_size=8, desc=f"eval {label}")
+        result["eval_tokens_per_s"][label] = tps
+        result["speed"] += speed(model.cpu(), label, calibration_ids(model.config.vocab_size, n, seqlen), device,
+                                 batch=8, seqlen=seqlen)
+    result["seconds"] = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    (out / "bench.md").write_text(markdown(result))
+    return result
+
+
+def _mb(b: float) -> str:
+    return f"{b / 2**20:.0f}"
+
+
+def markdown(r: dict) -> str:
+    lines = [f"# Pruning benchmarks ({r['device']}, {r['torch_threads']} threads, {r['platform']})", "",
+             f"Calibration: {r['calibration']['n_samples']} sequences x {r['calibration']['seqlen']} tokens; sparsity 0.2 per module; "
+             f"seconds per block (averaged over the blocks); working memory = peak above the model.", "",
+             "## Every metric", "",
+             "| model | metric | remedy | total s | " + " | ".join(f"{s} s/block" for s in STAGES) + " | working MB |",
+             "|" + " --- |" * 3 + " ---: |" * (len(STAGES) + 2)]
+    for c in r["metrics"]:
+        lines.append(f"| {c['model']} | {c['metric']} | {c['remedy']} | {c['seconds']:.2f} | "
+                     + " | ".join(f"{c['per_block_seconds'][s]:.3f}" for s in STAGES) + f" | {_mb(c['peak_working_bytes'])} |")
+    lines += ["", "Statistics + scoring per block against the calibration forward per block (`ours`, no remedy):", "",
+              "| model | (statistics + scoring) / forward |", "| --- | ---: |"]
+    for c in r["metrics"]:
+        if c["metric"] == "ours" and c["remedy"] == "none":
+            pb = c["per_block_seconds"]
+            lines.append(f"| {c['model']} | {(pb['statistics'] + pb['scoring']) / pb['forward']:.2f} |")
+    lines += ["", "## Gradient-based and fluctuation baselines against ours (pruning time ratio)", "",
+              "| model | taylor / ours | flap / ours |", "| --- | ---: | ---: |"]
+    for m, v in r["ratios_to_ours"].items():
+        lines.append(f"| {m} | {v['taylor']:.2f} | {v['flap']:.2f} |")
+    lines += ["", "## Scaling (ours)", "", "| axis | model | remedy | params | total s | working MB |",
+              "| --- | --- | --- | ---: | ---: | ---: |"]
+    for s in r["scaling"]:
+        lines.append(f"| {s['axis']} | {s['model']} | {s['remedy']} | {s['params']:,} | {s['seconds']:.2f} | {_mb(s['peak_working_bytes'])} |")
+    lines += ["", "| remedy | time ~ depth^k | time ~ width^k | memory ~ width^k | memory max/min across depth |",
+              "| --- | ---: | ---: | ---: | ---: |"]
+    for remedy, f in r["fits"].items():
+        lines.append(f"| {remedy} | {f['time_vs_depth_exponent']:.2f} | {f['time_vs_width_exponent']:.2f} | "
+                     f"{f['memory_vs_width_exponent']:.2f} | {f['memory_max_over_min_across_depth']:.2f} |")
+    lines += ["", "## Speed of the pruned model (ours, forward pass)", "",
+              "| model | sparsity | params | batch x seqlen | latency s | tokens/s | speed-up |", "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+    for s in r["speed"]:
+        lines.append(f"| {s['model']} | {s['sparsity']:g} | {s['params']:,} | {s['batch_size']} x {s['seqlen']} | "
+                     f"{s['latency_s']:.4f} | {s['tokens_per_s']:.0f} | {s['speedup']:.2f} |")
+    lines += ["", "Evaluation throughput (perplexity, dense): "
+              + ", ".join(f"{m} {v:.0f} tokens/s" for m, v in r["eval_tokens_per_s"].items()),
+              "", f"Total benchmark time: {r['seconds']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes only (seconds); for tests")
+    ap.add_argument("--out", type=Path, default=Path("results/bench"))
+    a = ap.parse_args(argv)
+    run(a.smoke, a.out)
+    print((a.out / "bench.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

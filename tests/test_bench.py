@@ -1,0 +1,24 @@
+"""The benchmark script runs end to end at tiny sizes; its exponent fit is exact on power laws."""
+
+import json
+
+import pytest
+
+from bench.run import fit_exponent, run
+
+
+def test_fit_exponent_recovers_a_power_law():
+    xs = [4, 8, 16, 32]
+    assert fit_exponent(xs, [3 * x**2 for x in xs]) == pytest.approx(2.0)
+    assert fit_exponent(xs, [0.5 * x for x in xs]) == pytest.approx(1.0)
+
+
+def test_smoke_benchmark_writes_json_and_markdown(tmp_path):
+    result = run(smoke=True, out=tmp_path)
+    on_disk = json.loads((tmp_path / "bench.json").read_text())
+    assert on_disk["fits"].keys() == {"none", "recovery"}
+    assert {c["metric"] for c in on_disk["metrics"]} >= {"ours", "taylor", "flap", "wanda", "random"}
+    assert all(c["seconds"] > 0 and c["per_block_seconds"]["forward"] > 0 for c in result["metrics"])
+    assert [s["sparsity"] for s in result["speed"]] == [0.0, 0.2, 0.5]
+    assert result["speed"][2]["params"] < result["speed"][0]["params"]
+    assert "## Scaling (ours)" in (tmp_path / "bench.md").read_text()
