@@ -25,6 +25,27 @@ class ModuleShape:
     params_per_unit: int
 
 
+def budget(shapes: list[ModuleShape], total: int, sparsity: float, mode: str, allocation: str,
+           layer_range: range) -> tuple[float | None, float]:
+    """(uniform per-module ratio, or None for adaptive; parameters to remove). `total` is the
+    whole model's parameter count (`model` mode's reference)."""
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity={sparsity} is outside [0, 1)")
+    prunable = sum(sh.n_units * sh.params_per_unit for sh in shapes)
+    reference = total if mode == "model" else prunable
+    target = sparsity * reference
+    most = max_removable(shapes)
+    if target > most:
+        raise ValueError(
+            f"sparsity={sparsity} ({mode} mode) asks to remove {target:,.0f} parameters, but keeping one unit per "
+            f"module in layers [{layer_range.start}, {layer_range.stop}) allows at most {most:,} ({most / reference:.3f}); "
+            "lower the sparsity or widen model.layers"
+        )
+    if allocation == "uniform":
+        return (sparsity if mode == "module" else solve_ratio(shapes, target)), target
+    return None, target
+
+
 def uniform_removed(n_units: int, ratio: float) -> int:
     """LLM-Pruner's rule: n - int(n (1 - r)) units removed, at most n - 1."""
     return min(n_units - int(n_units * (1 - ratio)), n_units - 1)

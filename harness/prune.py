@@ -173,27 +173,6 @@ class Pipeline:
         yield
         self.times[stage] += time.perf_counter() - t
 
-    # ---- planning ------------------------------------------------------------------------
-
-    def budget(self, shapes: list[alloc.ModuleShape], total: int) -> tuple[float | None, float]:
-        """(uniform per-module ratio or None, parameters to remove)."""
-        s = self.s
-        if not 0 <= s.sparsity < 1:
-            raise ValueError(f"sparsity={s.sparsity} is outside [0, 1)")
-        prunable = sum(sh.n_units * sh.params_per_unit for sh in shapes)
-        target = s.sparsity * (total if s.sparsity_mode == "model" else prunable)
-        most = alloc.max_removable(shapes)
-        if target > most:
-            raise ValueError(
-                f"sparsity={s.sparsity} ({s.sparsity_mode} mode) asks to remove {target:,.0f} parameters, but keeping "
-                f"one unit per module in layers [{self.layer_range.start}, {self.layer_range.stop}) allows at most "
-                f"{most:,} ({most / (total if s.sparsity_mode == 'model' else prunable):.3f}); lower the sparsity or widen model.layers"
-            )
-        if s.allocation == "uniform":
-            ratio = s.sparsity if s.sparsity_mode == "module" else alloc.solve_ratio(shapes, target)
-            return ratio, target
-        return None, target
-
     # ---- calibration inputs --------------------------------------------------------------
 
     def capture_inputs(self, input_ids: torch.Tensor) -> list[Chunk]:
@@ -321,7 +300,7 @@ class Pipeline:
         start = time.perf_counter()
         total = n_params(self.model)
         shapes = module_shapes(self.adapter, self.model, self.layer_range, self.s.modules)
-        ratio, target = self.budget(shapes, total)
+        ratio, target = alloc.budget(shapes, total, self.s.sparsity, self.s.sparsity_mode, self.s.allocation, self.layer_range)
         if any("grad" in self.metric.needs(kind) for kind in self.s.modules):
             from harness.gradients import taylor_gradients
 

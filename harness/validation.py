@@ -67,8 +67,9 @@ def validate_config(c: dict) -> None:
 
 def validate_model(model, c: dict) -> None:
     """Checks that need the model's shape (still before calibration and pruning)."""
+    from harness.allocation import budget
     from harness.models import adapter_for
-    from harness.prune import Pipeline, PruneSettings, module_shapes, n_params
+    from harness.prune import module_shapes, n_params, prunable_layers
 
     ad = adapter_for(model)  # names the model_type and the supported ones
     n_layers = len(ad.layers(model))
@@ -82,12 +83,10 @@ def validate_model(model, c: dict) -> None:
     for key, n in lengths.items():
         if context and n > context:
             raise ConfigError(f"{key}={n} exceeds the model's context of {context} tokens; accepted: 2 .. {context}")
-    settings = PruneSettings(sparsity=c["sparsity"], sparsity_mode=c["sparsity_mode"], allocation=c["allocation"]["name"],
-                             layers=tuple(layers) if layers else None, modules=tuple(c["prune"]["modules"]))
-    from harness import metrics as registry
-
-    pipe = Pipeline(model, ad, registry.build("random"), settings, next(model.parameters()).device)
+    modules = tuple(c["prune"]["modules"])
     try:
-        pipe.budget(module_shapes(ad, model, pipe.layer_range, settings.modules), n_params(model))
+        layer_range = prunable_layers(n_layers, tuple(layers) if layers else None)
+        budget(module_shapes(ad, model, layer_range, modules), n_params(model), c["sparsity"], c["sparsity_mode"],
+               c["allocation"]["name"], layer_range)
     except ValueError as e:
         raise ConfigError(str(e)) from e
