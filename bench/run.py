@@ -109,6 +109,9 @@ def named_model(name: str):
     with open(Path(loading.__file__).parent.parent / "conf" / "model" / f"{name}.yaml") as f:
         cfg = OmegaConf.load(f)
     model, _ = loading.load(cfg, torch.device("cpu"), torch.float32)
+    with torch.no_grad():  # own the weights: a memory-mapped checkpoint would page in during pruning
+        for p in model.parameters():
+            p.data = p.data.clone()
     return model.eval()
 
 
