@@ -24,6 +24,20 @@ from harness import records, sources
 from harness.evaluate.tasks import TASKS
 
 LOWER_IS_BETTER_PREFIX = ("ppl.",)
+METHOD = ["metric", "remedy", "allocation"]
+# Settings that change a result besides the method; where the records of a table differ in
+# one, it becomes an extra row level, so different configurations are never averaged
+# (only repeated seeds are).
+SETTINGS = ["metric_params", "remedy_params", "calibration", "n_samples", "sparsity_mode", "modules", "ppl_tokens"]
+
+
+def _params(d: dict, skip: tuple[str, ...] = ()) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(d.items()) if k not in skip and v not in (None, False)) or "-"
+
+
+def rows_of(df: pd.DataFrame, base: list[str], exclude: tuple[str, ...] = ()) -> list[str]:
+    """`base` plus every setting that varies within `df`."""
+    return base + [c for c in SETTINGS if c in df and c not in base and c not in exclude and df[c].nunique() > 1]
 
 
 def frame(recs: list[dict]) -> pd.DataFrame:
@@ -38,12 +52,16 @@ def frame(recs: list[dict]) -> pd.DataFrame:
             "sparsity_achieved": round(p["sparsity_achieved"], 4), "seed": c["seed"], "modules": "+".join(c["prune"]["modules"]),
             "heads_kept": sum(layer["heads_kept"] for layer in p["per_layer"]), "params": r["model"]["params_after"], "prune_seconds": p["seconds"],
             "run_id": r["run_id"],
+            "metric_params": _params(c["metric"].get("params") or {}),
+            "remedy_params": _params(c["remedy"], skip=("name",)),
         }
         if "heads_before" in r["model"]:
             row["heads_pruned"] = r["model"]["heads_before"] - row["heads_kept"]
         for name, v in ev.get("ppl", {}).items():
             row[f"ppl.{name}"] = v["value"]
             row[f"ppl.{name}.tokens"] = v["tokens"]
+        max_tokens = (c["eval"].get("ppl") or {}).get("max_tokens")
+        row["ppl_tokens"] = "all" if max_tokens is None else str(max_tokens)
         zs = ev.get("zeroshot", {})
         avg_metric = ev.get("zeroshot_protocol", {}).get("average_metrics", {})
         for task, v in zs.items():
@@ -57,7 +75,7 @@ def frame(recs: list[dict]) -> pd.DataFrame:
 def pivot(df: pd.DataFrame, rows: list[str], cols: list[str], values: str) -> pd.DataFrame:
     if values not in df:
         raise ValueError(f"no column {values!r} in the records; available: {', '.join(df.columns)}")
-    return df.pivot_table(index=rows, columns=cols, values=values, aggfunc="mean")
+    return df.pivot_table(index=rows_of(df, rows, exclude=tuple(cols)), columns=cols, values=values, aggfunc="mean")
 
 
 def table3(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -65,7 +83,7 @@ def table3(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     ppl_cols = [c for c in df.columns if c.startswith("ppl.") and not c.endswith(".tokens")]
     out = {}
     for model, sub in df.groupby("model"):
-        t = sub.pivot_table(index=["metric", "remedy", "allocation"], columns="sparsity", values=ppl_cols, aggfunc="mean")
+        t = sub.pivot_table(index=rows_of(sub, METHOD), columns="sparsity", values=ppl_cols, aggfunc="mean")
         t.columns = [f"{s:g} {c.removeprefix('ppl.')}" for c, s in t.columns]
         out[model] = t.sort_index(axis=1)
     return out
@@ -78,7 +96,7 @@ def table1(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
         return {}
     out = {}
     for (model, sparsity), sub in df.dropna(subset=["zs.avg"]).groupby(["model", "sparsity"]):
-        out[f"{model}_{sparsity:g}"] = sub.groupby(["metric", "remedy", "allocation"])[cols].mean()
+        out[f"{model}_{sparsity:g}"] = sub.groupby(rows_of(sub, METHOD))[cols].mean()
     return out
 
 
@@ -91,7 +109,8 @@ def table2(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     out = {}
     for model, sub in heads_only.groupby("model"):
         sub = sub.assign(heads_pruned=sub["heads_pruned"].astype(int))
-        t = sub.pivot_table(index=["metric", "remedy", "allocation"], columns="heads_pruned", values=ppl_cols, aggfunc="mean")
+        t = sub.pivot_table(index=rows_of(sub, METHOD, exclude=("modules",)), columns="heads_pruned", values=ppl_cols,
+                            aggfunc="mean")
         t.columns = [f"{h} heads {c.removeprefix('ppl.')}" for c, h in t.columns]
         out[model] = t[sorted(t.columns, key=lambda c: (int(c.split()[0]), c))]
     return out
@@ -160,16 +179,16 @@ def plot_ppl_vs(df: pd.DataFrame, out: Path, x: str, fixed: list[str], stem: str
     only where some method has at least two values of `x`."""
     plt = _pyplot()
     paths = []
-    methods = ["metric", "remedy", "allocation"]
     for key, sub in df.groupby(["model", *fixed]):
+        methods = rows_of(sub, METHOD, exclude=(x, *fixed))
         key = key if isinstance(key, tuple) else (key,)
         if sub.groupby(methods)[x].nunique().max() < 2:
             continue
         for col in _ppl_columns(sub):
             fig, ax = plt.subplots(figsize=(5, 3.5))
-            for (metric, remedy, allocation), g in sub.groupby(methods):
+            for method, g in sub.groupby(methods):
                 g = g.groupby(x)[col].mean().dropna().sort_index()
-                ax.plot(g.index, g.values, marker="o", label=f"{metric}/{remedy}/{allocation}")
+                ax.plot(g.index, g.values, marker="o", label="/".join(map(str, method)))
             title = " ".join(f"{k}" if i == 0 else f"{f}={k:g}" if isinstance(k, float) else f"{f}={k}"
                              for i, (f, k) in enumerate(zip(["model", *fixed], key, strict=True)))
             ax.set(xlabel=x, ylabel=f"{col.removeprefix('ppl.')} perplexity", yscale="log", title=title)

@@ -48,3 +48,13 @@ def test_removed_groups_map_to_their_heads(runs):
     layer = rec["pruning"]["per_layer"][0]
     assert len(layer["head_divergence"]) == 8
     assert collect._heads_per_unit(layer, 8) == 2 and layer["heads_kept"] == 4
+
+
+def test_tables_never_average_different_settings(runs):
+    """Runs that differ in calibration size (or head-only vs full) get their own rows."""
+    df = collect.frame(records.load_complete(runs))
+    t = collect.table3(df)["tiny-llama"]
+    assert t.index.names == ["metric", "remedy", "allocation", "n_samples", "sparsity_mode", "modules"]
+    full = t.xs("attention+mlp", level="modules")
+    assert sorted(full.index.get_level_values("n_samples")) == [8, 16]
+    assert full["0.2 wikitext2"].notna().all()
