@@ -4,6 +4,7 @@
     python -m harness.collect --rows metric,remedy --cols sparsity --values ppl.wikitext2
     harness collect --runs DIR --out results
     harness collect --wandb ENTITY/PROJECT          # also the records uploaded to a wandb project
+    harness collect --where model=smollm2-135m --where "remedy_params=-|damp=0.01,toward=zero" --out DIR
 
 Only complete records are read. Tables go to <out>/tables, plots to <out>/plots:
 Table 1 (methods x perplexities, 7 tasks, average; runs with zero-shot), Table 2 (head-only
@@ -70,6 +71,16 @@ def frame(recs: list[dict]) -> pd.DataFrame:
             row["zs.avg"] = ev["zeroshot_avg"]
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def where(df: pd.DataFrame, conditions: list[str]) -> pd.DataFrame:
+    """Keep the rows matching every `column=value` condition (`a|b`: any of the values)."""
+    for cond in conditions:
+        key, sep, values = cond.partition("=")
+        if not sep or key not in df:
+            raise ValueError(f"bad --where {cond!r}: expected COLUMN=VALUE[|VALUE...] with COLUMN one of {', '.join(df.columns)}")
+        df = df[df[key].astype(str).isin(values.split("|"))]
+    return df
 
 
 def pivot(df: pd.DataFrame, rows: list[str], cols: list[str], values: str) -> pd.DataFrame:
@@ -260,13 +271,16 @@ def _figure3_records(recs: list[dict], run_id: str | None) -> list[dict]:
 
 def collect(runs: Path, out: Path, rows: list[str] | None = None, cols: list[str] | None = None,
             values: str | None = None, wandb_project: str | None = None, fig3_run: str | None = None,
-            fig3_layer: int | None = None, fig3_tau: float | None = None) -> list[Path]:
+            fig3_layer: int | None = None, fig3_tau: float | None = None, conditions: list[str] = ()) -> list[Path]:
     recs = records.load_complete(runs)
     if wandb_project:
         recs = sources.merge(recs, sources.wandb_records(wandb_project))
     if not recs:
         raise SystemExit(f"no complete records under {runs}" + (f" or in wandb project {wandb_project}" if wandb_project else ""))
-    df = frame(recs)
+    df = where(frame(recs), list(conditions))
+    if df.empty:
+        raise SystemExit(f"no record matches {list(conditions)}")
+    recs = [r for r in recs if r["run_id"] in set(df["run_id"])]
     tables = out / "tables"
     tables.mkdir(parents=True, exist_ok=True)
     df.to_csv(tables / "runs.csv", index=False)
@@ -294,13 +308,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", help="pivot rows, comma-separated (e.g. metric,remedy)")
     ap.add_argument("--cols", help="pivot columns (e.g. sparsity)")
     ap.add_argument("--values", help="pivot values (e.g. ppl.wikitext2, zs.avg)")
+    ap.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE[|VALUE]",
+                    help="only runs matching (repeatable; columns as in runs.csv)")
     ap.add_argument("--wandb", metavar="ENTITY/PROJECT", help="also read the records uploaded to this wandb project")
     ap.add_argument("--fig3-run", help="run id whose head similarity graph to draw (default: first per model)")
     ap.add_argument("--fig3-layer", type=int, help="block of the head similarity graph (default: the middle one)")
     ap.add_argument("--fig3-tau", type=float, help="edge threshold on the JS distance (default: the block's median)")
     a = ap.parse_args(argv)
     paths = collect(a.runs, a.out, a.rows.split(",") if a.rows else None, a.cols.split(",") if a.cols else None, a.values,
-                    a.wandb, a.fig3_run, a.fig3_layer, a.fig3_tau)
+                    a.wandb, a.fig3_run, a.fig3_layer, a.fig3_tau, a.where)
     for p in paths:
         print(p)
 

@@ -58,3 +58,13 @@ def test_tables_never_average_different_settings(runs):
     full = t.xs("attention+mlp", level="modules")
     assert sorted(full.index.get_level_values("n_samples")) == [8, 16]
     assert full["0.2 wikitext2"].notna().all()
+
+
+def test_where_filters_runs_and_names_bad_columns(runs, tmp_path):
+    df = collect.frame(records.load_complete(runs))
+    assert set(collect.where(df, ["n_samples=16|99"])["n_samples"]) == {16}
+    assert len(collect.where(df, ["modules=attention", "sparsity=0.5"])) == 1
+    with pytest.raises(ValueError, match="bad --where 'nope=1'"):
+        collect.where(df, ["nope=1"])
+    written = collect.collect(runs, tmp_path, conditions=["modules=attention+mlp"])
+    assert not any(p.name.startswith("table2_") for p in written)
