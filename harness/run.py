@@ -57,8 +57,9 @@ def _environment(device: torch.device) -> dict:
                                                     ("array_task_id", "SLURM_ARRAY_TASK_ID")) if v in os.environ} or None}
 
 
-class _Interrupted(Exception):
-    pass
+class _Interrupted(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt: a launcher must not take it for one failed job
+    and go on with the rest of the sweep."""
 
 
 @contextlib.contextmanager

@@ -98,23 +98,42 @@ def test_cli_multirun_and_collect(tmp_path):
     assert (tmp_path / "results" / "plots" / "ppl_vs_sparsity_tiny-llama_attention+mlp_c4_8_ptb.png").exists()
 
 
+def _wait_for_pruned_record(tmp_path, timeout=300):
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:  # until pruning is recorded, i.e. evaluation is running
+        found = list(tmp_path.glob("*/result.json"))
+        if found and "pruning" in (records.read(found[0]) or {}):
+            return found[0]
+        time.sleep(0.2)
+    raise AssertionError("the run never reached evaluation")
+
+
+def test_sigterm_stops_the_whole_local_sweep(tmp_path):
+    """SIGTERM ends the sweep (like Ctrl-C), not just the current job."""
+    import os
+    import signal
+
+    args = [sys.executable, "-m", "harness", "-m", "model=tiny-llama", "logger=none", "calibration.n_samples=8",
+            f"out_dir={tmp_path}", "eval.efficiency.seqlen=32", "sparsity=0.2,0.3", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    path = _wait_for_pruned_record(tmp_path)
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert [records.read(p)["status"] for p in tmp_path.glob("*/result.json")] == ["interrupted"]
+    assert records.read(path)["error"] == "_Interrupted: signal 15"
+
+
 def test_sigint_during_evaluation_leaves_no_complete_record_and_rerun_completes(tmp_path):
     import os
     import signal
-    import time
 
     args = [sys.executable, "-m", "harness", "model=tiny-llama", "logger=none", "calibration.n_samples=8",
             f"out_dir={tmp_path}", "eval.efficiency.seqlen=32"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    path = None
-    while time.time() < deadline:  # wait until pruning is recorded, i.e. evaluation is running
-        found = list(tmp_path.glob("*/result.json"))
-        if found and "pruning" in (records.read(found[0]) or {}):
-            path = found[0]
-            break
-        time.sleep(0.2)
-    assert path is not None, "the run never reached evaluation"
+    path = _wait_for_pruned_record(tmp_path)
     os.kill(proc.pid, signal.SIGINT)
     proc.communicate(timeout=60)
     rec = records.read(path)
