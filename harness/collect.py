@@ -37,8 +37,14 @@ def _params(d: dict, skip: tuple[str, ...] = ()) -> str:
 
 
 def rows_of(df: pd.DataFrame, base: list[str], exclude: tuple[str, ...] = ()) -> list[str]:
-    """`base` plus every setting that varies within `df`."""
-    return base + [c for c in SETTINGS if c in df and c not in base and c not in exclude and df[c].nunique() > 1]
+    """`base` plus every setting that takes several values among the runs of one row (equal
+    `base`), so that a row is one configuration and nothing different is averaged; `exclude`
+    are the table's column keys."""
+    rows = list(base)
+    for c in SETTINGS:
+        if c in df and c not in rows and c not in exclude and df.groupby(rows)[c].nunique().max() > 1:
+            rows.append(c)
+    return rows
 
 
 def frame(recs: list[dict]) -> pd.DataFrame:
@@ -94,7 +100,8 @@ def table3(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     ppl_cols = [c for c in df.columns if c.startswith("ppl.") and not c.endswith(".tokens")]
     out = {}
     for model, sub in df.groupby("model"):
-        t = sub.pivot_table(index=rows_of(sub, METHOD), columns="sparsity", values=ppl_cols, aggfunc="mean")
+        t = sub.pivot_table(index=rows_of(sub, METHOD, exclude=("sparsity",)), columns="sparsity", values=ppl_cols,
+                            aggfunc="mean")
         t.columns = [f"{s:g} {c.removeprefix('ppl.')}" for c, s in t.columns]
         out[model] = t.sort_index(axis=1)
     return out
@@ -120,7 +127,7 @@ def table2(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     out = {}
     for model, sub in heads_only.groupby("model"):
         sub = sub.assign(heads_pruned=sub["heads_pruned"].astype(int))
-        t = sub.pivot_table(index=rows_of(sub, METHOD, exclude=("modules",)), columns="heads_pruned", values=ppl_cols,
+        t = sub.pivot_table(index=rows_of(sub, METHOD, exclude=("modules", "heads_pruned")), columns="heads_pruned", values=ppl_cols,
                             aggfunc="mean")
         t.columns = [f"{h} heads {c.removeprefix('ppl.')}" for c, h in t.columns]
         out[model] = t[sorted(t.columns, key=lambda c: (int(c.split()[0]), c))]
