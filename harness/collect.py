@@ -163,7 +163,9 @@ def write_table(t: pd.DataFrame, out: Path, name: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     lower = {c: _is_lower_better(c) for c in t.columns}
     paths = [out / f"{name}.md", out / f"{name}.tex", out / f"{name}.csv"]
-    paths[0].write_text(t.to_markdown(floatfmt=".2f") + "\n")
+    flat = t.reset_index()
+    flat = flat.astype(object).where(flat.notna(), None)  # tabulate prints None as missingval
+    paths[0].write_text(flat.to_markdown(index=False, floatfmt=".2f", missingval="-") + "\n")
     paths[1].write_text(to_latex(t, lower))
     t.to_csv(paths[2])
     return paths
