@@ -58,8 +58,13 @@ def _environment(device: torch.device) -> dict:
 
 
 class _Interrupted(BaseException):
-    """SIGTERM, raised like KeyboardInterrupt: a launcher must not take it for one failed job
-    and go on with the rest of the sweep."""
+    """SIGTERM, raised like KeyboardInterrupt: a local launcher must not take it for one
+    failed job and go on with the rest of the sweep."""
+
+
+class _JobInterrupted(Exception):
+    """SIGTERM inside a submitit job (scancel): an ordinary exception, so that submitit
+    writes the job's failure and the waiting launcher returns instead of hanging."""
 
 
 @contextlib.contextmanager
@@ -81,7 +86,7 @@ def _sigterm_marks(record: dict, path: Path):
 
     def on_term(signum, frame):
         if not (requeueing and callable(previous_term)):
-            raise _Interrupted(f"signal {signum}")
+            raise (_JobInterrupted if os.environ.get("SUBMITIT_EXECUTOR") else _Interrupted)(f"signal {signum}")
         record.update(status="interrupted", error=f"signal {signum} (requeued)", finished_at=_now())
         records.write(path, record)
         previous_term(signum, frame)
@@ -116,7 +121,8 @@ def run(cfg: DictConfig, group: str | None = None) -> dict:
                 tracking.tracking(config["logger"], config, run_id, group or "local", path.parent) as tracker:
             return _execute(config, record, device, dtype, path, tracker)
     except BaseException as e:
-        record.update(status="failed" if not isinstance(e, KeyboardInterrupt | _Interrupted) else "interrupted",
+        interrupted = isinstance(e, KeyboardInterrupt | _Interrupted | _JobInterrupted)
+        record.update(status="interrupted" if interrupted else "failed",
                       error=f"{type(e).__name__}: {e}", finished_at=_now())
         records.write(path, record)
         raise
