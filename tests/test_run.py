@@ -81,12 +81,14 @@ def test_model_dependent_checks_fail_before_pruning(tmp_path, override, message)
 def test_cli_multirun_and_collect(tmp_path):
     sweep = tmp_path / "sweep"
     r = subprocess.run([sys.executable, "-m", "harness", "-m", *FAST, f"out_dir={tmp_path / 'runs'}",
-                        f"hydra.sweep.dir={sweep}", "model=tiny-llama", "metric=random,l2", "sparsity=0.2,0.4"],
+                        f"hydra.sweep.dir={sweep}", "model=tiny-llama", "metric=random,l2", "sparsity=0.2,0.4",
+                        "collect.where=['metric=random']"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(records.load_complete(tmp_path / "runs")) == 4
-    # the multirun callback collected into out_dir/.. at the end of the sweep
-    assert "random" in (tmp_path / "tables" / "table3_tiny-llama.md").read_text()
+    # the multirun callback collected the runs matching collect.where into out_dir/.. at the end of the sweep
+    after_sweep = (tmp_path / "tables" / "table3_tiny-llama.md").read_text()
+    assert "random" in after_sweep and "l2" not in after_sweep
     c = subprocess.run([sys.executable, "-m", "harness", "collect", "--runs", str(tmp_path / "runs"), "--out",
                         str(tmp_path / "results"), "--rows", "metric", "--cols", "sparsity", "--values", "ppl.wikitext2"],
                        capture_output=True, text=True, timeout=600)
