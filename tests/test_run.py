@@ -134,7 +134,9 @@ def test_sigint_during_evaluation_leaves_no_complete_record_and_rerun_completes(
 
     args = [sys.executable, "-m", "harness", "model=tiny-llama", "logger=none", "calibration.n_samples=8",
             f"out_dir={tmp_path}", "eval.efficiency.seqlen=32"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell's background job (`nohup ... &`) ignores SIGINT, and Python keeps an ignored SIGINT ignored
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     path = _wait_for_pruned_record(tmp_path)
     os.kill(proc.pid, signal.SIGINT)
     proc.communicate(timeout=300)  # generous: a loaded machine slows the unwinding
