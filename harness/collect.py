@@ -30,6 +30,9 @@ METHOD = ["metric", "remedy", "allocation"]
 # one, it becomes an extra row level, so different configurations are never averaged
 # (only repeated seeds are).
 SETTINGS = ["metric_params", "remedy_params", "calibration", "n_samples", "sparsity_mode", "modules", "ppl_tokens"]
+# The method part a parameter setting belongs to: with that part as a table column, the
+# setting varies with the column, not within a row.
+OWNER = {"metric_params": "metric", "remedy_params": "remedy"}
 
 
 def _params(d: dict, skip: tuple[str, ...] = ()) -> str:
@@ -37,12 +40,15 @@ def _params(d: dict, skip: tuple[str, ...] = ()) -> str:
 
 
 def rows_of(df: pd.DataFrame, base: list[str], exclude: tuple[str, ...] = ()) -> list[str]:
-    """`base` plus every setting that takes several values among the runs of one row (equal
-    `base`), so that a row is one configuration and nothing different is averaged; `exclude`
-    are the table's column keys."""
+    """`base` plus the model, the method parts and every setting that take several values
+    among the runs of one row (equal `base`), so that a row is one configuration and nothing
+    different is averaged (repeated seeds are); `exclude` are the table's column keys."""
     rows = list(base)
-    for c in SETTINGS:
-        if c in df and c not in rows and c not in exclude and df.groupby(rows)[c].nunique().max() > 1:
+    for c in ["model", *METHOD, *SETTINGS]:
+        if c not in df or c in rows or c in exclude:
+            continue
+        within = rows + ([OWNER[c]] if OWNER.get(c) in exclude else [])
+        if df.groupby(within)[c].nunique().max() > 1:
             rows.append(c)
     return rows
 
@@ -155,15 +161,31 @@ def to_latex(t: pd.DataFrame, lower_better: dict[str, bool]) -> str:
     return body.to_latex(escape=False, column_format="l" * t.index.nlevels + "r" * len(t.columns)).strip() + "\n"
 
 
+def _labels(index: pd.Index) -> pd.Index:
+    """Column keys as they read in a paper: 0.2, not 0.200000."""
+    def fmt(level: pd.Index) -> pd.Index:
+        return level.map(lambda v: f"{v:g}") if level.dtype.kind == "f" else level
+
+    if isinstance(index, pd.MultiIndex):
+        return index.set_levels([fmt(level) for level in index.levels])
+    return fmt(index)
+
+
 def _is_lower_better(name: str) -> bool:
     return "ppl" in str(name) or "wikitext2" in str(name) or "ptb" in str(name)
 
 
-def write_table(t: pd.DataFrame, out: Path, name: str) -> list[Path]:
+def write_table(t: pd.DataFrame, out: Path, name: str, lower_better: bool | None = None) -> list[Path]:
+    """Markdown, LaTeX and CSV of `t`. Which way is better comes from each column's name
+    (perplexities: lower), or from `lower_better` for all columns (a pivot of one value)."""
     out.mkdir(parents=True, exist_ok=True)
-    lower = {c: _is_lower_better(c) for c in t.columns}
+    t = t.set_axis(_labels(t.columns), axis=1)
+    lower = {c: _is_lower_better(c) if lower_better is None else lower_better for c in t.columns}
     paths = [out / f"{name}.md", out / f"{name}.tex", out / f"{name}.csv"]
-    flat = t.reset_index()
+    flat = t.copy()
+    if isinstance(flat.columns, pd.MultiIndex):  # pivot with several column keys: "0.2 bias"
+        flat.columns = [" ".join(str(k) for k in c) for c in flat.columns]
+    flat = flat.reset_index()
     flat = flat.astype(object).where(flat.notna(), None)  # tabulate prints None as missingval
     paths[0].write_text(flat.to_markdown(index=False, floatfmt=".2f", missingval="-") + "\n")
     paths[1].write_text(to_latex(t, lower))
@@ -295,7 +317,7 @@ def collect(runs: Path, out: Path, rows: list[str] | None = None, cols: list[str
     df.to_csv(tables / "runs.csv", index=False)
     written = [tables / "runs.csv"]
     if rows and cols and values:
-        written += write_table(pivot(df, rows, cols, values), tables, f"pivot_{values}")
+        written += write_table(pivot(df, rows, cols, values), tables, f"pivot_{values}", _is_lower_better(values))
     for model, t in table3(df).items():
         written += write_table(t, tables, f"table3_{model}")
     for key, t in table1(df).items():

@@ -68,3 +68,31 @@ def test_where_filters_runs_and_names_bad_columns(runs, tmp_path):
         collect.where(df, ["nope=1"])
     written = collect.collect(runs, tmp_path, conditions=["modules=attention+mlp"])
     assert not any(p.name.startswith("table2_") for p in written)
+
+
+def _frame(rows):
+    import pandas as pd
+
+    return pd.DataFrame([dict(zip(["metric", "remedy", "remedy_params", "sparsity", "ppl.wikitext2"], r, strict=True),
+                              model="m", allocation="uniform") for r in rows])
+
+
+def test_pivot_keeps_a_row_one_configuration_and_bolds_the_lowest_perplexity(tmp_path):
+    df = _frame([("ours", "none", "-", 0.2, 10.0), ("ours", "recovery", "damp=0.01", 0.2, 30.0),
+                 ("l2", "none", "-", 0.2, 20.0), ("l2", "recovery", "damp=0.01", 0.2, 40.0)])
+    # remedy as a column: its parameters follow the column, they are not a row level
+    t = collect.pivot(df, ["metric"], ["sparsity", "remedy"], "ppl.wikitext2")
+    assert t.index.names == ["metric"] and t.loc["ours", (0.2, "recovery")] == 30.0
+    # remedy neither row nor column: it becomes a row level instead of averaging none with recovery
+    assert collect.pivot(df, ["metric"], ["sparsity"], "ppl.wikitext2").index.names == ["metric", "remedy"]
+    md, tex, _ = collect.write_table(t, tmp_path, "p", lower_better=True)
+    assert "| metric   |   0.2 none |   0.2 recovery |" in md.read_text()
+    lines = {line.split(" & ")[0]: line for line in tex.read_text().splitlines() if " & " in line}
+    assert "\\textbf{10.00}" in lines["ours"] and "\\underline{20.00}" in lines["l2"]
+    assert "\\multicolumn{2}{r}{0.2}" in lines["sparsity"]
+
+
+def test_pivot_splits_rows_whose_parameters_differ_within_a_column():
+    df = _frame([("ours", "recovery", "damp=0.01", 0.2, 30.0), ("ours", "recovery", "damp=0.1", 0.2, 50.0)])
+    t = collect.pivot(df, ["metric"], ["sparsity", "remedy"], "ppl.wikitext2")
+    assert t.index.names == ["metric", "remedy_params"] and sorted(t[(0.2, "recovery")]) == [30.0, 50.0]
