@@ -204,10 +204,9 @@ def _pyplot():
 
 def _save(fig, out: Path, stem: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
     paths = [out / f"{stem}.{ext}" for ext in ("png", "pdf")]
     for p in paths:
-        fig.savefig(p, dpi=150)
+        fig.savefig(p, dpi=150, bbox_inches="tight")  # the canvas grows to hold an outside legend
     fig.clear()
     return paths
 
@@ -226,17 +225,21 @@ def plot_ppl_vs(df: pd.DataFrame, out: Path, x: str, fixed: list[str], stem: str
         key = key if isinstance(key, tuple) else (key,)
         if sub.groupby(methods)[x].nunique().max() < 2:
             continue
+        lines = list(sub.groupby(methods))
         for col in _ppl_columns(sub):
             fig, ax = plt.subplots(figsize=(5, 3.5))
-            for method, g in sub.groupby(methods):
+            for i, (method, g) in enumerate(lines):
                 g = g.groupby(x)[col].mean().dropna().sort_index()
-                ax.plot(g.index, g.values, marker="o", label="/".join(map(str, method)))
-            title = " ".join(f"{k}" if i == 0 else f"{f}={k:g}" if isinstance(k, float) else f"{f}={k}"
-                             for i, (f, k) in enumerate(zip(["model", *fixed], key, strict=True)))
-            ax.set(xlabel=x, ylabel=f"{col.removeprefix('ppl.')} perplexity", yscale="log", title=title)
+                # ten colours, then the next line style: every method stays distinguishable
+                ax.plot(g.index, g.values, marker="o", linestyle=("-", "--", ":", "-.")[i // 10 % 4],
+                        label="/".join(map(str, method)))
+            settings = " ".join(f"{f}={k:g}" if isinstance(k, float) else f"{f}={k}"
+                                for f, k in zip(fixed, key[1:], strict=True))
+            ax.set(xlabel=x, ylabel=f"{col.removeprefix('ppl.')} perplexity", yscale="log")
+            ax.set_title(f"{key[0]}\n{settings}", fontsize=9)
             if x == "n_samples":
                 ax.set_xscale("log", base=2)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), ncol=1 + (len(lines) - 1) // 16)
             suffix = "_".join(f"{k:g}" if isinstance(k, float) else str(k) for k in key)
             paths += _save(fig, out, f"{stem}_{suffix}_{col.removeprefix('ppl.')}")
             plt.close(fig)
