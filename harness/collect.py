@@ -24,7 +24,6 @@ import pandas as pd
 from harness import records, sources
 from harness.evaluate.tasks import TASKS
 
-LOWER_IS_BETTER_PREFIX = ("ppl.",)
 METHOD = ["metric", "remedy", "allocation"]
 # Settings that change a result besides the method; where the records of a table differ in
 # one, it becomes an extra row level, so different configurations are never averaged
@@ -103,7 +102,7 @@ def pivot(df: pd.DataFrame, rows: list[str], cols: list[str], values: str) -> pd
 
 def table3(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Per model: methods (metric/remedy/allocation) x (sparsity, dataset) perplexities."""
-    ppl_cols = [c for c in df.columns if c.startswith("ppl.") and not c.endswith(".tokens")]
+    ppl_cols = _ppl_columns(df)
     out = {}
     for model, sub in df.groupby("model"):
         t = sub.pivot_table(index=rows_of(sub, METHOD, exclude=("sparsity",)), columns="sparsity", values=ppl_cols,
@@ -129,7 +128,7 @@ def table2(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     if "heads_pruned" not in df:
         return {}
     heads_only = df[(df["modules"] == "attention") & df["heads_pruned"].notna()]
-    ppl_cols = [c for c in df.columns if c.startswith("ppl.") and not c.endswith(".tokens")]
+    ppl_cols = _ppl_columns(df)
     out = {}
     for model, sub in heads_only.groupby("model"):
         sub = sub.assign(heads_pruned=sub["heads_pruned"].astype(int))
