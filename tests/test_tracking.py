@@ -1,6 +1,7 @@
 """wandb tracking, read back from the offline run's transaction log; collecting from a project."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ def read_wandb_log(path: Path):
             pos += block - pos % block
             continue
         length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
-        if kind == 0:
+        if kind == 0 or pos + 7 + length > len(data):  # end of what has been written so far
             break
         buf += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
@@ -41,6 +42,18 @@ def read_wandb_log(path: Path):
             buf = b""
 
 
+def complete_wandb_log(path: Path, timeout_s: float = 60.0) -> list:
+    """The log's records once its closing `exit` record is on disk: wandb-core writes the file
+    in blocks and may close it a moment after `run.finish()` has returned (a CI run read it
+    half-written)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = list(read_wandb_log(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def test_offline_wandb_run_reads_back(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -48,7 +61,7 @@ def test_offline_wandb_run_reads_back(tmp_path, monkeypatch):
     logs = list((tmp_path / rec["run_id"]).glob("wandb/offline-run-*/run-*.wandb"))
     assert len(logs) == 1
     got = {"config": {}, "summary": {}, "history": set(), "files": set()}
-    for r in read_wandb_log(logs[0]):
+    for r in complete_wandb_log(logs[0]):
         kind = r.WhichOneof("record_type")
         if kind == "run":
             got["run"] = r.run
