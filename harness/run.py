@@ -216,10 +216,10 @@ def evaluate(model, tok, ev: dict, data_dir: str | None, out: dict, save=lambda:
                 done[d] = perplexity.evaluate(model, tok, d, p["protocol"], p["seqlen"], p["batch_size"],
                                               p.get("max_tokens"), data_dir).as_dict()
                 save()
-    if ev.get("zeroshot") and "zeroshot" not in out:
+    if ev.get("zeroshot") and "zeroshot_avg" not in out:
         from harness.evaluate import zeroshot
 
-        out.update(zeroshot.evaluate(model, tok, ev["zeroshot"]))
+        zeroshot.evaluate(model, tok, ev["zeroshot"], out, save)
         save()
     if ev.get("efficiency") and "efficiency" not in out:
         out["efficiency"] = eff.efficiency(model, ev["efficiency"]["seqlen"], ev["efficiency"]["batch_size"])

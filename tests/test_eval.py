@@ -64,6 +64,46 @@ def test_offline_task_loads_all_examples(task):
     assert len(docs) == EXPECTED_SIZES[task]
 
 
+def test_task_by_task_equals_one_lm_eval_call_and_resumes(zoo, monkeypatch):
+    """Per-task calls (so an interrupted evaluation keeps its finished tasks) score exactly
+    what one lm-eval call over all tasks scores; a resumed call evaluates only the rest."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from harness.evaluate.zeroshot import evaluate as zs_evaluate
+    from harness.evaluate.zeroshot import offline_task_dir
+
+    model, tok = zoo("tiny-llama")
+    tasks, cfg = ["piqa", "arc_easy", "winogrande"], {"tasks": ["piqa", "arc_easy", "winogrande"], "limit": 6,
+                                                     "batch_size": 4, "source": "offline"}
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=4, add_bos_token=False)
+    whole = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=0, limit=6, bootstrap_iters=0,
+                                    task_manager=TaskManager(include_path=str(offline_task_dir(tasks)),
+                                                             include_defaults=False))["results"]
+
+    real, called, saved = lm_eval.simple_evaluate, [], []
+
+    def dies_on_the_second_task(**kw):
+        called.append(kw["tasks"])
+        if len(called) == 2:
+            raise KeyboardInterrupt
+        return real(**kw)
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", dies_on_the_second_task)
+    out = {}
+    with pytest.raises(KeyboardInterrupt):
+        zs_evaluate(model, tok, cfg, out, save=lambda: saved.append(set(out["zeroshot"])))
+    assert saved == [{"piqa"}] and set(out["zeroshot"]) == {"piqa"} and "zeroshot_avg" not in out
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kw: called.append(kw["tasks"]) or real(**kw))
+    zs_evaluate(model, tok, cfg, out)
+    assert called == [["piqa"], ["arc_easy"], ["arc_easy"], ["winogrande"]]
+    for t in tasks:
+        assert out["zeroshot"][t]["acc"] == whole[t]["acc,none"], t
+        assert out["zeroshot"][t]["acc_norm"] == whole[t].get("acc_norm,none"), t  # winogrande has none
+
+
 def test_lm_eval_scores_every_task_on_a_few_examples(zoo):
     from harness.evaluate.zeroshot import TASKS
     from harness.evaluate.zeroshot import evaluate as zs_evaluate

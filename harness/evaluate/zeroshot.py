@@ -87,8 +87,13 @@ def offline_task_dir(tasks: list[str]) -> Path:
     return target
 
 
-def evaluate(model, tokenizer, cfg: dict) -> dict:
-    """{'zeroshot': {task: {acc, acc_norm, n}}, 'zeroshot_avg': float, 'zeroshot_protocol': {...}}."""
+def evaluate(model, tokenizer, cfg: dict, out: dict | None = None, save=lambda: None) -> dict:
+    """Fill `out` with {'zeroshot': {task: {acc, acc_norm, n}}, 'zeroshot_avg', 'zeroshot_protocol'}.
+
+    One lm-eval call per task, `save` after each, and tasks already in out['zeroshot'] are
+    skipped: a full evaluation takes hours on a CPU, and an interrupted one resumes at the
+    task it was on. Tasks are scored independently, so this equals a single call.
+    """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -97,20 +102,23 @@ def evaluate(model, tokenizer, cfg: dict) -> dict:
     bad = [t for t in tasks if t not in TASKS]
     if bad:
         raise ValueError(f"unknown zero-shot task(s) {bad}; accepted: {', '.join(TASKS)}")
+    out = {} if out is None else out
+    results = out.setdefault("zeroshot", {})
     if hub_offline() or cfg.get("source", "auto") == "offline":
         manager, source = TaskManager(include_path=str(offline_task_dir(tasks)), include_defaults=False), "offline"
     else:
         manager, source = TaskManager(), "lm-eval"
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.get("batch_size", 8), add_bos_token=False)
-    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=0, task_manager=manager, limit=cfg.get("limit"),
-                                  bootstrap_iters=0, log_samples=False)
-    results = {}
-    for task in tasks:
-        r = out["results"][task]
-        results[task] = {"acc": r.get("acc,none"), "acc_norm": r.get("acc_norm,none"),
-                         "n": out["n-samples"][task]["effective"]}
+    for task in [t for t in tasks if t not in results]:
+        r = lm_eval.simple_evaluate(model=lm, tasks=[task], num_fewshot=0, task_manager=manager,
+                                    limit=cfg.get("limit"), bootstrap_iters=0, log_samples=False)
+        scores = r["results"][task]
+        results[task] = {"acc": scores.get("acc,none"), "acc_norm": scores.get("acc_norm,none"),
+                         "n": r["n-samples"][task]["effective"]}
+        save()
     average_metrics = {**DEFAULT_AVERAGE_METRICS, **(cfg.get("average_metrics") or {})}
     scored = [results[t][average_metrics[t]] if results[t][average_metrics[t]] is not None else results[t]["acc"] for t in tasks]
-    return {"zeroshot": results, "zeroshot_avg": sum(scored) / len(scored),
-            "zeroshot_protocol": {"source": source, "num_fewshot": 0, "limit": cfg.get("limit"),
-                                  "average_metrics": {t: average_metrics[t] for t in tasks}, "bos": False}}
+    out["zeroshot_avg"] = sum(scored) / len(scored)
+    out["zeroshot_protocol"] = {"source": source, "num_fewshot": 0, "limit": cfg.get("limit"),
+                                "average_metrics": {t: average_metrics[t] for t in tasks}, "bos": False}
+    return out
