@@ -75,8 +75,8 @@ def test_task_by_task_equals_one_lm_eval_call_and_resumes(zoo, monkeypatch):
     from harness.evaluate.zeroshot import offline_task_dir
 
     model, tok = zoo("tiny-llama")
-    tasks, cfg = ["piqa", "arc_easy", "winogrande"], {"tasks": ["piqa", "arc_easy", "winogrande"], "limit": 6,
-                                                     "batch_size": 4, "source": "offline"}
+    tasks = ["piqa", "arc_easy", "winogrande"]
+    cfg = {"tasks": tasks, "limit": 6, "batch_size": 4, "source": "offline"}
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=4, add_bos_token=False)
     whole = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=0, limit=6, bootstrap_iters=0,
                                     task_manager=TaskManager(include_path=str(offline_task_dir(tasks)),
