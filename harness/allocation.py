@@ -92,3 +92,20 @@ def adaptive(shapes: list[ModuleShape], scores: list[torch.Tensor], budget_param
         removed[i] += 1
         total += cost
     return removed
+
+
+def first_per_group(order: torch.Tensor, groups: int, per_group: int, n: int) -> torch.Tensor:
+    """The first `n` units of every group in removal `order` (group g holds units
+    [g * per_group, (g + 1) * per_group)); with one group, the first n of the order."""
+    if groups == 1:
+        return order[:n]
+    group = order // per_group
+    return torch.cat([order[group == g][:n] for g in range(groups)])
+
+
+def step_scores(scores: torch.Tensor, groups: int) -> torch.Tensor:
+    """Allocation scores of a grouped module's removal steps: step i removes the i-th least
+    important unit of every group and scores the mean of their scores."""
+    if groups == 1:
+        return scores
+    return torch.sort(scores.view(groups, -1), dim=1).values.mean(0)

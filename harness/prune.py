@@ -24,14 +24,16 @@ from tqdm.auto import tqdm
 
 from harness import allocation as alloc
 from harness import metrics as metrics_registry
-from harness.models.base import DepthTwo, in_features, weight
+from harness.models.base import DepthTwo, check_attention_unit, in_features, weight
 from harness.remedy import bias as bias_remedy
 from harness.remedy import check as check_remedy
 from harness.remedy.recovery import CrossMoments, refit
 from harness.stats import ChannelMoments, FlapSampleMoments, ModuleStats, check_finite
+from harness.stream import BlockCall, Chunk, Stop, capture, chunks_at
 
 log = logging.getLogger(__name__)
 MODULES = ("attention", "mlp")
+_END = BlockCall((), {})  # past the last block nothing calls the stream again
 
 
 @dataclass
@@ -47,6 +49,7 @@ class PruneSettings:
     chunk_size: int = 8
     seed: int = 0
     flap_faithful: bool = False
+    attention_unit: str = "kv_group"  # or query_head (base.ATTENTION_UNITS)
 
 
 @dataclass
@@ -65,13 +68,6 @@ class PruneReport:
         return 1 - self.params_after / self.params_before
 
 
-class _Stop(Exception):
-    """Raised from a hook to end a forward pass early once what is needed was seen."""
-
-
-Chunk = tuple[torch.Tensor, dict]
-
-
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
@@ -85,18 +81,20 @@ def prunable_layers(n_layers: int, layers: tuple[int, int] | None) -> range:
     return range(start, end)
 
 
-def module_shapes(adapter, model, layer_range: range, modules: tuple[str, ...]) -> list[alloc.ModuleShape]:
+def module_shapes(adapter, model, layer_range: range, modules: tuple[str, ...],
+                  attention_unit: str = "kv_group") -> list[alloc.ModuleShape]:
+    """What allocation counts in: one step removes one unit from every group of a module."""
     shapes = []
     for k in layer_range:
         block = adapter.layers(model)[k]
         for kind in modules:
-            d2 = _view(adapter, block, kind)
-            shapes.append(alloc.ModuleShape(k, kind, d2.n_units, d2.params_per_unit))
+            d2 = _view(adapter, block, kind, attention_unit)
+            shapes.append(alloc.ModuleShape(k, kind, d2.per_group, d2.params_per_unit * d2.groups))
     return shapes
 
 
-def _view(adapter, block: nn.Module, kind: str) -> DepthTwo:
-    return adapter.attention(block) if kind == "attention" else adapter.mlp(block)
+def _view(adapter, block: nn.Module, kind: str, attention_unit: str = "kv_group") -> DepthTwo:
+    return adapter.attention(block, attention_unit) if kind == "attention" else adapter.mlp(block)
 
 
 @contextmanager
@@ -108,19 +106,6 @@ def _hooks(handles: list) -> Iterator[None]:
             h.remove()
 
 
-def _to(value, device: torch.device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple | list):
-        return type(value)(_to(v, device) for v in value)
-    return value
-
-
-def _forward(block: nn.Module, chunk: Chunk) -> torch.Tensor:
-    out = block(chunk[0], **chunk[1])
-    return out[0] if isinstance(out, tuple) else out
-
-
 def _output_moments(moments: ChannelMoments):
     def hook(module, _args, out):
         moments.update(out if module.bias is None else out - module.bias)
@@ -129,8 +114,8 @@ def _output_moments(moments: ChannelMoments):
 
 
 def _run_until_stop(block: nn.Module, chunk: Chunk) -> None:
-    with suppress(_Stop):
-        _forward(block, chunk)
+    with suppress(Stop):
+        chunk.forward(block)
 
 
 def _capture(block: nn.Module, module: nn.Module, chunk: Chunk) -> torch.Tensor:
@@ -139,7 +124,7 @@ def _capture(block: nn.Module, module: nn.Module, chunk: Chunk) -> torch.Tensor:
 
     def hook(_m, args):
         seen["x"] = args[0].detach()
-        raise _Stop
+        raise Stop
 
     with _hooks([module.register_forward_pre_hook(hook)]):
         _run_until_stop(block, chunk)
@@ -150,6 +135,7 @@ class Pipeline:
     def __init__(self, model: nn.Module, adapter, metric: metrics_registry.Metric, settings: PruneSettings,
                  device: torch.device):
         check_remedy(settings.remedy)
+        check_attention_unit(settings.attention_unit)
         if settings.allocation not in alloc.ALLOCATIONS:
             raise ValueError(f"unknown allocation {settings.allocation!r}; accepted: {', '.join(alloc.ALLOCATIONS)}")
         if settings.sparsity_mode not in alloc.SPARSITY_MODES:
@@ -164,8 +150,12 @@ class Pipeline:
         self.removed: dict[tuple[int, str], list[int]] = {}
         self.divergence: dict[int, list[list[float]]] = {}
         self.grads: dict = {}
+        self.calls: list[list[BlockCall]] = []  # [block][chunk]: how the model calls each block
         self.blocks = adapter.layers(model)
         self.layer_range = prunable_layers(len(self.blocks), settings.layers)
+
+    def view(self, block: nn.Module, kind: str) -> DepthTwo:
+        return _view(self.adapter, block, kind, self.s.attention_unit)
 
     @contextmanager
     def _timed(self, stage: str) -> Iterator[None]:
@@ -176,24 +166,14 @@ class Pipeline:
     # ---- calibration inputs --------------------------------------------------------------
 
     def capture_inputs(self, input_ids: torch.Tensor) -> list[Chunk]:
-        """Hidden states entering block 0, and the keyword arguments the model passes to every
-        block (masks, positions, rotary embeddings), one entry per calibration chunk."""
-        first = self.blocks[0]
-        chunks: list[Chunk] = []
+        """The stream entering block 0; every block's own arguments go to `self.calls`."""
+        hidden, self.calls = capture(self.model, self.blocks, input_ids, self.s.chunk_size, self.device)
+        return chunks_at(hidden, self.calls[0])
 
-        def hook(_m, args, kwargs):
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            kwargs = {k: _to(v, self.device) for k, v in kwargs.items() if k not in ("past_key_values", "layer_past")}
-            kwargs["use_cache"] = False
-            chunks.append((hidden.detach().to(self.device), kwargs))
-            raise _Stop
-
-        embed_device = self.model.get_input_embeddings().weight.device
-        with _hooks([first.register_forward_pre_hook(hook, with_kwargs=True)]), torch.no_grad():
-            for ids in input_ids.split(self.s.chunk_size):
-                with suppress(_Stop):
-                    self.model(input_ids=ids.to(embed_device), use_cache=False)
-        return chunks
+    def advance(self, block: nn.Module, k: int, h: list[Chunk]) -> list[Chunk]:
+        """Block k's outputs, as the stream entering block k+1 (with block k+1's arguments)."""
+        out = [c.forward(block) for c in h]
+        return chunks_at(out, self.calls[k + 1] if k + 1 < len(self.blocks) else [_END] * len(out))
 
     # ---- statistics ----------------------------------------------------------------------
 
@@ -220,12 +200,12 @@ class Pipeline:
                     if out[1] is None:
                         raise RuntimeError("attention probabilities are unavailable; the pipeline needs eager attention")
                     stats.add_js(out[1])
-                raise _Stop  # the MLP is not needed for attention statistics
+                raise Stop  # the MLP is not needed for attention statistics
 
             handles.append(self.adapter.attention_module(block).register_forward_hook(after_attention))
         else:
             def stop(_m, _a):
-                raise _Stop
+                raise Stop
 
             handles.append(d2.level2.register_forward_pre_hook(stop))
         with _hooks(handles), torch.no_grad():
@@ -257,16 +237,17 @@ class Pipeline:
             block = self.blocks[k].to(self.device)
             if k in self.layer_range:
                 for kind in self.s.modules:
-                    ranking, _ = self.rank(block, _view(self.adapter, block, kind), h, k)
-                    scores.append(ranking.for_allocation())
+                    d2 = self.view(block, kind)
+                    ranking, _ = self.rank(block, d2, h, k)
+                    scores.append(alloc.step_scores(ranking.for_allocation(), d2.groups))
             with torch.no_grad(), self._timed("forward"):
-                h = [(_forward(block, c), c[1]) for c in h]
+                h = self.advance(block, k, h)
             block.to(home)
         return scores
 
     def prune_module(self, block: nn.Module, dense: nn.Module | None, kind: str, n_remove: int,
                      h: list[Chunk], hd: list[Chunk] | None, layer: int) -> None:
-        d2 = _view(self.adapter, block, kind)
+        d2 = self.view(block, kind)
         if dense is not None:
             with self._timed("recovery"), torch.no_grad():
                 self.recover(block, dense, kind, h, hd, layer)
@@ -274,17 +255,20 @@ class Pipeline:
         if n_remove == 0:
             return
         with self._timed("cut"), torch.no_grad():
-            removed = ranking.removal_order()[:n_remove]
+            removed = alloc.first_per_group(ranking.removal_order(), d2.groups, d2.per_group, n_remove)
             self.removed[(layer, kind)] = sorted(removed.tolist())
             mask = torch.ones(d2.n_units, dtype=torch.bool)
             mask[removed] = False
             keep = d2.all_units()[mask]
             if self.s.remedy == "bias":
                 bias_remedy.compensate(d2, keep, stats.level2.mean)
-            (self.adapter.prune_attention if kind == "attention" else self.adapter.prune_mlp)(block, keep)
+            if kind == "attention":
+                self.adapter.prune_attention(block, keep, self.s.attention_unit)
+            else:
+                self.adapter.prune_mlp(block, keep)
 
     def recover(self, block: nn.Module, dense: nn.Module, kind: str, h: list[Chunk], hd: list[Chunk], layer: int) -> None:
-        d2, d2_dense = _view(self.adapter, block, kind), _view(self.adapter, dense, kind)
+        d2, d2_dense = self.view(block, kind), self.view(dense, kind)
         for level in (1, 2):
             mods = d2.level1 if level == 1 else [d2.level2]
             probe, probe_dense = (d2.module_input, d2_dense.module_input) if level == 1 else (d2.level2, d2_dense.level2)
@@ -299,13 +283,13 @@ class Pipeline:
     def run(self, input_ids: torch.Tensor) -> PruneReport:
         start = time.perf_counter()
         total = n_params(self.model)
-        shapes = module_shapes(self.adapter, self.model, self.layer_range, self.s.modules)
+        shapes = module_shapes(self.adapter, self.model, self.layer_range, self.s.modules, self.s.attention_unit)
         ratio, target = alloc.budget(shapes, total, self.s.sparsity, self.s.sparsity_mode, self.s.allocation, self.layer_range)
         if any("grad" in self.metric.needs(kind) for kind in self.s.modules):
             from harness.gradients import taylor_gradients
 
             modules = [m for k in self.layer_range for kind in self.s.modules
-                       for d2 in [_view(self.adapter, self.blocks[k], kind)] for m in (*d2.level1, d2.level2)]
+                       for d2 in [self.view(self.blocks[k], kind)] for m in (*d2.level1, d2.level2)]
             with self._timed("gradients"):
                 self.grads = taylor_gradients(self.model, modules, input_ids, self.device)
         with self._timed("forward"):
@@ -325,11 +309,11 @@ class Pipeline:
                 for kind in self.s.modules:
                     self.prune_module(block, dense, kind, plan[(k, kind)], h, hd, k)
             with torch.no_grad(), self._timed("forward"):
-                h = [(_forward(block, c), c[1]) for c in h]
+                h = self.advance(block, k, h)
                 if hd is not None:
-                    hd = [(_forward(dense if dense is not None else block, c), c[1]) for c in hd]
+                    hd = self.advance(dense if dense is not None else block, k, hd)
             for c in h:
-                check_finite(c[0], f"the output of block {k} after pruning")
+                check_finite(c.hidden, f"the output of block {k} after pruning")
             block.to(home)
         per_layer = [self.adapter.shape(b) for b in self.blocks]
         return PruneReport(ratio, total, n_params(self.model), per_layer, time.perf_counter() - start, dict(self.times),

@@ -17,13 +17,15 @@ def group_sum(d2: DepthTwo, per_weight: Callable[[nn.Module], torch.Tensor]) -> 
     """Sum a per-weight quantity ([out, in] like the weight) over every unit's weights:
     its level-1 output rows and its level-2 input columns (the coupled group)."""
     total = per_unit(per_weight(d2.level2).to(torch.float64).sum(0), d2)
+    if d2.kind == "mlp":  # channel u of each factor is one row
+        for part, (i, _) in enumerate(d2.level1_parts):
+            total = total + d2.level1_part(per_weight(d2.level1[i]).to(torch.float64).sum(1), part)
+        return total
     for i, module in enumerate(d2.level1):
         row_mass = per_weight(module).to(torch.float64).sum(1)
-        if d2.kind == "mlp":  # channel i is row i
-            total = total + row_mass[d2.level1_channels(d2.all_units())[i]]
-        else:  # channel lists are in layout order (GPT-2: all q, then k, then v): group per head
-            total = total + torch.stack([row_mass[d2.level1_channels(torch.tensor([u]))[i]].sum()
-                                         for u in range(d2.n_units)])
+        # channel lists are in layout order (GPT-2: all q, then k, then v): group per head
+        total = total + torch.stack([row_mass[d2.level1_channels(torch.tensor([u]))[i]].sum()
+                                     for u in range(d2.n_units)])
     return total
 
 

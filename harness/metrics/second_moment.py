@@ -25,9 +25,9 @@ def mlp_scores(d2: DepthTwo, level1_moments: list[torch.Tensor] | None) -> torch
     """level1_moments: E[(A_i^T x)^2] per channel for each level-1 module; None = data-free."""
     out_norm = weight(d2.level2).to(torch.float64).pow(2).sum(0)  # ||B_i||^2 over outputs
     score = torch.ones(d2.n_units, dtype=torch.float64, device=out_norm.device)
-    for j, a in enumerate(d2.level1):
-        quad = weight(a).to(torch.float64).pow(2).sum(1) if level1_moments is None else level1_moments[j].to(torch.float64)
-        score = score * 0.5 * out_norm * quad
+    for part, (j, _) in enumerate(d2.level1_parts):
+        rows = weight(d2.level1[j]).pow(2).sum(1) if level1_moments is None else level1_moments[j]
+        score = score * 0.5 * out_norm * d2.level1_part(rows.to(torch.float64), part)
     return score
 
 

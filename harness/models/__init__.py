@@ -6,9 +6,9 @@ from types import ModuleType
 
 from torch import nn
 
-from harness.models import gpt2, llama
+from harness.models import gpt2, llama, opt, phi3
 
-ADAPTERS: dict[str, ModuleType] = {t: m for m in (llama, gpt2) for t in m.MODEL_TYPES}
+ADAPTERS: dict[str, ModuleType] = {t: m for m in (llama, gpt2, opt, phi3) for t in m.MODEL_TYPES}
 
 
 class UnsupportedArchitectureError(ValueError):

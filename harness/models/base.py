@@ -5,6 +5,24 @@ module input (q/k/v, or up/gate) and one level-2 map (o_proj, down_proj) that wr
 the residual stream. A *unit* is what pruning removes as a whole: a head (or a KV group) in
 attention, an inner channel in the MLP. All weights are seen as [out, in] ("Linear layout");
 GPT-2's Conv1D stores [in, out] and is transposed on the way in and out.
+
+The adapter contract. An architecture adapter is a module of `harness/models/` with
+    MODEL_TYPES                         the HF `config.model_type`s it serves
+    layers(model)                       the ModuleList of decoder blocks, in forward order
+    attention(block, unit) -> DepthTwo  unit: ATTENTION_UNITS ("kv_group" or "query_head")
+    mlp(block) -> DepthTwo
+    prune_attention(block, keep, unit)  physically keep only units `keep` (sorted ids)
+    prune_mlp(block, keep)
+    shape(block) -> {heads, kv_heads, channels}
+    reshape(block, heads, kv_heads, channels)   give a fresh block a pruned block's shapes
+    attention_module(block)             returns (output, attention probabilities) in eager mode
+    level2_outputs(block)               (attention output map, MLP output map)
+and is listed in `harness.models.ADAPTERS`. How a block is *called* is not part of the
+contract: the pipeline records each block's own arguments from the model's forward
+(harness/stream.py). A model type is supported only when `tests/test_adapters.py` passes for
+it: block-by-block propagation equals the model's forward, keep-all pruning is the identity,
+removing a unit equals masking it, save -> reload is exact, and cached generation equals
+the full forward on the pruned model.
 """
 
 from __future__ import annotations
@@ -74,6 +92,14 @@ def ensure_bias(module: nn.Module) -> torch.Tensor:
     return module.bias
 
 
+ATTENTION_UNITS = ("kv_group", "query_head")
+
+
+def check_attention_unit(unit: str) -> None:
+    if unit not in ATTENTION_UNITS:
+        raise ValueError(f"unknown prune.attention_unit {unit!r}; accepted: {', '.join(ATTENTION_UNITS)}")
+
+
 @dataclass
 class DepthTwo:
     """One depth-2 module of one block, in the common form."""
@@ -94,9 +120,26 @@ class DepthTwo:
     head_dim: int = 0
     value_index: int = 0
     value_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # Units form `groups` contiguous equal groups and pruning removes the same number from
+    # each (query heads of a GQA model: one group per KV head, so every KV head keeps the
+    # same number of queries and the model stays a standard GQA model).
+    groups: int = 1
+    # MLP only: the level-1 factors of a unit, (index into level1, first row): unit u reads
+    # row offset + u of that module. Gated MLPs have two (gate, up); a fused gate_up_proj
+    # has both in one module.
+    level1_parts: tuple[tuple[int, int], ...] = ((0, 0),)
 
     def all_units(self) -> torch.Tensor:
         return torch.arange(self.n_units)
+
+    @property
+    def per_group(self) -> int:
+        return self.n_units // self.groups
+
+    def level1_part(self, values: torch.Tensor, part: int) -> torch.Tensor:
+        """The entries of a per-row vector of a level-1 module that belong to factor `part`."""
+        _, offset = self.level1_parts[part]
+        return values[offset : offset + self.n_units]
 
     @property
     def module_input(self) -> nn.Module:

@@ -1,11 +1,12 @@
-"""GPT-2 adapter: fused Conv1D c_attn ([d, 3d], q|k|v), c_proj, GELU MLP c_fc/c_proj, biases."""
+"""GPT-2 adapter: fused Conv1D c_attn ([d, 3d], q|k|v), c_proj, GELU MLP c_fc/c_proj, biases.
+Multi-head attention: a KV group is one head, so both attention units mean a head."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from harness.models.base import DepthTwo, channel_range, slice_inputs, slice_outputs
+from harness.models.base import DepthTwo, channel_range, check_attention_unit, slice_inputs, slice_outputs
 
 MODEL_TYPES = ("gpt2",)
 
@@ -14,7 +15,8 @@ def layers(model: nn.Module) -> nn.ModuleList:
     return model.transformer.h
 
 
-def attention(block: nn.Module) -> DepthTwo:
+def attention(block: nn.Module, unit: str = "kv_group") -> DepthTwo:
+    check_attention_unit(unit)
     attn = block.attn
     hd = attn.head_dim
     width = attn.split_size  # q, k and v each have `split_size` output channels
@@ -49,7 +51,7 @@ def mlp(block: nn.Module) -> DepthTwo:
     )
 
 
-def prune_attention(block: nn.Module, keep: torch.Tensor) -> None:
+def prune_attention(block: nn.Module, keep: torch.Tensor, unit: str = "kv_group") -> None:
     d2 = attention(block)
     (idx,) = d2.level1_channels(keep)
     slice_outputs(block.attn.c_attn, idx)
