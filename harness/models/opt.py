@@ -7,7 +7,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from harness.models.base import DepthTwo, channel_range, check_attention_unit, slice_inputs, slice_outputs
+from harness.models.base import (
+    DepthTwo,
+    channel_range,
+    check_attention_unit,
+    slice_inputs,
+    slice_outputs,
+)
 
 MODEL_TYPES = ("opt",)
 
