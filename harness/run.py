@@ -179,7 +179,7 @@ def _load_and_prune(config: dict, record: dict, device, dtype, path: Path):
 
     t = time.perf_counter()
     ids = calibration.batches(tok, cal["dataset"], cal["n_samples"], cal["seqlen"], cal["seed"], model=model,
-                              data_dir=config["data_dir"])
+                              data_dir=config["data_dir"], bos=cal.get("bos", "stream"))
     calib_seconds = time.perf_counter() - t
     settings = PruneSettings(
         sparsity=config["sparsity"], sparsity_mode=config["sparsity_mode"], allocation=config["allocation"]["name"],
@@ -187,6 +187,7 @@ def _load_and_prune(config: dict, record: dict, device, dtype, path: Path):
         modules=tuple(config["prune"]["modules"]), damp=config["remedy"].get("damp", 1e-2),
         ridge_toward=config["remedy"].get("toward", "zero"),
         chunk_size=config["prune"]["chunk_size"], seed=config["seed"], flap_faithful=config["prune"]["flap_faithful"],
+        attention_unit=config["prune"]["attention_unit"],
     )
     report = prune(model, ids, metric, settings, device)
     record["model"]["params_after"] = report.params_after
@@ -194,6 +195,7 @@ def _load_and_prune(config: dict, record: dict, device, dtype, path: Path):
     record["pruning"] = {
         "sparsity_target": config["sparsity"], "sparsity_mode": config["sparsity_mode"],
         "sparsity_achieved": report.sparsity_achieved, "module_ratio": report.ratio,
+        "attention_unit": settings.attention_unit,
         "layers": [layer_range.start, layer_range.stop],
         "per_layer": [{"layer": i, "heads_kept": s["heads"], "kv_heads_kept": s["kv_heads"], "channels_kept": s["channels"],
                        "attention_units_removed": report.removed.get((i, "attention"), []),
@@ -201,7 +203,8 @@ def _load_and_prune(config: dict, record: dict, device, dtype, path: Path):
                        **({"head_divergence": report.divergence[i]} if i in report.divergence else {})}
                       for i, s in enumerate(report.per_layer)],
         "seconds": report.seconds, "calibration_seconds": calib_seconds, "stage_seconds": report.stage_seconds,
-        "calibration": {"dataset": cal["dataset"], "n_samples": cal["n_samples"], "seqlen": cal["seqlen"]},
+        "calibration": {"dataset": cal["dataset"], "n_samples": cal["n_samples"], "seqlen": cal["seqlen"],
+                        "bos": cal.get("bos", "stream")},
     }
     return model, tok
 
@@ -214,7 +217,7 @@ def evaluate(model, tok, ev: dict, data_dir: str | None, out: dict, save=lambda:
         for d in p["datasets"]:
             if d not in done:
                 done[d] = perplexity.evaluate(model, tok, d, p["protocol"], p["seqlen"], p["batch_size"],
-                                              p.get("max_tokens"), data_dir).as_dict()
+                                              p.get("max_tokens"), data_dir, p.get("bos", "stream")).as_dict()
                 save()
     if ev.get("zeroshot") and "zeroshot_avg" not in out:
         from harness.evaluate import zeroshot

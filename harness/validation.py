@@ -6,6 +6,8 @@ from pathlib import Path
 
 from harness import allocation, calibration, metrics, remedy
 from harness.data.corpora import CORPORA, PROTOCOLS
+from harness.evaluate.perplexity import BOS_PLACEMENTS
+from harness.models.base import ATTENTION_UNITS
 from harness.models.loading import DTYPES, SOURCES
 
 
@@ -23,6 +25,7 @@ def validate_config(c: dict) -> None:
     if not isinstance(s, int | float) or not 0 <= s < 1:
         raise ConfigError(f"sparsity={s!r} is outside [0, 1); accepted: a number with 0 <= sparsity < 1")
     _one_of("sparsity_mode", c["sparsity_mode"], allocation.SPARSITY_MODES)
+    _one_of("model.bos", c["model"].get("bos", "stream"), BOS_PLACEMENTS)
     _one_of("allocation", c["allocation"]["name"], allocation.ALLOCATIONS)
     _one_of("remedy", c["remedy"]["name"], remedy.REMEDIES)
     if "toward" in c["remedy"]:
@@ -42,6 +45,8 @@ def validate_config(c: dict) -> None:
     mods = c["prune"]["modules"]
     if not mods or any(m not in ("attention", "mlp") for m in mods):
         raise ConfigError(f"prune.modules={mods!r}; accepted: a non-empty subset of [attention, mlp]")
+    _one_of("calibration.bos", cal.get("bos", "stream"), BOS_PLACEMENTS)
+    _one_of("prune.attention_unit", c["prune"]["attention_unit"], ATTENTION_UNITS)
     _one_of("dtype", c["dtype"], ("auto", *DTYPES))
     if not (c["device"] in ("auto", "cpu") or str(c["device"]).startswith("cuda")):
         raise ConfigError(f"device={c['device']!r}; accepted: auto, cpu, cuda, cuda:N")
@@ -57,12 +62,14 @@ def validate_config(c: dict) -> None:
         for d in ppl["datasets"]:
             _one_of("eval.ppl.datasets item", d, CORPORA[:2])
         _one_of("eval.ppl.protocol", ppl["protocol"], tuple(PROTOCOLS))
+        _one_of("eval.ppl.bos", ppl.get("bos", "stream"), BOS_PLACEMENTS)
     zs = c["eval"].get("zeroshot")
     if zs:
         from harness.evaluate.tasks import TASKS
 
         for t in zs["tasks"]:
             _one_of("eval.zeroshot.tasks item", t, TASKS)
+        _one_of("eval.zeroshot.bos", zs.get("bos", "stream"), BOS_PLACEMENTS)
 
 
 def validate_model(model, c: dict) -> None:
@@ -86,7 +93,7 @@ def validate_model(model, c: dict) -> None:
     modules = tuple(c["prune"]["modules"])
     try:
         layer_range = prunable_layers(n_layers, tuple(layers) if layers else None)
-        budget(module_shapes(ad, model, layer_range, modules), n_params(model), c["sparsity"], c["sparsity_mode"],
+        budget(module_shapes(ad, model, layer_range, modules, c["prune"]["attention_unit"]), n_params(model), c["sparsity"], c["sparsity_mode"],
                c["allocation"]["name"], layer_range)
     except ValueError as e:
         raise ConfigError(str(e)) from e

@@ -1,5 +1,6 @@
 """Data layer: fallbacks in order, clear errors naming every place looked, corruption detected."""
 
+import copy
 import json
 
 import pytest
@@ -74,3 +75,19 @@ def test_selfgen_samples_from_the_model(zoo):
     model, tok = zoo("tiny-llama")
     ids = calibration.batches(tok, "selfgen", 3, 16, seed=0, model=model)
     assert ids.shape == (3, 16) and ids.equal(calibration.batches(tok, "selfgen", 3, 16, seed=0, model=model))
+
+
+def test_calibration_with_bos_per_window_starts_each_sample_with_bos(zoo):
+    from harness import calibration
+
+    _, tok = zoo("tiny-llama")
+    tok = copy.deepcopy(tok)
+    tok.bos_token = tok.eos_token  # the zoo tokenizer has no BOS of its own
+    ids = calibration.batches(tok, "ptb", 4, 32, seed=1, bos="window")
+    plain = calibration.batches(tok, "ptb", 4, 32, seed=1)
+    assert ids.shape == (4, 32) and (ids[:, 0] == tok.bos_token_id).all()
+    assert (plain[:, 0] != tok.bos_token_id).any()
+    # the rest of each sample is one contiguous span of the tokenised text
+    text = tok("\n\n".join(corpora.documents("ptb", "train")[:4000]), add_special_tokens=False)["input_ids"]
+    joined = " ".join(map(str, text))
+    assert all(" ".join(map(str, row[1:].tolist())) in joined for row in ids)

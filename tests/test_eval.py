@@ -1,5 +1,6 @@
 """Perplexity protocol pinned; zero-shot offline tasks load fully and score through lm-eval."""
 
+import copy
 import math
 
 import pytest
@@ -15,6 +16,24 @@ def test_windows_are_non_overlapping_and_drop_the_tail():
     w = windows(ids, 4)
     assert w.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert windows(ids, 4, max_tokens=5).tolist() == [[0, 1, 2, 3]]
+
+
+def test_bos_per_window_starts_every_window_and_keeps_the_context_length():
+    ids = torch.arange(10)
+    assert windows(ids, 4, bos_id=99).tolist() == [[99, 0, 1, 2], [99, 3, 4, 5], [99, 6, 7, 8]]
+    assert windows(ids, 4, max_tokens=8, bos_id=99).tolist() == [[99, 0, 1, 2], [99, 3, 4, 5]]
+
+
+def test_bos_placement_is_recorded_and_changes_what_is_fed(zoo):
+    model, tok = zoo("tiny-llama")
+    tok = copy.deepcopy(tok)
+    tok.bos_token = tok.eos_token  # the zoo tokenizer has no BOS of its own
+    stream = evaluate(model, tok, "ptb", "llmpruner", 64, max_tokens=64 * 8)
+    window = evaluate(model, tok, "ptb", "llmpruner", 64, max_tokens=64 * 8, bos="window")
+    assert (stream.bos, window.bos) == ("stream", "window")
+    assert stream.windows == window.windows == 8 and stream.value != window.value
+    with pytest.raises(ValueError, match="accepted: stream, window"):
+        evaluate(model, tok, "ptb", "llmpruner", 64, max_tokens=64, bos="every")
 
 
 def test_protocol_token_and_window_counts_are_pinned(zoo):

@@ -1,10 +1,13 @@
 """Perplexity with the pruning papers' protocol (METHOD.md section 7).
 
-The split is joined into one stream (corpora.PROTOCOLS), tokenised once as the model's
-tokenizer does it (a BOS, where the tokenizer adds one, only at the very start), cut into
+The split is joined into one stream (corpora.PROTOCOLS), tokenised once, cut into
 non-overlapping windows of `seqlen` tokens with the tail dropped; every window predicts its
 seqlen-1 next tokens; ppl = exp(mean cross-entropy over all predicted tokens), accumulated
-in float64 from float32 logits.
+in float64 from float32 logits. Where the BOS token goes (`bos`, set per model config):
+- `stream` (the papers' protocol): as the tokenizer adds it, once, at the stream's start;
+- `window`: every window is BOS followed by the next seqlen-1 tokens of the stream (no
+  special tokens), so every window still predicts seqlen-1 text tokens. Models trained
+  with a BOS at the start of every sequence (Gemma) need it.
 """
 
 from __future__ import annotations
@@ -31,26 +34,33 @@ class Perplexity:
     tokens: int  # tokens fed to the model (windows x seqlen)
     stream_tokens: int  # tokens in the whole tokenised split
     tokens_per_second: float
+    bos: str = "stream"  # BOS_PLACEMENTS
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None = None) -> torch.Tensor:
-    n = len(ids) // seqlen
+BOS_PLACEMENTS = ("stream", "window")
+
+
+def windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None = None, bos_id: int | None = None) -> torch.Tensor:
+    """[n, seqlen] windows of the stream; with `bos_id`, each is BOS + seqlen-1 stream tokens."""
+    step = seqlen if bos_id is None else seqlen - 1
+    n = len(ids) // step
     if max_tokens:
         n = min(n, max_tokens // seqlen)
     if n == 0:
         raise ValueError(f"text of {len(ids)} tokens has no full window of seqlen={seqlen} (max_tokens={max_tokens})")
-    return ids[: n * seqlen].view(n, seqlen)
+    w = ids[: n * step].view(n, step)
+    return w if bos_id is None else torch.cat([torch.full((n, 1), bos_id, dtype=w.dtype), w], 1)
 
 
 @torch.no_grad()
 def perplexity_of(model, ids: torch.Tensor, seqlen: int, batch_size: int = 8, max_tokens: int | None = None,
-                  desc: str = "perplexity") -> tuple[float, int, float]:
-    """(ppl, windows, tokens/s) of a token stream."""
+                  desc: str = "perplexity", bos_id: int | None = None) -> tuple[float, int, float]:
+    """(ppl, windows, tokens/s) of a token stream (`bos_id`: BOS at the start of every window)."""
     device = next(model.parameters()).device
-    w = windows(ids, seqlen, max_tokens)
+    w = windows(ids, seqlen, max_tokens, bos_id)
     nll, count = 0.0, 0
     start = time.perf_counter()
     for batch in tqdm(w.split(batch_size), desc=desc, disable=None):
@@ -65,9 +75,21 @@ def perplexity_of(model, ids: torch.Tensor, seqlen: int, batch_size: int = 8, ma
     return math.exp(nll / count), len(w), w.numel() / max(elapsed, 1e-9)
 
 
+def bos_token_id(tokenizer, bos: str) -> int | None:
+    """The id to start every window with (`bos=window`), or None (`bos=stream`)."""
+    if bos not in BOS_PLACEMENTS:
+        raise ValueError(f"unknown bos placement {bos!r}; accepted: {', '.join(BOS_PLACEMENTS)}")
+    if bos == "stream":
+        return None
+    if tokenizer.bos_token_id is None:
+        raise ValueError("bos=window but the tokenizer has no BOS token; use bos=stream")
+    return tokenizer.bos_token_id
+
+
 def evaluate(model, tokenizer, dataset: str, protocol: str, seqlen: int, batch_size: int = 8,
-             max_tokens: int | None = None, data_dir: str | None = None) -> Perplexity:
+             max_tokens: int | None = None, data_dir: str | None = None, bos: str = "stream") -> Perplexity:
     text, split = evaluation_text(dataset, protocol, data_dir)
-    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-    value, n, tps = perplexity_of(model, ids, seqlen, batch_size, max_tokens, desc=f"ppl {dataset}")
-    return Perplexity(value, dataset, split, protocol, seqlen, n, n * seqlen, len(ids), tps)
+    bos_id = bos_token_id(tokenizer, bos)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=bos_id is None)["input_ids"], dtype=torch.long)
+    value, n, tps = perplexity_of(model, ids, seqlen, batch_size, max_tokens, desc=f"ppl {dataset}", bos_id=bos_id)
+    return Perplexity(value, dataset, split, protocol, seqlen, n, n * seqlen, len(ids), tps, bos)

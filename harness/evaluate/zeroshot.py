@@ -108,7 +108,8 @@ def evaluate(model, tokenizer, cfg: dict, out: dict | None = None, save=lambda: 
         manager, source = TaskManager(include_path=str(offline_task_dir(tasks)), include_defaults=False), "offline"
     else:
         manager, source = TaskManager(), "lm-eval"
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.get("batch_size", 8), add_bos_token=False)
+    bos = cfg.get("bos", "stream") == "window"  # lm-eval prepends BOS to every request
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.get("batch_size", 8), add_bos_token=bos)
     for task in [t for t in tasks if t not in results]:
         r = lm_eval.simple_evaluate(model=lm, tasks=[task], num_fewshot=0, task_manager=manager,
                                     limit=cfg.get("limit"), bootstrap_iters=0, log_samples=False)
@@ -120,5 +121,5 @@ def evaluate(model, tokenizer, cfg: dict, out: dict | None = None, save=lambda: 
     scored = [results[t][average_metrics[t]] if results[t][average_metrics[t]] is not None else results[t]["acc"] for t in tasks]
     out["zeroshot_avg"] = sum(scored) / len(scored)
     out["zeroshot_protocol"] = {"source": source, "num_fewshot": 0, "limit": cfg.get("limit"),
-                                "average_metrics": {t: average_metrics[t] for t in tasks}, "bos": False}
+                                "average_metrics": {t: average_metrics[t] for t in tasks}, "bos": bos}
     return out
