@@ -91,13 +91,18 @@ def _recording(blocks: nn.ModuleList, calls: list[list[BlockCall]], first: list[
 
         return forward
 
+    # A block may already carry an instance forward (accelerate's offloading hooks): keep it.
+    own = [block.__dict__.get("forward") for block in blocks]
     for k, block in enumerate(blocks):
         block.forward = recorder(k)
     try:
         yield
     finally:
-        for block in blocks:
-            del block.forward  # back to the class's forward
+        for block, forward in zip(blocks, own, strict=True):
+            if forward is None:
+                del block.forward  # back to the class's forward
+            else:
+                block.forward = forward
 
 
 @torch.no_grad()

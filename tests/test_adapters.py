@@ -212,3 +212,17 @@ def _tokenizer():
     from tokenizers import Tokenizer, models
 
     return Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+
+
+def test_recording_leaves_the_blocks_as_it_found_them():
+    """The recorder restores each block's forward, including one set on the instance (as
+    accelerate's offloading hooks do)."""
+    from harness.stream import capture
+
+    model = build("gpt2")
+    blocks = adapter_for(model).layers(model)
+    marked = blocks[1].forward
+    blocks[1].forward = marked  # an instance attribute now
+    first, calls = capture(model, blocks, ids(), 2, torch.device("cpu"))
+    assert len(first) == 2 and all(len(c) == 2 for c in calls)
+    assert blocks[1].__dict__["forward"] is marked and "forward" not in blocks[0].__dict__

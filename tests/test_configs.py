@@ -74,7 +74,7 @@ def test_every_experiment_composes_and_validates(experiment):
             overrides = [f"+experiment={experiment}", *(f"{k}={v}" for k, v in zip(axes, point, strict=True))]
             cfg = OmegaConf.to_container(compose(config_name="config", overrides=overrides), resolve=True)
             validate_config(cfg)
-    assert experiment.startswith(("table", "fig", "compare"))
+    assert experiment.startswith(("table", "fig", "compare", "architectures"))
 
 
 def test_experiments_folder_lists_the_experiment_group():
