@@ -28,7 +28,8 @@ METHOD = ["metric", "remedy", "allocation"]
 # Settings that change a result besides the method; where the records of a table differ in
 # one, it becomes an extra row level, so different configurations are never averaged
 # (only repeated seeds are).
-SETTINGS = ["metric_params", "remedy_params", "calibration", "n_samples", "sparsity_mode", "modules", "ppl_tokens"]
+SETTINGS = ["metric_params", "remedy_params", "attention_unit", "calibration", "n_samples", "sparsity_mode", "modules",
+            "ppl_tokens", "bos"]
 # The method part a parameter setting belongs to: with that part as a table column, the
 # setting varies with the column, not within a row.
 OWNER = {"metric_params": "metric", "remedy_params": "remedy"}
@@ -62,6 +63,7 @@ def frame(recs: list[dict]) -> pd.DataFrame:
             "allocation": c["allocation"]["name"], "calibration": c["calibration"]["dataset"],
             "n_samples": c["calibration"]["n_samples"], "sparsity": c["sparsity"], "sparsity_mode": c["sparsity_mode"],
             "sparsity_achieved": round(p["sparsity_achieved"], 4), "seed": c["seed"], "modules": "+".join(c["prune"]["modules"]),
+            "attention_unit": c["prune"].get("attention_unit", "kv_group"), "bos": c["model"].get("bos", "stream"),
             "heads_kept": sum(layer["heads_kept"] for layer in p["per_layer"]), "params": r["model"]["params_after"], "prune_seconds": p["seconds"],
             "run_id": r["run_id"],
             "metric_params": _params(c["metric"].get("params") or {}),

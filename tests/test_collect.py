@@ -96,3 +96,10 @@ def test_pivot_splits_rows_whose_parameters_differ_within_a_column():
     df = _frame([("ours", "recovery", "damp=0.01", 0.2, 30.0), ("ours", "recovery", "damp=0.1", 0.2, 50.0)])
     t = collect.pivot(df, ["metric"], ["sparsity", "remedy"], "ppl.wikitext2")
     assert t.index.names == ["metric", "remedy_params"] and sorted(t[(0.2, "recovery")]) == [30.0, 50.0]
+
+
+def test_pivot_splits_rows_by_attention_unit():
+    df = _frame([("ours", "none", "-", 0.2, 30.0), ("ours", "none", "-", 0.2, 50.0)])
+    df["attention_unit"] = ["kv_group", "query_head"]
+    t = collect.pivot(df, ["metric"], ["sparsity"], "ppl.wikitext2")
+    assert t.index.names == ["metric", "attention_unit"] and t.loc[("ours", "query_head"), 0.2] == 50.0
