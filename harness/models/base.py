@@ -109,7 +109,8 @@ class DepthTwo:
     level2: nn.Module
     n_units: int
     # For a set of units: the level-1 output channels of each level-1 module, and the
-    # level-2 input channels, that belong to them.
+    # level-2 input channels, that belong to them. An empty list for a module: its rows are
+    # shared by every unit and stay whole (K/V when query heads are the units).
     level1_channels: Callable[[torch.Tensor], list[torch.Tensor]]
     level2_channels: Callable[[torch.Tensor], torch.Tensor]
     params_per_unit: int
@@ -151,3 +152,26 @@ def channel_range(units: torch.Tensor, width: int, offset: int = 0) -> torch.Ten
     """Channels [offset + u*width, offset + (u+1)*width) for every unit u, in order."""
     units = torch.as_tensor(units, dtype=torch.long)
     return (offset + units[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
+
+
+def channel_mlp(level1: list[nn.Module], level2: nn.Module, params_per_unit: int) -> DepthTwo:
+    """An MLP whose unit u is row u of every level-1 map and column u of the level-2 map."""
+    return DepthTwo(
+        kind="mlp",
+        level1=level1,
+        level2=level2,
+        n_units=in_features(level2),
+        level1_channels=lambda u: [torch.as_tensor(u)] * len(level1),
+        level2_channels=lambda u: torch.as_tensor(u),
+        params_per_unit=params_per_unit,
+        level1_parts=tuple((i, 0) for i in range(len(level1))),
+    )
+
+
+def cut(d2: DepthTwo, keep: torch.Tensor) -> None:
+    """Physically keep only units `keep` of a depth-2 module: their level-1 rows (modules with
+    no rows of their own stay whole) and their level-2 columns."""
+    for module, rows in zip(d2.level1, d2.level1_channels(keep), strict=True):
+        if len(rows):
+            slice_outputs(module, rows)
+    slice_inputs(d2.level2, d2.level2_channels(keep))

@@ -6,13 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from harness.models.base import (
-    DepthTwo,
-    channel_range,
-    check_attention_unit,
-    slice_inputs,
-    slice_outputs,
-)
+from harness.models.base import DepthTwo, channel_mlp, channel_range, check_attention_unit, cut
 
 MODEL_TYPES = ("gpt2",)
 
@@ -45,30 +39,17 @@ def attention(block: nn.Module, unit: str = "kv_group") -> DepthTwo:
 
 def mlp(block: nn.Module) -> DepthTwo:
     m = block.mlp
-    n = m.c_fc.weight.shape[1]
-    return DepthTwo(
-        kind="mlp",
-        level1=[m.c_fc],
-        level2=m.c_proj,
-        n_units=n,
-        level1_channels=lambda u: [torch.as_tensor(u)],
-        level2_channels=lambda u: torch.as_tensor(u),
-        params_per_unit=2 * m.c_fc.weight.shape[0] + 1,
-    )
+    return channel_mlp([m.c_fc], m.c_proj, 2 * m.c_fc.weight.shape[0] + 1)
 
 
 def prune_attention(block: nn.Module, keep: torch.Tensor, unit: str = "kv_group") -> None:
-    d2 = attention(block)
-    (idx,) = d2.level1_channels(keep)
-    slice_outputs(block.attn.c_attn, idx)
-    slice_inputs(block.attn.c_proj, d2.level2_channels(keep))
+    cut(attention(block), keep)
     block.attn.split_size = len(keep) * block.attn.head_dim
     block.attn.num_heads = len(keep)
 
 
 def prune_mlp(block: nn.Module, keep: torch.Tensor) -> None:
-    slice_outputs(block.mlp.c_fc, keep)
-    slice_inputs(block.mlp.c_proj, keep)
+    cut(mlp(block), keep)
 
 
 def shape(block: nn.Module) -> dict[str, int]:

@@ -15,8 +15,10 @@ from torch import nn
 
 from harness.models.base import (
     DepthTwo,
+    channel_mlp,
     channel_range,
     check_attention_unit,
+    cut,
     slice_inputs,
     slice_outputs,
 )
@@ -66,26 +68,11 @@ def attention(block: nn.Module, unit: str = "kv_group") -> DepthTwo:
 
 def mlp(block: nn.Module) -> DepthTwo:
     m = block.mlp
-    n = m.up_proj.out_features
-    return DepthTwo(
-        kind="mlp",
-        level1=[m.gate_proj, m.up_proj],
-        level2=m.down_proj,
-        n_units=n,
-        level1_channels=lambda u: [torch.as_tensor(u), torch.as_tensor(u)],
-        level2_channels=lambda u: torch.as_tensor(u),
-        params_per_unit=3 * m.up_proj.in_features,
-        level1_parts=((0, 0), (1, 0)),
-    )
+    return channel_mlp([m.gate_proj, m.up_proj], m.down_proj, 3 * m.up_proj.in_features)
 
 
 def prune_attention(block: nn.Module, keep: torch.Tensor, unit: str = "kv_group") -> None:
-    d2 = attention(block, unit)
-    query_heads = d2.heads_per_unit == 1 and d2.n_units > block.self_attn.k_proj.out_features // d2.head_dim
-    for module, idx in zip(d2.level1, d2.level1_channels(keep), strict=True):
-        if not query_heads or module is d2.level1[0]:  # query heads leave K/V whole
-            slice_outputs(module, idx)
-    slice_inputs(d2.level2, d2.level2_channels(keep))
+    cut(attention(block, unit), keep)
     _set_head_counts(block.self_attn)
 
 
@@ -96,10 +83,7 @@ def _set_head_counts(attn: nn.Module) -> None:
 
 
 def prune_mlp(block: nn.Module, keep: torch.Tensor) -> None:
-    d2 = mlp(block)
-    for module in d2.level1:
-        slice_outputs(module, keep)
-    slice_inputs(d2.level2, keep)
+    cut(mlp(block), keep)
 
 
 def shape(block: nn.Module) -> dict[str, int]:

@@ -7,13 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from harness.models.base import (
-    DepthTwo,
-    channel_range,
-    check_attention_unit,
-    slice_inputs,
-    slice_outputs,
-)
+from harness.models.base import DepthTwo, channel_mlp, channel_range, check_attention_unit, cut
 
 MODEL_TYPES = ("opt",)
 
@@ -43,29 +37,16 @@ def attention(block: nn.Module, unit: str = "kv_group") -> DepthTwo:
 
 
 def mlp(block: nn.Module) -> DepthTwo:
-    n = block.fc1.out_features
-    return DepthTwo(
-        kind="mlp",
-        level1=[block.fc1],
-        level2=block.fc2,
-        n_units=n,
-        level1_channels=lambda u: [torch.as_tensor(u)],
-        level2_channels=lambda u: torch.as_tensor(u),
-        params_per_unit=2 * block.fc1.in_features + (1 if block.fc1.bias is not None else 0),
-    )
+    return channel_mlp([block.fc1], block.fc2, 2 * block.fc1.in_features + (block.fc1.bias is not None))
 
 
 def prune_attention(block: nn.Module, keep: torch.Tensor, unit: str = "kv_group") -> None:
-    d2 = attention(block, unit)
-    for module, idx in zip(d2.level1, d2.level1_channels(keep), strict=True):
-        slice_outputs(module, idx)
-    slice_inputs(d2.level2, d2.level2_channels(keep))
+    cut(attention(block, unit), keep)
     block.self_attn.num_heads = len(keep)  # OPT reshapes with num_heads, not -1
 
 
 def prune_mlp(block: nn.Module, keep: torch.Tensor) -> None:
-    slice_outputs(block.fc1, keep)
-    slice_inputs(block.fc2, keep)
+    cut(mlp(block), keep)
 
 
 def shape(block: nn.Module) -> dict[str, int]:
