@@ -1,6 +1,8 @@
 """The block-by-block pruning pipeline (DESIGN.md, "One run, as data flows").
 
-Calibration tokens go through the embeddings once; from then on only hidden states move.
+Calibration tokens go through the embeddings once; from then on only hidden states move,
+and each block is called with the arguments the model's own forward gives that block
+(harness/stream.py: masks, positions, rotary tables, per layer).
 For each block k in the layer range, module by module in forward order (attention, then
 MLP): [recovery] -> statistics -> scores -> units to remove -> [bias] -> physical cut; then
 the pruned block's outputs become block k+1's inputs. Only block k is on the compute device
