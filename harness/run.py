@@ -216,8 +216,14 @@ def evaluate(model, tok, ev: dict, data_dir: str | None, out: dict, save=lambda:
         done = out.setdefault("ppl", {})
         for d in p["datasets"]:
             if d not in done:
+                # Windows finished by an interrupted attempt live under eval.partial until the dataset is done.
+                progress = out.setdefault("partial", {}).setdefault(f"ppl.{d}", {})
                 done[d] = perplexity.evaluate(model, tok, d, p["protocol"], p["seqlen"], p["batch_size"],
-                                              p.get("max_tokens"), data_dir, p.get("bos", "stream")).as_dict()
+                                              p.get("max_tokens"), data_dir, p.get("bos", "stream"),
+                                              progress, save).as_dict()
+                del out["partial"][f"ppl.{d}"]
+                if not out["partial"]:
+                    del out["partial"]
                 save()
     if ev.get("zeroshot") and "zeroshot_avg" not in out:
         from harness.evaluate import zeroshot

@@ -1,6 +1,7 @@
 """Perplexity protocol pinned; zero-shot offline tasks load fully and score through lm-eval."""
 
 import copy
+import json
 import math
 
 import pytest
@@ -62,6 +63,40 @@ def test_perplexity_equals_brute_force(zoo):
             nll += F.cross_entropy(logits, win[1:], reduction="sum").item()
             count += 15
     assert n == 3 and ppl == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_interrupted_perplexity_resumes_to_the_uninterrupted_value(zoo):
+    """The loop is cut after 2 of 5 batches (as a signal would); resuming from the progress
+    it left runs only the other 3 batches and returns the uninterrupted value exactly."""
+    model, _ = zoo("tiny-gpt2")
+    ids = torch.randint(0, 4096, (10 * 16,), generator=torch.Generator().manual_seed(1))
+    whole, n, _ = perplexity_of(model, ids, seqlen=16, batch_size=2)
+    calls, kill_at = [], [3]
+
+    def forward(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        if len(calls) == kill_at[0]:
+            raise _Killed
+        return model(*args, **kwargs)
+
+    forward.parameters = model.parameters
+    progress: dict = {}
+    with pytest.raises(_Killed):
+        perplexity_of(forward, ids, seqlen=16, batch_size=2, progress=progress)
+    assert progress["windows_done"] == 4 and progress["tokens"] == 4 * 15
+    saved = json.loads(json.dumps(progress))  # what the record holds
+    calls.clear()
+    kill_at[0] = None
+    resumed, n2, _ = perplexity_of(forward, ids, seqlen=16, batch_size=2, progress=saved)
+    assert calls == [2, 2, 2] and n2 == n == 10
+    assert resumed == whole
+    # Progress from another window layout is not reused.
+    other = {**saved, "windows_total": 99}
+    assert perplexity_of(model, ids, seqlen=16, batch_size=2, progress=other)[0] == whole
 
 
 def test_evaluate_records_protocol(zoo):

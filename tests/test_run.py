@@ -131,6 +131,7 @@ def test_sigterm_stops_the_whole_local_sweep(tmp_path):
 def test_sigint_during_evaluation_leaves_no_complete_record_and_rerun_completes(tmp_path):
     import os
     import signal
+    import time
 
     args = [sys.executable, "-m", "harness", "model=tiny-llama", "logger=none", "calibration.n_samples=8",
             f"out_dir={tmp_path}", "eval.efficiency.seqlen=32"]
@@ -138,10 +139,14 @@ def test_sigint_during_evaluation_leaves_no_complete_record_and_rerun_completes(
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     path = _wait_for_pruned_record(tmp_path)
+    while not (records.read(path) or {}).get("eval", {}).get("partial"):  # WikiText-2 windows under way
+        time.sleep(0.2)
     os.kill(proc.pid, signal.SIGINT)
     proc.communicate(timeout=300)  # generous: a loaded machine slows the unwinding
     rec = records.read(path)
     assert rec["status"] == "interrupted" and not records.is_complete(path)
+    done_before = rec["eval"]["partial"]["ppl.wikitext2"]["windows_done"]
+    assert 0 < done_before < 4087
     assert not list(path.parent.glob(".result.*.tmp"))
     assert (path.parent / "checkpoint" / "config.json").exists()  # the pruned model is kept
     again = subprocess.run(args, capture_output=True, text=True, timeout=900)
@@ -149,6 +154,8 @@ def test_sigint_during_evaluation_leaves_no_complete_record_and_rerun_completes(
     final = records.read(path)
     assert final["status"] == "complete" and final["attempts"] == 2  # resumed, not re-pruned
     assert final["pruning"] == rec["pruning"]
+    assert final["eval"]["ppl"]["wikitext2"]["windows_resumed"] == done_before  # finished windows were kept
+    assert "partial" not in final["eval"]
     assert not (path.parent / "checkpoint").exists()
 
 

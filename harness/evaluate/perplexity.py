@@ -33,8 +33,9 @@ class Perplexity:
     windows: int
     tokens: int  # tokens fed to the model (windows x seqlen)
     stream_tokens: int  # tokens in the whole tokenised split
-    tokens_per_second: float
+    tokens_per_second: float  # over the windows this attempt ran
     bos: str = "stream"  # BOS_PLACEMENTS
+    windows_resumed: int = 0  # windows an interrupted earlier attempt had finished
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -57,22 +58,38 @@ def windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None = None, bos_i
 
 @torch.no_grad()
 def perplexity_of(model, ids: torch.Tensor, seqlen: int, batch_size: int = 8, max_tokens: int | None = None,
-                  desc: str = "perplexity", bos_id: int | None = None) -> tuple[float, int, float]:
-    """(ppl, windows, tokens/s) of a token stream (`bos_id`: BOS at the start of every window)."""
+                  desc: str = "perplexity", bos_id: int | None = None, progress: dict | None = None,
+                  save=lambda: None, save_every_s: float = 30.0) -> tuple[float, int, float]:
+    """(ppl, windows, tokens/s) of a token stream (`bos_id`: BOS at the start of every window).
+
+    `progress` makes the loop resumable: after every batch it holds the windows done and
+    their summed NLL (an interrupted run writes it with its record); passed back in, the loop
+    continues after those windows and gives the same value as one uninterrupted pass. `save`
+    is called after the first batch and then every `save_every_s` seconds, for a kill that
+    leaves no time to write. tokens/s counts the windows this call ran."""
     device = next(model.parameters()).device
     w = windows(ids, seqlen, max_tokens, bos_id)
-    nll, count = 0.0, 0
-    start = time.perf_counter()
-    for batch in tqdm(w.split(batch_size), desc=desc, disable=None):
+    state = progress if progress is not None else {}
+    if state.get("windows_total") != len(w) or state.get("batch_size") != batch_size:
+        state.update({"windows_total": len(w), "batch_size": batch_size, "windows_done": 0, "nll": 0.0, "tokens": 0})
+    start, last_save = time.perf_counter(), -math.inf
+    first = state["resumed_from"] = state["windows_done"]
+    for batch in tqdm(w[first:].split(batch_size), desc=desc, disable=None, initial=first // batch_size,
+                      total=-(-len(w) // batch_size)):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss in {desc}")
-        nll += loss.item()
-        count += batch[:, 1:].numel()
+        # One update call, so a signal arriving between batches never sees half a step.
+        state.update({"windows_done": state["windows_done"] + len(batch), "nll": state["nll"] + loss.item(),
+                      "tokens": state["tokens"] + batch[:, 1:].numel()})
+        if time.perf_counter() - last_save > save_every_s:
+            save()
+            last_save = time.perf_counter()
     elapsed = time.perf_counter() - start
-    return math.exp(nll / count), len(w), w.numel() / max(elapsed, 1e-9)
+    value = math.exp(state["nll"] / state["tokens"])
+    return value, len(w), (len(w) - first) * seqlen / max(elapsed, 1e-9)
 
 
 def bos_token_id(tokenizer, bos: str) -> int | None:
@@ -87,9 +104,13 @@ def bos_token_id(tokenizer, bos: str) -> int | None:
 
 
 def evaluate(model, tokenizer, dataset: str, protocol: str, seqlen: int, batch_size: int = 8,
-             max_tokens: int | None = None, data_dir: str | None = None, bos: str = "stream") -> Perplexity:
+             max_tokens: int | None = None, data_dir: str | None = None, bos: str = "stream",
+             progress: dict | None = None, save=lambda: None) -> Perplexity:
     text, split = evaluation_text(dataset, protocol, data_dir)
     bos_id = bos_token_id(tokenizer, bos)
     ids = torch.tensor(tokenizer(text, add_special_tokens=bos_id is None)["input_ids"], dtype=torch.long)
-    value, n, tps = perplexity_of(model, ids, seqlen, batch_size, max_tokens, desc=f"ppl {dataset}", bos_id=bos_id)
-    return Perplexity(value, dataset, split, protocol, seqlen, n, n * seqlen, len(ids), tps, bos)
+    progress = {} if progress is None else progress
+    value, n, tps = perplexity_of(model, ids, seqlen, batch_size, max_tokens, desc=f"ppl {dataset}", bos_id=bos_id,
+                                  progress=progress, save=save)
+    return Perplexity(value, dataset, split, protocol, seqlen, n, n * seqlen, len(ids), tps, bos,
+                      progress["resumed_from"])
