@@ -17,12 +17,15 @@ measured head divergences).
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import pandas as pd
 
 from harness import records, sources
 from harness.evaluate.tasks import TASKS
+
+log = logging.getLogger(__name__)
 
 METHOD = ["metric", "remedy", "allocation"]
 # Settings that change a result besides the method; where the records of a table differ in
@@ -54,36 +57,43 @@ def rows_of(df: pd.DataFrame, base: list[str], exclude: tuple[str, ...] = ()) ->
 
 
 def frame(recs: list[dict]) -> pd.DataFrame:
-    """One row per run with flat, human-named columns."""
+    """One row per run with flat, human-named columns; a malformed record is reported and skipped."""
     rows = []
     for r in recs:
-        c, ev, p = r["config"], r.get("eval", {}), r["pruning"]
-        row = {
-            "model": c["model"]["name"], "metric": c["metric"]["name"], "remedy": c["remedy"]["name"],
-            "allocation": c["allocation"]["name"], "calibration": c["calibration"]["dataset"],
-            "n_samples": c["calibration"]["n_samples"], "sparsity": c["sparsity"], "sparsity_mode": c["sparsity_mode"],
-            "sparsity_achieved": round(p["sparsity_achieved"], 4), "seed": c["seed"], "modules": "+".join(c["prune"]["modules"]),
-            "attention_unit": c["prune"].get("attention_unit", "kv_group"), "bos": c["model"].get("bos", "stream"),
-            "heads_kept": sum(layer["heads_kept"] for layer in p["per_layer"]), "params": r["model"]["params_after"], "prune_seconds": p["seconds"],
-            "run_id": r["run_id"],
-            "metric_params": _params(c["metric"].get("params") or {}),
-            "remedy_params": _params(c["remedy"], skip=("name",)),
-        }
-        if "heads_before" in r["model"]:
-            row["heads_pruned"] = r["model"]["heads_before"] - row["heads_kept"]
-        for name, v in ev.get("ppl", {}).items():
-            row[f"ppl.{name}"] = v["value"]
-            row[f"ppl.{name}.tokens"] = v["tokens"]
-        max_tokens = (c["eval"].get("ppl") or {}).get("max_tokens")
-        row["ppl_tokens"] = "all" if max_tokens is None else str(max_tokens)
-        zs = ev.get("zeroshot", {})
-        avg_metric = ev.get("zeroshot_protocol", {}).get("average_metrics", {})
-        for task, v in zs.items():
-            row[f"zs.{task}"] = v[avg_metric.get(task, "acc")] if v.get(avg_metric.get(task, "acc")) is not None else v["acc"]
-        if "zeroshot_avg" in ev:
-            row["zs.avg"] = ev["zeroshot_avg"]
-        rows.append(row)
+        try:
+            rows.append(_row(r))
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            log.warning("ignoring %s: malformed record (%s: %s)", r.get("path") or r.get("run_id"), type(e).__name__, e)
     return pd.DataFrame(rows)
+
+
+def _row(r: dict) -> dict:
+    c, ev, p = r["config"], r.get("eval", {}), r["pruning"]
+    row = {
+        "model": c["model"]["name"], "metric": c["metric"]["name"], "remedy": c["remedy"]["name"],
+        "allocation": c["allocation"]["name"], "calibration": c["calibration"]["dataset"],
+        "n_samples": c["calibration"]["n_samples"], "sparsity": c["sparsity"], "sparsity_mode": c["sparsity_mode"],
+        "sparsity_achieved": round(p["sparsity_achieved"], 4), "seed": c["seed"], "modules": "+".join(c["prune"]["modules"]),
+        "attention_unit": c["prune"].get("attention_unit", "kv_group"), "bos": c["model"].get("bos", "stream"),
+        "heads_kept": sum(layer["heads_kept"] for layer in p["per_layer"]), "params": r["model"]["params_after"], "prune_seconds": p["seconds"],
+        "run_id": r["run_id"],
+        "metric_params": _params(c["metric"].get("params") or {}),
+        "remedy_params": _params(c["remedy"], skip=("name",)),
+    }
+    if "heads_before" in r["model"]:
+        row["heads_pruned"] = r["model"]["heads_before"] - row["heads_kept"]
+    for name, v in ev.get("ppl", {}).items():
+        row[f"ppl.{name}"] = v["value"]
+        row[f"ppl.{name}.tokens"] = v["tokens"]
+    max_tokens = (c["eval"].get("ppl") or {}).get("max_tokens")
+    row["ppl_tokens"] = "all" if max_tokens is None else str(max_tokens)
+    zs = ev.get("zeroshot", {})
+    avg_metric = ev.get("zeroshot_protocol", {}).get("average_metrics", {})
+    for task, v in zs.items():
+        row[f"zs.{task}"] = v[avg_metric.get(task, "acc")] if v.get(avg_metric.get(task, "acc")) is not None else v["acc"]
+    if "zeroshot_avg" in ev:
+        row["zs.avg"] = ev["zeroshot_avg"]
+    return row
 
 
 def where(df: pd.DataFrame, conditions: list[str]) -> pd.DataFrame:
@@ -350,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fig3-layer", type=int, help="block of the head similarity graph (default: the middle one)")
     ap.add_argument("--fig3-tau", type=float, help="edge threshold on the JS distance (default: the block's median)")
     a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     paths = collect(a.runs, a.out, a.rows.split(",") if a.rows else None, a.cols.split(",") if a.cols else None, a.values,
                     a.wandb, a.fig3_run, a.fig3_layer, a.fig3_tau, a.where)
     for p in paths:

@@ -64,6 +64,8 @@ class PruneReport:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     removed: dict[tuple[int, str], list[int]] = field(default_factory=dict)  # (layer, module) -> unit ids
     divergence: dict[int, list[list[float]]] = field(default_factory=dict)  # layer -> head x head mean JS distance
+    recovery_fits: int = 0  # modules recovery re-fitted (remedy=recovery)
+    recovery_fallbacks: list[str] = field(default_factory=list)  # where a solve failed and weights were kept
 
     @property
     def sparsity_achieved(self) -> float:
@@ -151,6 +153,7 @@ class Pipeline:
         self.times: dict[str, float] = defaultdict(float)
         self.removed: dict[tuple[int, str], list[int]] = {}
         self.divergence: dict[int, list[list[float]]] = {}
+        self.recovery_fits, self.recovery_fallbacks = 0, []
         self.grads: dict = {}
         self.calls: list[list[BlockCall]] = []  # [block][chunk]: how the model calls each block
         self.blocks = adapter.layers(model)
@@ -280,7 +283,10 @@ class Pipeline:
                 if moments is None:
                     moments = CrossMoments(x.shape[-1], any(m.bias is not None for m in mods), self.stats_dtype, self.device)
                 moments.update(x, xd)
-            refit(mods, moments, self.s.damp, f"block {layer} {kind} level {level}", self.s.ridge_toward)
+            where = f"block {layer} {kind} level {level}"
+            fitted = refit(mods, moments, self.s.damp, where, self.s.ridge_toward)
+            self.recovery_fits += sum(fitted)
+            self.recovery_fallbacks += [f"{where} module {i}" for i, ok in enumerate(fitted) if not ok]
 
     def run(self, input_ids: torch.Tensor) -> PruneReport:
         start = time.perf_counter()
@@ -317,9 +323,13 @@ class Pipeline:
             for c in h:
                 check_finite(c.hidden, f"the output of block {k} after pruning")
             block.to(home)
+        if self.recovery_fallbacks and not self.recovery_fits:
+            raise RuntimeError(f"remedy=recovery: every one of the {len(self.recovery_fallbacks)} fits fell back to the "
+                               f"unchanged weights (X^T X singular at every level; remedy.damp={self.s.damp}); "
+                               "this would be a no-remedy run recorded as recovery")
         per_layer = [self.adapter.shape(b) for b in self.blocks]
         return PruneReport(ratio, total, n_params(self.model), per_layer, time.perf_counter() - start, dict(self.times),
-                           self.removed, self.divergence)
+                           self.removed, self.divergence, self.recovery_fits, self.recovery_fallbacks)
 
 
 def prune(model: nn.Module, input_ids: torch.Tensor, metric: metrics_registry.Metric, settings: PruneSettings,

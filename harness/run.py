@@ -87,7 +87,7 @@ def _sigterm_marks(record: dict, path: Path):
     def on_term(signum, frame):
         if not (requeueing and callable(previous_term)):
             raise (_JobInterrupted if os.environ.get("SUBMITIT_EXECUTOR") else _Interrupted)(f"signal {signum}")
-        record.update(status="interrupted", error=f"signal {signum} (requeued)", finished_at=_now())
+        record.update(status="interrupted", error=f"signal {signum} (requeued)", requeued=True, finished_at=_now())
         records.write(path, record)
         previous_term(signum, frame)
 
@@ -106,26 +106,46 @@ def run(cfg: DictConfig, group: str | None = None) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True)
     config.pop("hydra", None)
     validate_config(config)
+    check_data(config)
     run_id = records.config_hash(config)
     path = records.record_path(Path(config["out_dir"]).expanduser().resolve(), run_id)
     if records.is_complete(path) and not config["force"]:
         log.info("complete record exists, skipping (force=true to redo): %s", path)
         return records.read(path)
 
-    device = loading.resolve_device(config["device"])
-    dtype = loading.resolve_dtype(config["dtype"], device)
-    record = {"schema_version": records.SCHEMA_VERSION, "run_id": run_id, "path": str(path), "config": config,
-              "status": "running", "started_at": _now(), "env": _environment(device)}
-    try:
-        with _sigterm_marks(record, path), \
-                tracking.tracking(config["logger"], config, run_id, group or "local", path.parent) as tracker:
-            return _execute(config, record, device, dtype, path, tracker)
-    except BaseException as e:
-        interrupted = isinstance(e, KeyboardInterrupt | _Interrupted | _JobInterrupted)
-        record.update(status="interrupted" if interrupted else "failed",
-                      error=f"{type(e).__name__}: {e}", finished_at=_now())
-        records.write(path, record)
-        raise
+    with records.claim(path.parent):  # a concurrent run of this config waits here
+        if records.is_complete(path) and not config["force"]:
+            log.info("complete record exists (finished while waiting), skipping: %s", path)
+            return records.read(path)
+        if config["force"] and records.is_complete(path):
+            # Redone on request; the replaced result is kept until nothing can be lost.
+            shutil.copy2(path, path.with_name("result.replaced.json"))
+        device = loading.resolve_device(config["device"])
+        dtype = loading.resolve_dtype(config["dtype"], device)
+        record = {"schema_version": records.SCHEMA_VERSION, "run_id": run_id, "path": str(path), "config": config,
+                  "status": "running", "started_at": _now(), "process": records.process(), "env": _environment(device)}
+        try:
+            with _sigterm_marks(record, path), \
+                    tracking.tracking(config["logger"], config, run_id, group or "local", path.parent) as tracker:
+                record["tracking"] = tracker.status
+                return _execute(config, record, device, dtype, path, tracker)
+        except BaseException as e:
+            interrupted = isinstance(e, KeyboardInterrupt | _Interrupted | _JobInterrupted)
+            record.update(status="interrupted" if interrupted else "failed",
+                          error=f"{type(e).__name__}: {e}", finished_at=_now())
+            records.write(path, record)
+            raise
+
+
+def check_data(config: dict) -> None:
+    """Read (and hash-check) the evaluation and calibration text before any model loads."""
+    from harness.data import documents, evaluation_text
+
+    ppl = config["eval"].get("ppl")
+    for dataset in (ppl or {}).get("datasets", []):
+        evaluation_text(dataset, ppl["protocol"], config["data_dir"])
+    if config["calibration"]["dataset"] in calibration.DATASETS:
+        documents(*calibration.DATASETS[config["calibration"]["dataset"]], config["data_dir"])
 
 
 def _main_thread() -> bool:
@@ -137,17 +157,21 @@ def _main_thread() -> bool:
 def _execute(config: dict, record: dict, device, dtype, path: Path, tracker) -> dict:
     checkpoint = path.parent / "checkpoint"
     prior = records.read(path) or {}
-    if config["resume"] and not config["force"] and "pruning" in prior and (checkpoint / "config.json").exists():
+    resumed = None
+    if config["resume"] and not config["force"] and "pruning" in prior:
+        resumed = _load_checkpoint(checkpoint, dtype)
+    if resumed:
         # An earlier attempt pruned and checkpointed: continue with its model and finished evaluations.
+        _refuse_a_stalled_requeue(prior, config["eval"])
         log.info("resuming from %s (attempt %d)", checkpoint, prior.get("attempts", 1) + 1)
-        model = load_pruned(checkpoint, dtype).to(device).eval()
-        tok = AutoTokenizer.from_pretrained(checkpoint)
+        model, tok = resumed
+        model.to(device).eval()
         record.update(model=prior["model"], pruning=prior["pruning"], eval=prior.get("eval", {}),
-                      attempts=prior.get("attempts", 1) + 1)
+                      attempts=prior.get("attempts", 1) + 1, progress_at_start=_progress(prior.get("eval", {})))
     else:
         model, tok = _load_and_prune(config, record, device, dtype, path)
         if config["resume"]:
-            save_pruned(model, tok, checkpoint)
+            _save_checkpoint(model, tok, checkpoint)
         record["eval"] = {}
     records.write(path, record)
 
@@ -155,8 +179,10 @@ def _execute(config: dict, record: dict, device, dtype, path: Path, tracker) -> 
     if config["save_model"]:
         record["saved_model"] = str(save_pruned(model, tok, path.parent / "model"))
     record["status"], record["finished_at"] = "complete", _now()
+    record.pop("progress_at_start", None)
     records.write(path, record)
     shutil.rmtree(checkpoint, ignore_errors=True)
+    path.with_name("result.replaced.json").unlink(missing_ok=True)
     tracker.summary({"eval": _scalars(record["eval"]), "pruning": {k: v for k, v in record["pruning"].items()
                                                                    if not isinstance(v, list | dict)}})
     tracker.table("per_layer", [{k: v for k, v in row.items() if k != "head_divergence"}
@@ -164,6 +190,58 @@ def _execute(config: dict, record: dict, device, dtype, path: Path, tracker) -> 
     tracker.save_record(path)
     print(tracking.summary_text(record), flush=True)
     return record
+
+
+CHECKPOINT_DONE = ".complete"  # written last: a checkpoint folder without it is discarded
+
+
+def _save_checkpoint(model, tok, checkpoint: Path) -> None:
+    """Write to a temporary folder, mark it complete, then rename it into place."""
+    partial = checkpoint.with_name(checkpoint.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    save_pruned(model, tok, partial)
+    (partial / CHECKPOINT_DONE).touch()
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    os.replace(partial, checkpoint)
+
+
+def _load_checkpoint(checkpoint: Path, dtype):
+    """(model, tokenizer) of a complete checkpoint; None, discarding it, if it is absent or broken."""
+    if not (checkpoint / CHECKPOINT_DONE).exists():
+        if checkpoint.exists() or checkpoint.with_name(checkpoint.name + ".partial").exists():
+            log.warning("discarding the incomplete checkpoint in %s; pruning again", checkpoint.parent)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        shutil.rmtree(checkpoint.with_name(checkpoint.name + ".partial"), ignore_errors=True)
+        return None
+    try:
+        return load_pruned(checkpoint, dtype), AutoTokenizer.from_pretrained(checkpoint)
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is redone, never trusted
+        log.warning("discarding the checkpoint in %s (%s: %s); pruning again", checkpoint, type(e).__name__, e)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        return None
+
+
+def _progress(ev: dict) -> dict:
+    """What evaluation has finished: the measure a requeued attempt must advance."""
+    return {"parts": sorted(k for k in ev if k != "partial"), "ppl": sorted(ev.get("ppl", {})),
+            "zeroshot": sorted(ev.get("zeroshot", {})),
+            "windows": {k: v.get("windows_done", 0) for k, v in ev.get("partial", {}).items()}}
+
+
+def _refuse_a_stalled_requeue(prior: dict, ev_config: dict) -> None:
+    """A requeued attempt that resumed and finished nothing would requeue forever: stop it."""
+    if not prior.get("requeued") or "progress_at_start" not in prior:
+        return
+    if prior["progress_at_start"] != _progress(prior.get("eval", {})):
+        return
+    ev = prior.get("eval", {})
+    stage = next((f"perplexity on {d}" for d in (ev_config.get("ppl") or {}).get("datasets", [])
+                  if d not in ev.get("ppl", {})), None)
+    stage = stage or next((f"zero-shot task {t}" for t in (ev_config.get("zeroshot") or {}).get("tasks", [])
+                           if t not in ev.get("zeroshot", {})), "the evaluation")
+    raise RuntimeError(f"attempt {prior.get('attempts', 1)} was requeued at its time limit without finishing anything: "
+                       f"{stage} does not fit in one job; raise hydra.launcher.timeout_min (or lower "
+                       "hydra.launcher.signal_delay_s) and re-run the sweep, which resumes from the checkpoint")
 
 
 def _load_and_prune(config: dict, record: dict, device, dtype, path: Path):
@@ -202,6 +280,8 @@ def _load_and_prune(config: dict, record: dict, device, dtype, path: Path):
                        "mlp_channels_removed": report.removed.get((i, "mlp"), []),
                        **({"head_divergence": report.divergence[i]} if i in report.divergence else {})}
                       for i, s in enumerate(report.per_layer)],
+        **({"recovery": {"fits": report.recovery_fits, "fell_back": report.recovery_fallbacks}}
+           if settings.remedy == "recovery" else {}),
         "seconds": report.seconds, "calibration_seconds": calib_seconds, "stage_seconds": report.stage_seconds,
         "calibration": {"dataset": cal["dataset"], "n_samples": cal["n_samples"], "seqlen": cal["seqlen"],
                         "bos": cal.get("bos", "stream")},

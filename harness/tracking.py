@@ -45,10 +45,11 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 class Tracker:
-    """Thin wrapper: every call is a no-op once wandb failed or when disabled."""
+    """Thin wrapper: every call is a no-op once wandb failed or when disabled. `status` says
+    where the run's tracking went (it is written into the record)."""
 
-    def __init__(self, run=None):
-        self.run = run
+    def __init__(self, run=None, status: str = "none"):
+        self.run, self.status = run, status
 
     def summary(self, metrics: dict) -> None:
         if self.run is None:
@@ -80,26 +81,41 @@ class Tracker:
             log.warning("wandb table failed: %s", e)
 
 
+def _init(wandb, logger_cfg: dict, mode: str, **kwargs):
+    return wandb.init(project=logger_cfg.get("project", "harness"), entity=logger_cfg.get("entity"), mode=mode,
+                      settings=wandb.Settings(silent=True, init_timeout=float(logger_cfg.get("init_timeout_s", 30))),
+                      **kwargs)
+
+
 @contextmanager
 def tracking(logger_cfg: dict, config: dict, run_id: str, group: str, out_dir: Path):
+    """A Tracker; online without a reachable server falls back to offline after init_timeout_s."""
     if logger_cfg.get("name", "none") == "none":
         yield Tracker()
         return
-    run = None
+    run, status = None, "none"
     try:
         import wandb
 
         out_dir.mkdir(parents=True, exist_ok=True)
-        run = wandb.init(
-            project=logger_cfg.get("project", "harness"), entity=logger_cfg.get("entity"), group=group,
-            job_type="prune_eval", name=run_id, id=run_id, resume="allow", dir=str(out_dir),
-            mode=resolve_mode(logger_cfg.get("mode", "auto")), config=flatten(config),
-            settings=wandb.Settings(silent=True),
-        )
+        kwargs = dict(group=group, job_type="prune_eval", name=run_id, id=run_id, resume="allow", dir=str(out_dir),
+                      config=flatten(config))
+        mode = resolve_mode(logger_cfg.get("mode", "auto"))
+        try:
+            run, status = _init(wandb, logger_cfg, mode, **kwargs), f"wandb {mode}"
+        except Exception as e:  # noqa: BLE001 - no server: keep the run's data locally instead
+            if mode != "online":
+                raise
+            log.warning("wandb online init failed (%s); logging offline under %s, `wandb sync` it later", e, out_dir)
+            run = _init(wandb, logger_cfg, "offline", **kwargs)
+            status = f"wandb offline, not uploaded (online init failed: {str(e).splitlines()[0][:200]})"
+        if mode == "offline" and status == "wandb offline":
+            status = "wandb offline, not uploaded (`wandb sync` the run folder)"
     except Exception as e:  # noqa: BLE001 - tracking must never fail a run
         log.warning("wandb.init failed, continuing without tracking: %s", e)
+        run, status = None, f"none (wandb init failed: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
     try:
-        yield Tracker(run)
+        yield Tracker(run, status)
     finally:
         if run is not None:
             try:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import os
+import re
 from pathlib import Path
 
 from harness import allocation, calibration, metrics, remedy
@@ -20,6 +23,27 @@ def _one_of(name: str, value, accepted) -> None:
         raise ConfigError(f"{name}={value!r} is not accepted; accepted: {', '.join(map(str, accepted))}")
 
 
+def _integer(name: str, value, low: int, none: str | None = None) -> None:
+    """An integer >= low (bool is not one); `none` says what null means where null is allowed."""
+    if value is None and none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        accepted = f"an integer >= {low}" + (f", or null ({none})" if none else "")
+        raise ConfigError(f"{name}={value!r}; accepted: {accepted}")
+
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _writable_dir(name: str, path) -> None:
+    """The nearest existing folder of `path` must be writable (the run creates the rest)."""
+    p = Path(path).expanduser().resolve()
+    existing = next(q for q in (p, *p.parents) if q.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name}={str(path)!r} is not writable ({existing} is not a writable folder); "
+                          "accepted: a folder this user can create files in")
+
+
 def validate_config(c: dict) -> None:
     s = c["sparsity"]
     if not isinstance(s, int | float) or not 0 <= s < 1:
@@ -28,6 +52,10 @@ def validate_config(c: dict) -> None:
     _one_of("model.bos", c["model"].get("bos", "stream"), BOS_PLACEMENTS)
     _one_of("allocation", c["allocation"]["name"], allocation.ALLOCATIONS)
     _one_of("remedy", c["remedy"]["name"], remedy.REMEDIES)
+    if "damp" in c["remedy"]:
+        damp = c["remedy"]["damp"]
+        if isinstance(damp, bool) or not isinstance(damp, int | float) or not math.isfinite(damp) or damp <= 0:
+            raise ConfigError(f"remedy.damp={damp!r}; accepted: a finite number > 0 (lambda = damp * mean diag X^T X)")
     if "toward" in c["remedy"]:
         from harness.remedy.recovery import TOWARD
 
@@ -43,13 +71,26 @@ def validate_config(c: dict) -> None:
     if not isinstance(cal["seqlen"], int) or cal["seqlen"] < 2:
         raise ConfigError(f"calibration.seqlen={cal['seqlen']!r}; accepted: an integer >= 2")
     mods = c["prune"]["modules"]
-    if not mods or any(m not in ("attention", "mlp") for m in mods):
-        raise ConfigError(f"prune.modules={mods!r}; accepted: a non-empty subset of [attention, mlp]")
+    if not mods or any(m not in ("attention", "mlp") for m in mods) or len(set(mods)) != len(mods):
+        raise ConfigError(f"prune.modules={mods!r}; accepted: a non-empty subset of [attention, mlp], each at most once")
+    _integer("prune.chunk_size", c["prune"]["chunk_size"], 1)
+    _integer("seed", c["seed"], 0)
+    _integer("calibration.seed", cal.get("seed", 0), 0)
     _one_of("calibration.bos", cal.get("bos", "stream"), BOS_PLACEMENTS)
     _one_of("prune.attention_unit", c["prune"]["attention_unit"], ATTENTION_UNITS)
     _one_of("dtype", c["dtype"], ("auto", *DTYPES))
-    if not (c["device"] in ("auto", "cpu") or str(c["device"]).startswith("cuda")):
-        raise ConfigError(f"device={c['device']!r}; accepted: auto, cpu, cuda, cuda:N")
+    if not DEVICE.fullmatch(str(c["device"])):
+        raise ConfigError(f"device={c['device']!r} is not accepted; accepted: auto, cpu, cuda, cuda:N, mps")
+    if str(c["device"]).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={c['device']!r} but no CUDA device is available; accepted here: auto, cpu")
+        index = int(c["device"].partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device={c['device']!r}: this machine has {torch.cuda.device_count()} CUDA devices; "
+                              f"accepted: cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    _writable_dir("out_dir", c["out_dir"])
     m = c["model"]
     _one_of("model.source", m["source"], SOURCES)
     if m.get("path") and not Path(m["path"]).expanduser().exists():
@@ -63,6 +104,9 @@ def validate_config(c: dict) -> None:
             _one_of("eval.ppl.datasets item", d, CORPORA[:2])
         _one_of("eval.ppl.protocol", ppl["protocol"], tuple(PROTOCOLS))
         _one_of("eval.ppl.bos", ppl.get("bos", "stream"), BOS_PLACEMENTS)
+        _integer("eval.ppl.seqlen", ppl["seqlen"], 2)
+        _integer("eval.ppl.batch_size", ppl["batch_size"], 1)
+        _integer("eval.ppl.max_tokens", ppl.get("max_tokens"), ppl["seqlen"], none="the whole stream")
     zs = c["eval"].get("zeroshot")
     if zs:
         from harness.evaluate.tasks import TASKS
@@ -70,6 +114,12 @@ def validate_config(c: dict) -> None:
         for t in zs["tasks"]:
             _one_of("eval.zeroshot.tasks item", t, TASKS)
         _one_of("eval.zeroshot.bos", zs.get("bos", "stream"), BOS_PLACEMENTS)
+        _integer("eval.zeroshot.limit", zs.get("limit"), 1, none="every example")
+        _integer("eval.zeroshot.batch_size", zs["batch_size"], 1)
+    efficiency = c["eval"].get("efficiency")
+    if efficiency:
+        _integer("eval.efficiency.seqlen", efficiency["seqlen"], 1)
+        _integer("eval.efficiency.batch_size", efficiency["batch_size"], 1)
 
 
 def validate_model(model, c: dict) -> None:

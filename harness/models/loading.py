@@ -125,15 +125,38 @@ def _converted_gguf(cfg) -> Path:
     return target
 
 
+def unreadable_weights(folder: str | Path) -> list[tuple[Path, str]]:
+    """The *.safetensors files in `folder` whose header does not open (truncated or corrupt)."""
+    from safetensors import safe_open
+
+    broken = []
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - SafetensorError and OS errors alike
+            broken.append((f, str(e)))
+    return broken
+
+
 def load(cfg, device: torch.device, dtype: torch.dtype):
     """(model in eval mode on `device`, tokenizer) for a model config."""
     where = model_dir(cfg)
     tok = AutoTokenizer.from_pretrained(where, revision=cfg.get("revision"))
     config = AutoConfig.from_pretrained(where, revision=cfg.get("revision"))
-    if getattr(config, PRUNING_KEY, None):
-        model = load_pruned(where, dtype=dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, revision=cfg.get("revision"))
+    try:
+        if getattr(config, PRUNING_KEY, None):
+            model = load_pruned(where, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, revision=cfg.get("revision"))
+    except Exception as e:
+        broken = unreadable_weights(where) if Path(where).is_dir() else []
+        if not broken:
+            raise
+        key = "model.path" if cfg.get("path") else f"model {cfg.name!r}"
+        raise ModelNotFoundError(f"{key}: cannot read the weights in {where}: "
+                                 + "; ".join(f"{f.name}: {why}" for f, why in broken)
+                                 + " (truncated or corrupt; copy or convert the model again)") from e
     model.to(device).eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -73,8 +73,10 @@ def ridge_solve(xtx: torch.Tensor, rhs: torch.Tensor, damp: float, where: str,
 TOWARD = ("zero", "weights")
 
 
-def refit(modules: list[torch.nn.Module], moments: CrossMoments, damp: float, where: str, toward: str = "zero") -> None:
-    """Re-fit every module reading the same input to reproduce its dense outputs."""
+def refit(modules: list[torch.nn.Module], moments: CrossMoments, damp: float, where: str, toward: str = "zero") -> list[bool]:
+    """Re-fit every module reading the same input to reproduce its dense outputs; per module,
+    whether it was re-fitted (False: the solve fell back and its weights are unchanged)."""
+    fitted = []
     width = moments.hh.shape[0] - int(moments.augment)
     for module in modules:
         w = weight(module).to(moments.hh.dtype)  # [out, in]
@@ -85,9 +87,11 @@ def refit(modules: list[torch.nn.Module], moments: CrossMoments, damp: float, wh
         else:
             sol = ridge_solve(moments.hh[:width, :width], moments.hd[:width, :width] @ w.T, damp, where,
                               prior=w.T if toward == "weights" else None)
+        fitted.append(sol is not None)
         if sol is None:
             continue
         with torch.no_grad():
             weight(module).copy_(sol[:width].T.to(module.weight.dtype))
             if has_bias:
                 module.bias.copy_(sol[width].to(module.bias.dtype))
+    return fitted
