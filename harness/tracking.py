@@ -83,7 +83,7 @@ class Tracker:
 
 def _init(wandb, logger_cfg: dict, mode: str, **kwargs):
     return wandb.init(project=logger_cfg.get("project", "harness"), entity=logger_cfg.get("entity"), mode=mode,
-                      settings=wandb.Settings(silent=True, init_timeout=float(logger_cfg.get("init_timeout_s", 30))),
+                      settings=wandb.Settings(silent=True, init_timeout=float(logger_cfg.get("init_timeout_s", 15))),
                       **kwargs)
 
 
@@ -107,6 +107,7 @@ def tracking(logger_cfg: dict, config: dict, run_id: str, group: str, out_dir: P
             if mode != "online":
                 raise
             log.warning("wandb online init failed (%s); logging offline under %s, `wandb sync` it later", e, out_dir)
+            wandb.teardown()  # the failed online attempt still holds the run id
             run = _init(wandb, logger_cfg, "offline", **kwargs)
             status = f"wandb offline, not uploaded (online init failed: {str(e).splitlines()[0][:200]})"
         if mode == "offline" and status == "wandb offline":

@@ -135,3 +135,15 @@ def test_collect_reads_records_from_a_wandb_project(tmp_path, monkeypatch):
     collect.collect(tmp_path / "runs", tmp_path / "out", wandb_project="me/harness")
     runs_csv = (tmp_path / "out" / "tables" / "runs.csv").read_text()
     assert "remote-metric" in runs_csv and local["run_id"] in runs_csv
+
+
+def test_online_without_a_server_falls_back_to_offline_and_the_record_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    start = time.perf_counter()
+    rec = run(_cfg(tmp_path, "logger=wandb", "logger.init_timeout_s=2"))
+    assert rec["status"] == "complete"
+    assert rec["tracking"].startswith("wandb offline, not uploaded (online init failed")
+    assert list(tmp_path.glob("*/wandb/offline-run-*"))  # kept for `wandb sync`
+    assert time.perf_counter() - start < 120
