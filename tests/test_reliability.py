@@ -248,3 +248,28 @@ def test_recovery_fits_that_fall_back_are_recorded_and_all_falling_back_fails(tm
     monkeypatch.setattr(recovery, "ridge_solve", lambda *a, **k: None)
     with pytest.raises(RuntimeError, match="remedy=recovery: every one of the .* fits fell back"):
         run(_cfg(tmp_path, "remedy=recovery", "seed=1"))
+
+
+def test_truncated_weights_under_model_path_are_named(tmp_path):
+    import shutil
+
+    from harness import zoo
+
+    folder = tmp_path / "model"
+    shutil.copytree(zoo.locate("tiny-gpt2"), folder)
+    weights = next(folder.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(Exception, match=f"model.path: cannot read the weights in {folder}: {weights.name}: .*truncated"):
+        run(_cfg(tmp_path / "runs", f"model.path={folder}"))
+
+
+def test_a_run_over_a_malformed_record_warns_and_completes(tmp_path, caplog):
+    from omegaconf import OmegaConf
+
+    cfg = _cfg(tmp_path)
+    path = records.record_path(tmp_path, records.config_hash(OmegaConf.to_container(cfg, resolve=True)))
+    path.parent.mkdir(parents=True)
+    path.write_text("[1]")
+    with caplog.at_level(logging.WARNING):
+        assert run(cfg)["status"] == "complete"
+    assert f"ignoring {path}: not a record (a JSON list)" in caplog.text
