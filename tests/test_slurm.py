@@ -66,7 +66,9 @@ def test_2x2_sweep_runs_as_a_job_array_and_is_collected(cluster, tmp_path):
 
 
 def test_scancel_mid_sweep_then_rerun_finishes_only_the_missing_run(cluster, tmp_path):
-    overrides = ["model=tiny-llama", "metric=random,l2", "sparsity=0.2,0.4", "hydra.launcher.array_parallelism=1"]
+    # 64k tokens per dataset: an evaluation long enough to be caught and cut, short enough for a shared CPU
+    overrides = ["model=tiny-llama", "metric=random,l2", "sparsity=0.2,0.4", "hydra.launcher.array_parallelism=1",
+                 "eval.ppl.max_tokens=65536"]
     proc = _sweep(cluster, tmp_path, *overrides, wait=False)
     victim = None
     end = time.time() + 900  # generous: a loaded machine slows every job
