@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from harness import calibration, metrics
+from harness import metrics
+from harness.data import calibration
 from harness.models import loading
 from harness.prune import PruneSettings, prune
 

@@ -219,7 +219,7 @@ def _tokenizer():
 def test_recording_leaves_the_blocks_as_it_found_them():
     """The recorder restores each block's forward, including one set on the instance (as
     accelerate's offloading hooks do)."""
-    from harness.stream import capture
+    from harness.prune.stream import capture
 
     model = build("gpt2")
     blocks = adapter_for(model).layers(model)

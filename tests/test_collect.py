@@ -1,12 +1,13 @@
 """Paper layouts from real (tiny) runs: Table 2 (head-only), Figure 3 (head graph), Figure 4."""
 
 import pytest
-from hydra import compose, initialize_config_module
 
 from harness import collect, records
+from harness.collect import plots
+from harness.config import compose
 from harness.run import run
 
-FAST = ["model=tiny-llama", "logger=none", "eval.ppl.max_tokens=1024", "eval.efficiency=null"]
+FAST = ["+debug=fast", "model=tiny-llama", "eval.efficiency=null"]
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +18,7 @@ def runs(tmp_path_factory):
              ["sparsity=0.2", "calibration.n_samples=8"],
              ["sparsity=0.2", "calibration.n_samples=16"]]
     for overrides in sweep:
-        with initialize_config_module(version_base="1.3", config_module="harness.conf"):
-            run(compose(config_name="config", overrides=[*FAST, f"out_dir={out}", *overrides]))
+        run(compose(*FAST, f"out_dir={out}", *overrides))
     return out
 
 
@@ -47,7 +47,7 @@ def test_removed_groups_map_to_their_heads(runs):
     rec = next(r for r in records.load_complete(runs) if r["config"]["sparsity"] == 0.5)
     layer = rec["pruning"]["per_layer"][0]
     assert len(layer["head_divergence"]) == 8
-    assert collect._heads_per_unit(layer, 8) == 2 and layer["heads_kept"] == 4
+    assert plots._heads_per_unit(layer, 8) == 2 and layer["heads_kept"] == 4
 
 
 def test_tables_never_average_different_settings(runs):

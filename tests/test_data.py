@@ -60,7 +60,7 @@ def test_unknown_corpus_and_protocol_list_accepted():
 
 
 def test_calibration_is_seeded_and_shaped(zoo):
-    from harness import calibration
+    from harness.data import calibration
 
     _, tok = zoo("tiny-llama")
     a = calibration.batches(tok, "c4", 4, 32, seed=1)
@@ -70,7 +70,7 @@ def test_calibration_is_seeded_and_shaped(zoo):
 
 
 def test_selfgen_samples_from_the_model(zoo):
-    from harness import calibration
+    from harness.data import calibration
 
     model, tok = zoo("tiny-llama")
     ids = calibration.batches(tok, "selfgen", 3, 16, seed=0, model=model)
@@ -78,7 +78,7 @@ def test_selfgen_samples_from_the_model(zoo):
 
 
 def test_calibration_with_bos_per_window_starts_each_sample_with_bos(zoo):
-    from harness import calibration
+    from harness.data import calibration
 
     _, tok = zoo("tiny-llama")
     tok = copy.deepcopy(tok)

@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from harness import allocation as alloc
 from harness import metrics
 from harness.models import adapter_for
 from harness.prune import PruneSettings, n_params, prune
+from harness.prune import allocation as alloc
 from harness.remedy.recovery import CrossMoments, refit
 from tests.conftest import random_model
 
@@ -197,7 +197,8 @@ def test_params_count_shared_embeddings_once():
 def test_level1_moments_equal_the_quadratic_form_of_the_input_second_moment(model_type):
     """The MLP statistics (per-channel moments of level-1 outputs, bias removed) equal
     diag(A Sigma_X A^T) with Sigma_X built from the module's captured inputs."""
-    from harness.prune import Pipeline, _capture
+    from harness.prune import Pipeline
+    from harness.prune.observe import module_input, observe
 
     model = random_model(model_type)
     adapter = adapter_for(model)
@@ -206,9 +207,10 @@ def test_level1_moments_equal_the_quadratic_form_of_the_input_second_moment(mode
     chunks = pipe.capture_inputs(_calib())
     block = adapter.layers(model)[0]
     d2 = adapter.mlp(block)
-    stats = pipe.collect(block, d2, chunks, frozenset({"level1"}))
+    stats = observe(block, d2, adapter.attention_module(block), chunks, frozenset({"level1"}), {}, torch.float64,
+                    torch.device("cpu"))
     with torch.no_grad():
-        x = torch.cat([_capture(block, d2.module_input, c).reshape(-1, 64) for c in chunks]).double()
+        x = torch.cat([module_input(block, d2.module_input, c).reshape(-1, 64) for c in chunks]).double()
     sigma = x.T @ x / len(x)
     for module, got in zip(d2.level1, stats.level1_moments, strict=True):
         a = module.weight.double().T if model_type == "gpt2" else module.weight.double()  # Conv1D is [in, out]

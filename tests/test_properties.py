@@ -64,9 +64,22 @@ def test_pruning_properties(case):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_models_accumulate_statistics_in_float(dtype):
+def test_half_precision_models_accumulate_statistics_in_float64_on_cpu(dtype, monkeypatch):
+    from harness.prune import pipeline
+
+    seen = []
+
+    def observe_and_note(*args, **kwargs):
+        stats = real(*args, **kwargs)
+        seen.extend(m.sq.dtype for m in [*stats.level1, *([stats.level2] if stats.level2 is not None else [])])
+        seen.extend([stats.js_sum.dtype] if stats.js_sum is not None else [])
+        return stats
+
+    real = pipeline.observe
+    monkeypatch.setattr(pipeline, "observe", observe_and_note)
     model = random_model("llama").to(dtype)
     ids = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(0))
     report = prune(model, ids, metrics.build("ours"), PruneSettings(sparsity=0.3, remedy="recovery", chunk_size=2))
     assert report.params_after < report.params_before
+    assert seen and set(seen) == {torch.float64}  # the statistics, whatever the model's dtype
     assert all(p.dtype == dtype for p in model.parameters())

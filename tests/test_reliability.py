@@ -9,20 +9,17 @@ import time
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 
-from harness import records
+from harness import records, resume
+from harness.config import ConfigError, compose
 from harness.data.corpora import CorruptDataError
 from harness.run import run
-from harness.validation import ConfigError
 
-FAST = ["logger=none", "eval.ppl.max_tokens=1024", "calibration.n_samples=4", "eval.efficiency.seqlen=32",
-        "model=tiny-gpt2"]
+FAST = ["+debug=fast", "calibration.n_samples=4"]
 
 
 def _cfg(out, *overrides):
-    with initialize_config_module(version_base="1.3", config_module="harness.conf"):
-        return compose(config_name="config", overrides=[*FAST, f"out_dir={out}", *overrides])
+    return compose(*FAST, f"out_dir={out}", *overrides)
 
 
 class _ModelLoaded(Exception):
@@ -41,9 +38,9 @@ def no_model(monkeypatch):
 
 
 BAD_VALUES = [  # override, the start of the message that must name it
-    ("remedy=recovery remedy.damp=-1", "remedy.damp=-1; accepted: a finite number > 0"),
+    ("remedy=recovery remedy.damp=-1", "remedy.damp=-1.0; accepted: a finite number > 0"),
     ("remedy=recovery remedy.damp=nan", "remedy.damp=nan; accepted: a finite number > 0"),
-    ("remedy=recovery remedy.damp=0", "remedy.damp=0; accepted"),
+    ("remedy=recovery remedy.damp=0", "remedy.damp=0.0; accepted"),
     ("eval.ppl.max_tokens=-5", "eval.ppl.max_tokens=-5; accepted: an integer >= 128, or null (the whole stream)"),
     ("eval.ppl.max_tokens=100", "eval.ppl.max_tokens=100; accepted: an integer >= 128"),
     ("eval.ppl.max_tokens=0", "eval.ppl.max_tokens=0; accepted: an integer >= 128"),
@@ -173,23 +170,23 @@ def test_a_live_running_record_is_not_reported_as_dead(tmp_path, caplog):
 
 
 def test_a_checkpoint_write_failing_midway_is_discarded_and_the_rerun_completes(tmp_path, monkeypatch):
-    import harness.run as run_module
 
-    real_save = run_module.save_pruned
+
+    real_save = resume.save_pruned
 
     def full_disk(model, tok, path):
         real_save(model, tok, path)
         next(path.glob("*.safetensors")).write_bytes(b"\0" * 10)  # the weights are cut short
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(run_module, "save_pruned", full_disk)
+    monkeypatch.setattr(resume, "save_pruned", full_disk)
     cfg = _cfg(tmp_path)
     with pytest.raises(OSError, match="No space left"):
         run(cfg)
     (path,) = tmp_path.glob("*/result.json")
     assert records.read(path)["status"] == "failed"
     assert not (path.parent / "checkpoint").exists()  # only the marked-incomplete temporary folder
-    monkeypatch.setattr(run_module, "save_pruned", real_save)
+    monkeypatch.setattr(resume, "save_pruned", real_save)
     rec = run(cfg)
     assert rec["status"] == "complete" and "attempts" not in rec  # pruned again, not resumed from junk
     assert not (path.parent / "checkpoint.partial").exists()
@@ -224,7 +221,7 @@ def test_a_requeued_attempt_that_finished_nothing_stops_with_a_clear_message(tmp
     with pytest.raises(KeyboardInterrupt):
         run(cfg)  # attempt 2 resumes and is cut again, as a job at its time limit
     rec = records.read(path)
-    assert rec["attempts"] == 2 and rec["progress_at_start"] == run_module._progress(rec["eval"])
+    assert rec["attempts"] == 2 and rec["progress_at_start"] == resume.progress(rec["eval"])
     records.write(path, {**rec, "requeued": True})  # as the requeue signal marks it
     monkeypatch.setattr(run_module, "evaluate", real_evaluate)
     with pytest.raises(RuntimeError, match="attempt 2 was requeued at its time limit without finishing anything: "
@@ -253,7 +250,7 @@ def test_recovery_fits_that_fall_back_are_recorded_and_all_falling_back_fails(tm
 def test_truncated_weights_under_model_path_are_named(tmp_path):
     import shutil
 
-    from harness import zoo
+    from harness.models import zoo
 
     folder = tmp_path / "model"
     shutil.copytree(zoo.locate("tiny-gpt2"), folder)

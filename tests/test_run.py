@@ -5,18 +5,16 @@ import subprocess
 import sys
 
 import pytest
-from hydra import compose, initialize_config_module
 
 from harness import records
+from harness.config import ConfigError, compose
 from harness.run import run
-from harness.validation import ConfigError
 
-FAST = ["logger=none", "eval.ppl.max_tokens=2048", "calibration.n_samples=8", "eval.efficiency.seqlen=32"]
+FAST = ["+debug=fast", "eval.ppl.max_tokens=2048"]
 
 
 def _cfg(tmp_path, *overrides):
-    with initialize_config_module(version_base="1.3", config_module="harness.conf"):
-        return compose(config_name="config", overrides=[*FAST, f"out_dir={tmp_path}", *overrides])
+    return compose(*FAST, f"out_dir={tmp_path}", *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +123,7 @@ def test_sigterm_stops_the_whole_local_sweep(tmp_path):
     proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert [records.read(p)["status"] for p in tmp_path.glob("*/result.json")] == ["interrupted"]
-    assert records.read(path)["error"] == "_Interrupted: signal 15"
+    assert records.read(path)["error"] == "Interrupted: signal 15"
 
 
 def test_sigint_during_evaluation_leaves_no_complete_record_and_rerun_completes(tmp_path):

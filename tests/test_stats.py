@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from harness.stats import ChannelMoments, FlapSampleMoments, js_distance_sums
+from harness.prune.stats import ChannelMoments, FlapSampleMoments, js_distance_sums
 
 
 def test_js_matrix_matches_brute_force_and_is_symmetric():

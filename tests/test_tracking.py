@@ -5,17 +5,17 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
 
-from harness import collect, sources
+from harness import collect
+from harness.collect import sources
+from harness.config import compose
 from harness.run import run
 
-FAST = ["model=tiny-gpt2", "eval.ppl.max_tokens=2048", "calibration.n_samples=8", "eval.efficiency.seqlen=32"]
+FAST = ["+debug=fast", "logger=wandb", "eval.ppl.max_tokens=2048"]
 
 
 def _cfg(out, *overrides):
-    with initialize_config_module(version_base="1.3", config_module="harness.conf"):
-        return compose(config_name="config", overrides=[*FAST, f"out_dir={out}", *overrides])
+    return compose(*FAST, f"out_dir={out}", *overrides)
 
 
 def read_wandb_log(path: Path):

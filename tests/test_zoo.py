@@ -1,11 +1,11 @@
-"""The committed zoo weights are what `python -m harness.zoo build` produces."""
+"""The committed zoo weights are what `python -m harness.models.zoo build` produces."""
 
 import hashlib
 import json
 
 import pytest
 
-from harness import zoo as zoo_module
+from harness.models import zoo as zoo_module
 
 
 @pytest.mark.parametrize("name", list(zoo_module.MODELS))

@@ -14,15 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from harness.models.base import DepthTwo
-from harness.stats import ModuleStats
-
-# Statistics a metric can ask for (filled by the pipeline's hooks):
-#   level1:       per-channel second moment of each level-1 output, bias excluded
-#                 (= diag(A Sigma_X A^T), Sigma_X = E[x x^T] of the module input)
-#   level2:       per-channel mean / second moment / variance of the level-2 input
-#   js:           mean Jensen-Shannon distance between attention heads (attention only)
-#   grad:         LM-loss gradients of the weights (Taylor)
-NEEDS = ("level1", "level2", "js", "grad")
+from harness.prune.stats import ModuleStats
 
 
 @dataclass
@@ -62,6 +54,7 @@ def standardise(x: torch.Tensor) -> torch.Tensor:
 
 class Metric:
     name: str = ""
+    # The statistics it scores from, per module kind (the names in harness/prune/observe.py).
     needs_attention: frozenset[str] = frozenset()
     needs_mlp: frozenset[str] = frozenset()
 
@@ -71,6 +64,14 @@ class Metric:
 
     def needs(self, kind: str) -> frozenset[str]:
         return self.needs_attention if kind == "attention" else self.needs_mlp
+
+    @property
+    def family(self) -> str:
+        """How the paper's Table 1 groups it: by what it needs to score."""
+        needs = self.needs_attention | self.needs_mlp
+        if "grad" in needs:
+            return "training-aware"
+        return "inference-aware" if needs else "data-free"
 
     def rank(self, d2: DepthTwo, stats: ModuleStats, generator: torch.Generator) -> Ranking:
         raise NotImplementedError

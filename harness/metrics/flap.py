@@ -15,7 +15,7 @@ import torch
 
 from harness.metrics import Metric, Ranking, per_unit, register, standardise
 from harness.models.base import DepthTwo, weight
-from harness.stats import ModuleStats
+from harness.prune.stats import ModuleStats
 
 SCORES = ("ifv", "wifv", "wifn")
 

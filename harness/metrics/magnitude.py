@@ -10,7 +10,7 @@ from torch import nn
 
 from harness.metrics import Metric, Ranking, per_unit, register
 from harness.models.base import DepthTwo, weight
-from harness.stats import ModuleStats
+from harness.prune.stats import ModuleStats
 
 
 def group_sum(d2: DepthTwo, per_weight: Callable[[nn.Module], torch.Tensor]) -> torch.Tensor:

@@ -9,7 +9,7 @@ from harness.metrics import Metric, Ranking, register, standardise
 from harness.metrics.second_moment import head_scores, mlp_scores
 from harness.metrics.similarity import similarity_ranking
 from harness.models.base import DepthTwo
-from harness.stats import ModuleStats
+from harness.prune.stats import ModuleStats
 
 
 @register("ours")

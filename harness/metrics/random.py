@@ -6,7 +6,7 @@ import torch
 
 from harness.metrics import Metric, Ranking, register
 from harness.models.base import DepthTwo
-from harness.stats import ModuleStats
+from harness.prune.stats import ModuleStats
 
 
 @register("random")

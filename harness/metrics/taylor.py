@@ -8,7 +8,7 @@ summed over a unit's coupled weights (level-1 rows, level-2 columns), and
   vector   (code: vectorize)    = |sum over the unit's weights of s|.
 The paper's "Element1" is param_first; its "Element2" is param_second here (the sources leave
 open whether it meant param_mix, which is available as variant=mix).
-Gradients come from the dense model, once, before pruning starts (harness/gradients.py).
+Gradients come from the dense model, once, before pruning starts (harness/prune/gradients.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from harness.metrics import Metric, Ranking, register
 from harness.metrics.magnitude import group_sum
 from harness.models.base import DepthTwo, weight
-from harness.stats import ModuleStats
+from harness.prune.stats import ModuleStats
 
 VARIANTS = ("element1", "element2", "mix", "vector")
 

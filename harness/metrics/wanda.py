@@ -7,7 +7,7 @@ import torch
 
 from harness.metrics import Metric, Ranking, per_unit, register
 from harness.models.base import DepthTwo, weight
-from harness.stats import ModuleStats
+from harness.prune.stats import ModuleStats
 
 
 @register("wanda")

@@ -19,7 +19,7 @@ The adapter contract. An architecture adapter is a module of `harness/models/` w
     level2_outputs(block)               (attention output map, MLP output map)
 and is listed in `harness.models.ADAPTERS`. How a block is *called* is not part of the
 contract: the pipeline records each block's own arguments from the model's forward
-(harness/stream.py). A model type is supported only when `tests/test_adapters.py` passes for
+(harness/prune/stream.py). A model type is supported only when `tests/test_adapters.py` passes for
 it: block-by-block propagation equals the model's forward, keep-all pruning is the identity,
 removing a unit equals masking it, save -> reload is exact, and cached generation equals
 the full forward on the pruned model.

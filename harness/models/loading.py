@@ -56,7 +56,7 @@ def model_dir(cfg) -> str:
             raise ModelNotFoundError(f"model.path={cfg.path!r} does not exist")
         return str(path)
     if cfg.source == "zoo":
-        from harness import zoo
+        from harness.models import zoo
 
         return str(zoo.locate(cfg.name))
     if cfg.source == "gguf":

@@ -1,12 +1,81 @@
-"""Remedies applied around the cut, behind one registry: `none`, `recovery` (the paper's
-pre-pruning reconstruction, before scoring) and `bias` (FLAP's compensation, after the cut)."""
+"""Remedies around the cut, behind one registry (a new remedy is one file here plus one YAML
+under conf/remedy/).
+
+A remedy declares what it needs and hooks into the pipeline at two points of each module:
+  before_scoring   the module as pruned so far, with the dense block and stream at hand
+                   (recovery re-fits it to the dense outputs, paper Algorithms 2-4)
+  after_selection  the units to keep are chosen, the cut has not happened
+                   (bias folds the removed channels' mean into the bias, FLAP)
+`finish` returns what the record keeps about it (or raises if it silently did nothing).
+"""
 
 from __future__ import annotations
 
-REMEDIES = ("none", "recovery", "bias")
+import importlib
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from harness.models.base import DepthTwo
+    from harness.prune.settings import PruneSettings
+    from harness.prune.stats import ModuleStats
+    from harness.prune.stream import Chunk
+
+REGISTRY: dict[str, type[Remedy]] = {}
 
 
-def check(name: str) -> str:
-    if name not in REMEDIES:
-        raise ValueError(f"unknown remedy {name!r}; accepted: {', '.join(REMEDIES)}")
-    return name
+def register(name: str):
+    def wrap(cls: type[Remedy]) -> type[Remedy]:
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+class Remedy:
+    name: ClassVar[str] = "none"
+    needs: ClassVar[frozenset[str]] = frozenset()  # statistics observed at the cut (observe.NEEDS)
+    dense_reference: ClassVar[bool] = False  # keep a dense copy of each block and the dense stream
+    params: ClassVar[tuple[str, ...]] = ()  # the remedy.* keys it reads (the tables label runs by them)
+
+    def __init__(self, settings: PruneSettings):
+        self.settings = settings
+
+    @classmethod
+    def check(cls, settings: PruneSettings) -> None:
+        """Refuse settings this remedy cannot honour (at construction, before any work)."""
+
+    def before_scoring(self, block: nn.Module, dense: nn.Module, unit: DepthTwo, dense_unit: DepthTwo,
+                       stream: list[Chunk], dense_stream: list[Chunk], where: str, dtype: torch.dtype,
+                       device: torch.device) -> None:
+        """Called before `unit` is observed and scored, only when `dense_reference`."""
+
+    def after_selection(self, unit: DepthTwo, keep: torch.Tensor, stats: ModuleStats) -> None:
+        """Called with the units to keep, before they are cut."""
+
+    def finish(self) -> dict:
+        return {}
+
+
+register("none")(Remedy)
+_MODULES = ("bias", "recovery")
+
+
+def _load_all() -> None:
+    for module in _MODULES:
+        importlib.import_module(f"harness.remedy.{module}")
+
+
+def names() -> list[str]:
+    _load_all()
+    return sorted(REGISTRY)
+
+
+def get(name: str) -> type[Remedy]:
+    _load_all()
+    if name not in REGISTRY:
+        raise ValueError(f"remedy={name!r} is not accepted; accepted: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 from harness.models.base import DepthTwo, ensure_bias, weight
+from harness.prune.stats import ModuleStats
+from harness.remedy import Remedy, register
 
 
 def compensate(d2: DepthTwo, keep_units: torch.Tensor, level2_mean: torch.Tensor) -> None:
@@ -25,3 +27,11 @@ def compensate(d2: DepthTwo, keep_units: torch.Tensor, level2_mean: torch.Tensor
     bias = ensure_bias(d2.level2)
     with torch.no_grad():
         bias += shift.to(bias.dtype)
+
+
+@register("bias")
+class Bias(Remedy):
+    needs = frozenset({"level2"})
+
+    def after_selection(self, unit: DepthTwo, keep: torch.Tensor, stats: ModuleStats) -> None:
+        compensate(unit, keep, stats.level2.mean)

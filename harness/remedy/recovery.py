@@ -16,25 +16,30 @@ With a bias the inputs are augmented by a constant 1 (the intercept is solved wi
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 
 import torch
 
 from harness.models.base import weight
+from harness.prune.observe import module_input
+from harness.prune.settings import SettingsError
+from harness.remedy import Remedy, register
 
 log = logging.getLogger(__name__)
 
 
 class CrossMoments:
-    """Running X_hat^T X_hat and X_hat^T X over tokens, optionally augmented by a 1 column."""
+    """Running `gram` = X_hat^T X_hat and `cross` = X_hat^T X over tokens (X_hat: this module's
+    input in the model pruned so far, X: the dense model's), optionally augmented by a 1 column."""
 
     def __init__(self, width: int, augment: bool, dtype: torch.dtype, device: torch.device):
         n = width + int(augment)
         self.augment = augment
-        self.hh = torch.zeros(n, n, dtype=dtype, device=device)
-        self.hd = torch.zeros(n, n, dtype=dtype, device=device)
+        self.gram = torch.zeros(n, n, dtype=dtype, device=device)
+        self.cross = torch.zeros(n, n, dtype=dtype, device=device)
 
-    def _aug(self, x: torch.Tensor) -> torch.Tensor:
+    def _augmented(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(-1, x.shape[-1])
         x = x.float() if x.element_size() < 4 else x  # products of one chunk in float32 at least
         if self.augment:
@@ -42,9 +47,9 @@ class CrossMoments:
         return x
 
     def update(self, current: torch.Tensor, dense: torch.Tensor) -> None:
-        h, d = self._aug(current), self._aug(dense)
-        self.hh += (h.T @ h).to(self.hh.dtype)
-        self.hd += (h.T @ d).to(self.hd.dtype)
+        current, dense = self._augmented(current), self._augmented(dense)
+        self.gram += (current.T @ current).to(self.gram.dtype)
+        self.cross += (current.T @ dense).to(self.cross.dtype)
 
 
 def ridge_solve(xtx: torch.Tensor, rhs: torch.Tensor, damp: float, where: str,
@@ -77,15 +82,15 @@ def refit(modules: list[torch.nn.Module], moments: CrossMoments, damp: float, wh
     """Re-fit every module reading the same input to reproduce its dense outputs; per module,
     whether it was re-fitted (False: the solve fell back and its weights are unchanged)."""
     fitted = []
-    width = moments.hh.shape[0] - int(moments.augment)
+    width = moments.gram.shape[0] - int(moments.augment)
     for module in modules:
-        w = weight(module).to(moments.hh.dtype)  # [out, in]
+        w = weight(module).to(moments.gram.dtype)  # [out, in]
         has_bias = module.bias is not None and moments.augment
         if has_bias:
             w_aug = torch.cat([w, module.bias.detach().to(w.dtype)[:, None]], 1)  # [out, in+1]
-            sol = ridge_solve(moments.hh, moments.hd @ w_aug.T, damp, where, prior=w_aug.T if toward == "weights" else None)
+            sol = ridge_solve(moments.gram, moments.cross @ w_aug.T, damp, where, prior=w_aug.T if toward == "weights" else None)
         else:
-            sol = ridge_solve(moments.hh[:width, :width], moments.hd[:width, :width] @ w.T, damp, where,
+            sol = ridge_solve(moments.gram[:width, :width], moments.cross[:width, :width] @ w.T, damp, where,
                               prior=w.T if toward == "weights" else None)
         fitted.append(sol is not None)
         if sol is None:
@@ -95,3 +100,44 @@ def refit(modules: list[torch.nn.Module], moments: CrossMoments, damp: float, wh
             if has_bias:
                 module.bias.copy_(sol[width].to(module.bias.dtype))
     return fitted
+
+
+@register("recovery")
+class Recovery(Remedy):
+    dense_reference = True
+    params = ("damp", "toward")
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.fits, self.fell_back = 0, []
+
+    @classmethod
+    def check(cls, settings) -> None:
+        damp = settings.damp
+        if isinstance(damp, bool) or not isinstance(damp, int | float) or not math.isfinite(damp) or damp <= 0:
+            raise SettingsError(f"remedy.damp={damp!r}; accepted: a finite number > 0 (lambda = damp * mean diag X^T X)")
+        if settings.ridge_toward not in TOWARD:
+            raise SettingsError(f"remedy.toward={settings.ridge_toward!r} is not accepted; accepted: {', '.join(TOWARD)}")
+
+    def before_scoring(self, block, dense, unit, dense_unit, stream, dense_stream, where, dtype, device) -> None:
+        """Each level, in forward order, re-fitted to what the dense block's level computes on the dense stream."""
+        for level in (1, 2):
+            modules = unit.level1 if level == 1 else [unit.level2]
+            probe, dense_probe = (unit.module_input, dense_unit.module_input) if level == 1 else (unit.level2, dense_unit.level2)
+            moments = None
+            for chunk, dense_chunk in zip(stream, dense_stream, strict=True):
+                x, x_dense = module_input(block, probe, chunk), module_input(dense, dense_probe, dense_chunk)
+                if moments is None:
+                    moments = CrossMoments(x.shape[-1], any(m.bias is not None for m in modules), dtype, device)
+                moments.update(x, x_dense)
+            at = f"{where} level {level}"
+            fitted = refit(modules, moments, self.settings.damp, at, self.settings.ridge_toward)
+            self.fits += sum(fitted)
+            self.fell_back += [f"{at} module {i}" for i, ok in enumerate(fitted) if not ok]
+
+    def finish(self) -> dict:
+        if self.fell_back and not self.fits:
+            raise RuntimeError(f"remedy=recovery: every one of the {len(self.fell_back)} fits fell back to the "
+                               f"unchanged weights (X^T X singular at every level; remedy.damp={self.settings.damp}); "
+                               "this would be a no-remedy run recorded as recovery")
+        return {"fits": self.fits, "fell_back": self.fell_back}

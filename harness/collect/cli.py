@@ -1,0 +1,84 @@
+"""Records -> pandas -> paper-style tables (Markdown, LaTeX, CSV) and plots.
+
+    python -m harness.collect                       # default tables from results/runs
+    python -m harness.collect --rows metric,remedy --cols sparsity --values ppl.wikitext2
+    harness collect --runs DIR --out results
+    harness collect --wandb ENTITY/PROJECT          # also the records uploaded to a wandb project
+    harness collect --where model=smollm2-135m --where "remedy_params=-|damp=0.01,toward=zero" --out DIR
+
+Only complete records are read. Tables go to <out>/tables, plots to <out>/plots:
+Table 1 (methods x perplexities, 7 tasks, average; runs with zero-shot), Table 2 (head-only
+pruning: pruned heads x perplexities), Table 3 (methods x sparsity x datasets), runs.csv,
+perplexity vs sparsity, perplexity vs calibration size (Figure 4, where a sweep varies
+n_samples) and the head-similarity graph of one block (Figure 3, runs whose metric
+measured head divergences).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from harness import records
+from harness.collect import sources
+from harness.collect.frame import frame, where
+from harness.collect.plots import figure3_records, plot_head_graph, plot_ppl_vs
+from harness.collect.tables import is_lower_better, pivot, table1, table2, table3, write_table
+
+
+def collect(runs: Path, out: Path, rows: list[str] | None = None, cols: list[str] | None = None,
+            values: str | None = None, wandb_project: str | None = None, fig3_run: str | None = None,
+            fig3_layer: int | None = None, fig3_tau: float | None = None, conditions: list[str] = ()) -> list[Path]:
+    recs = records.load_complete(runs)
+    if wandb_project:
+        recs = sources.merge(recs, sources.wandb_records(wandb_project))
+    if not recs:
+        raise SystemExit(f"no complete records under {runs}" + (f" or in wandb project {wandb_project}" if wandb_project else ""))
+    df = where(frame(recs), list(conditions))
+    if df.empty:
+        raise SystemExit(f"no record matches {list(conditions)}")
+    recs = [r for r in recs if r["run_id"] in set(df["run_id"])]
+    tables = out / "tables"
+    tables.mkdir(parents=True, exist_ok=True)
+    df.to_csv(tables / "runs.csv", index=False)
+    written = [tables / "runs.csv"]
+    if rows and cols and values:
+        written += write_table(pivot(df, rows, cols, values), tables, f"pivot_{values}", is_lower_better(values))
+    for model, t in table3(df).items():
+        written += write_table(t, tables, f"table3_{model}")
+    for key, t in table1(df).items():
+        written += write_table(t, tables, f"table1_{key}")
+    for model, t in table2(df).items():
+        written += write_table(t, tables, f"table2_{model}")
+    plots = out / "plots"
+    written += plot_ppl_vs(df, plots, "sparsity", ["modules", "calibration", "n_samples"], "ppl_vs_sparsity")
+    written += plot_ppl_vs(df, plots, "n_samples", ["modules", "calibration", "sparsity"], "ppl_vs_calibration")
+    for rec in figure3_records(recs, fig3_run):
+        written += plot_head_graph(rec, plots, fig3_layer, fig3_tau)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="harness collect", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=Path, default=Path("results/runs"), help="folder of <hash>/result.json records")
+    ap.add_argument("--out", type=Path, default=Path("results"), help="writes <out>/tables and <out>/plots")
+    ap.add_argument("--rows", help="pivot rows, comma-separated (e.g. metric,remedy)")
+    ap.add_argument("--cols", help="pivot columns (e.g. sparsity)")
+    ap.add_argument("--values", help="pivot values (e.g. ppl.wikitext2, zs.avg)")
+    ap.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE[|VALUE]",
+                    help="only runs matching (repeatable; columns as in runs.csv)")
+    ap.add_argument("--wandb", metavar="ENTITY/PROJECT", help="also read the records uploaded to this wandb project")
+    ap.add_argument("--fig3-run", help="run id whose head similarity graph to draw (default: first per model)")
+    ap.add_argument("--fig3-layer", type=int, help="block of the head similarity graph (default: the middle one)")
+    ap.add_argument("--fig3-tau", type=float, help="edge threshold on the JS distance (default: the block's median)")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    paths = collect(a.runs, a.out, a.rows.split(",") if a.rows else None, a.cols.split(",") if a.cols else None, a.values,
+                    a.wandb, a.fig3_run, a.fig3_layer, a.fig3_tau, a.where)
+    for p in paths:
+        print(p)
+
+
+if __name__ == "__main__":
+    main()

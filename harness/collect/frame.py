@@ -1,0 +1,122 @@
+"""Records -> one pandas row per run, with flat, human-named columns (runs.csv)."""
+
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+
+from harness import metrics
+from harness import remedy as remedies
+
+log = logging.getLogger(__name__)
+
+METHOD = ["metric", "remedy", "allocation"]
+# Settings that change a result besides the method; where the records of a table differ in
+# one, it becomes an extra row level, so different configurations are never averaged
+# (only repeated seeds are).
+SETTINGS = ["metric_params", "remedy_params", "attention_unit", "calibration", "n_samples", "sparsity_mode", "modules",
+            "ppl_tokens", "bos"]
+# The method part a parameter setting belongs to: with that part as a table column, the
+# setting varies with the column, not within a row.
+OWNER = {"metric_params": "metric", "remedy_params": "remedy"}
+
+
+def _params(d: dict, skip: tuple[str, ...] = ()) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(d.items()) if k not in skip and v not in (None, False)) or "-"
+
+
+FAMILIES = ("dense", "data-free", "training-aware", "inference-aware", "retraining")  # the paper's Table 1 order
+
+
+def family(config: dict) -> str:
+    """The paper's Table 1 group of a run: dense (sparsity 0), retraining (fine-tuned after
+    pruning), else what its metric scores from (Metric.family)."""
+    if config["sparsity"] == 0:
+        return "dense"
+    if (config.get("finetune") or {}).get("name", "none") != "none":
+        return "retraining"
+    try:
+        return metrics.build(config["metric"]["name"], config["metric"].get("params")).family
+    except (ValueError, TypeError):  # a metric this version does not know
+        return "other"
+
+
+def _remedy_params(remedy: dict) -> str:
+    """Only the keys the remedy reads: recovery's damp and toward, nothing for none or bias."""
+    try:
+        reads = remedies.get(remedy["name"]).params
+    except ValueError:  # a remedy this version does not know: every key it was given
+        reads = tuple(k for k in remedy if k != "name")
+    return _params({k: v for k, v in remedy.items() if k in reads})
+
+
+def ppl_columns(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if c.startswith("ppl.") and not c.endswith(".tokens")]
+
+
+def rows_of(df: pd.DataFrame, base: list[str], exclude: tuple[str, ...] = ()) -> list[str]:
+    """`base` plus the model, the method parts and every setting that take several values
+    among the runs of one row (equal `base`), so that a row is one configuration and nothing
+    different is averaged (repeated seeds are); `exclude` are the table's column keys."""
+    rows = list(base)
+    for c in ["model", *METHOD, *SETTINGS]:
+        if c not in df or c in rows or c in exclude:
+            continue
+        within = rows + ([OWNER[c]] if OWNER.get(c) in exclude else [])
+        if df.groupby(within)[c].nunique().max() > 1:
+            rows.append(c)
+    return rows
+
+
+def frame(recs: list[dict]) -> pd.DataFrame:
+    """One row per run with flat, human-named columns; a malformed record is reported and skipped."""
+    rows = []
+    for r in recs:
+        try:
+            rows.append(_row(r))
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            log.warning("ignoring %s: malformed record (%s: %s)", r.get("path") or r.get("run_id"), type(e).__name__, e)
+    return pd.DataFrame(rows)
+
+
+def _row(r: dict) -> dict:
+    c, ev, p = r["config"], r.get("eval", {}), r["pruning"]
+    row = {
+        "model": c["model"]["name"], "family": family(c), "metric": c["metric"]["name"], "remedy": c["remedy"]["name"],
+        "allocation": c["allocation"]["name"], "calibration": c["calibration"]["dataset"],
+        "n_samples": c["calibration"]["n_samples"], "sparsity": c["sparsity"], "sparsity_mode": c["sparsity_mode"],
+        "sparsity_achieved": round(p["sparsity_achieved"], 4), "seed": c["seed"], "modules": "+".join(c["prune"]["modules"]),
+        "attention_unit": c["prune"].get("attention_unit", "kv_group"), "bos": c["model"].get("bos", "stream"),
+        "heads_kept": sum(layer["heads_kept"] for layer in p["per_layer"]), "params": r["model"]["params_after"], "prune_seconds": p["seconds"],
+        "run_id": r["run_id"],
+        "metric_params": _params(c["metric"].get("params") or {}),
+        "remedy_params": _remedy_params(c["remedy"]),
+    }
+    if "heads_before" in r["model"]:
+        row["heads_pruned"] = r["model"]["heads_before"] - row["heads_kept"]
+    for name, v in ev.get("ppl", {}).items():
+        row[f"ppl.{name}"] = v["value"]
+        row[f"ppl.{name}.tokens"] = v["tokens"]
+    max_tokens = (c["eval"].get("ppl") or {}).get("max_tokens")
+    row["ppl_tokens"] = "all" if max_tokens is None else str(max_tokens)
+    zs = ev.get("zeroshot", {})
+    avg_metric = ev.get("zeroshot_protocol", {}).get("average_metrics", {})
+    for task, v in zs.items():
+        row[f"zs.{task}"] = v[avg_metric.get(task, "acc")] if v.get(avg_metric.get(task, "acc")) is not None else v["acc"]
+    if "zeroshot_avg" in ev:
+        row["zs.avg"] = ev["zeroshot_avg"]
+        row["zs.average_metrics"] = avg_metric
+    return row
+
+
+def where(df: pd.DataFrame, conditions: list[str]) -> pd.DataFrame:
+    """Keep the rows matching every `column=value` condition (`a|b`: any of the values)."""
+    for cond in conditions:
+        key, sep, values = cond.partition("=")
+        if not sep or key not in df:
+            raise ValueError(f"bad --where {cond!r}: expected COLUMN=VALUE[|VALUE...] with COLUMN one of {', '.join(df.columns)}")
+        df = df[df[key].astype(str).isin(values.split("|"))]
+    return df
+
+

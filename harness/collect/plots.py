@@ -1,0 +1,151 @@
+"""Figures from the runs frame and the records: perplexity against sparsity or calibration
+size (Figure 4) and the head-similarity graph of one block (Figure 3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from harness.collect.frame import METHOD, ppl_columns, rows_of
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: Path, stem: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.{ext}" for ext in ("png", "pdf")]
+    for p in paths:
+        fig.savefig(p, dpi=150, bbox_inches="tight")  # the canvas grows to hold an outside legend
+    fig.clear()
+    return paths
+
+
+# One colour per metric (fixed across figures), one line style per remedy, one marker per
+# remaining variant (allocation, attention unit, ...): 9 metrics x 3 remedies stay legible,
+# and a metric keeps its colour everywhere.
+_STYLE = {"none": "-", "bias": "--", "recovery": ":"}
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def _colour(metric: str) -> str:
+    from harness import metrics
+
+    palette = ("C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9")  # tab10 without its grey (C7)
+    known = metrics.names()
+    return palette[known.index(metric) % len(palette)] if metric in known else "black"
+
+
+def plot_ppl_vs(df: pd.DataFrame, out: Path, x: str, fixed: list[str], stem: str) -> list[Path]:
+    """One figure per (model, fixed..., dataset): perplexity against `x`, a line per method
+    (colour: metric, line style: remedy, marker: allocation) and the dense model's value as a
+    grey reference line; only where some method has at least two values of `x`."""
+    plt = _pyplot()
+    from matplotlib.lines import Line2D
+
+    paths = []
+    pruned, dense = df[df["sparsity"] > 0], df[df["sparsity"] == 0]
+    for key, sub in pruned.groupby(["model", *fixed]):
+        methods = rows_of(sub, METHOD, exclude=(x, *fixed))
+        key = key if isinstance(key, tuple) else (key,)
+        if sub.groupby(methods)[x].nunique().max() < 2:
+            continue
+        lines = list(sub.groupby(methods))
+        reference = dense[(dense["model"] == key[0]) & dense["ppl_tokens"].isin(sub["ppl_tokens"].unique())]
+        for col in ppl_columns(sub):
+            fig, ax = plt.subplots(figsize=(5.5, 3.5))
+            variant_of = {}
+            for method, g in lines:
+                parts = dict(zip(methods, method if isinstance(method, tuple) else (method,), strict=True))
+                variant = " ".join(f"{v}" for k, v in parts.items() if k not in ("metric", "remedy"))
+                marker = _MARKERS[variant_of.setdefault(variant, len(variant_of)) % len(_MARKERS)]
+                g = g.groupby(x)[col].mean().dropna().sort_index()
+                ax.plot(g.index, g.values, color=_colour(parts["metric"]), linestyle=_STYLE.get(parts["remedy"], "-."),
+                        marker=marker, markersize=4)
+            handles = [Line2D([], [], color=_colour(m), label=m) for m in sorted(set(sub["metric"]))]
+            handles += [Line2D([], [], color="black", linestyle=_STYLE.get(r, "-."), label=f"remedy={r}")
+                        for r in sorted(set(sub["remedy"]))]
+            if len(variant_of) > 1:
+                handles += [Line2D([], [], color="black", linestyle="none", marker=_MARKERS[i % len(_MARKERS)],
+                                   label=variant) for variant, i in variant_of.items()]
+            if col in reference and reference[col].notna().any():
+                value = reference[col].mean()
+                ax.axhline(value, color="grey", linewidth=1.5, linestyle=(0, (1, 3)))
+                handles.append(Line2D([], [], color="grey", linewidth=1.5, linestyle=(0, (1, 3)), label=f"dense {value:.2f}"))
+            settings = " ".join(f"{f}={k:g}" if isinstance(k, float) else f"{f}={k}"
+                                for f, k in zip(fixed, key[1:], strict=True))
+            ax.set(xlabel=x, ylabel=f"{col.removeprefix('ppl.')} perplexity", yscale="log")
+            ax.set_title(f"{key[0]}\n{settings}", fontsize=9)
+            if x == "n_samples":
+                ax.set_xscale("log", base=2)
+            ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+            suffix = "_".join(f"{k:g}" if isinstance(k, float) else str(k) for k in key)
+            paths += _save(fig, out, f"{stem}_{suffix}_{col.removeprefix('ppl.')}")
+            plt.close(fig)
+    return paths
+
+
+def _heads_per_unit(layer: dict, n_heads: int) -> int:
+    removed = len(layer["attention_units_removed"])
+    return (n_heads - layer["heads_kept"]) // removed if removed else 1
+
+
+def plot_head_graph(rec: dict, out: Path, layer: int | None = None, tau: float | None = None) -> list[Path]:
+    """Figure 3: the heads of one block as nodes, an edge where their mean JS distance is below
+    tau (default: the median over the block's head pairs); removed heads are drawn filled."""
+    import math
+
+    plt = _pyplot()
+    layers = {lay["layer"]: lay for lay in rec["pruning"]["per_layer"] if "head_divergence" in lay}
+    if not layers:
+        return []
+    if layer is None:
+        layer = sorted(layers)[len(layers) // 2]
+    if layer not in layers:
+        raise ValueError(f"run {rec['run_id']} has no head divergences for block {layer}; blocks with them: {sorted(layers)}")
+    lay = layers[layer]
+    div = lay["head_divergence"]
+    n = len(div)
+    pairs = [(div[i][j], i, j) for i in range(n) for j in range(i + 1, n)]
+    if tau is None:
+        tau = sorted(d for d, _, _ in pairs)[len(pairs) // 2]
+    hpu = _heads_per_unit(lay, n)
+    removed = {u * hpu + k for u in lay["attention_units_removed"] for k in range(hpu)}
+    pos = [(math.cos(2 * math.pi * i / n), math.sin(2 * math.pi * i / n)) for i in range(n)]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for d, i, j in pairs:
+        if d < tau:
+            ax.plot([pos[i][0], pos[j][0]], [pos[i][1], pos[j][1]], color="tab:blue", lw=0.6 + 2.5 * (1 - d / tau), zorder=1)
+    for i, (px, py) in enumerate(pos):
+        ax.scatter(px, py, s=420, zorder=2, color="tab:red" if i in removed else "white", edgecolors="black")
+        ax.annotate(str(i), (px, py), ha="center", va="center", fontsize=8, zorder=3)
+    cfg = rec["config"]
+    ax.set_title(f"{cfg['model']['name']} block {layer}: JS distance < {tau:.3f}\n(filled: removed by {cfg['metric']['name']})", fontsize=9)
+    ax.set_axis_off()
+    ax.set_aspect("equal")
+    paths = _save(fig, out, f"head_similarity_{cfg['model']['name']}_block{layer}_{rec['run_id']}")
+    plt.close(fig)
+    return paths
+
+
+def figure3_records(recs: list[dict], run_id: str | None) -> list[dict]:
+    """The run to draw per model: `run_id`, else the first run (by id) with head divergences."""
+    if run_id is not None:
+        chosen = [r for r in recs if r["run_id"] == run_id]
+        if not chosen:
+            raise ValueError(f"no complete record with run id {run_id!r}")
+        return chosen
+    first: dict[str, dict] = {}
+    for r in sorted(recs, key=lambda r: r["run_id"]):
+        if any("head_divergence" in lay for lay in r["pruning"]["per_layer"]):
+            first.setdefault(r["config"]["model"]["name"], r)
+    return list(first.values())
+
+

@@ -1,0 +1,342 @@
+"""The typed run schema: one dataclass per config group, registered in Hydra's ConfigStore.
+
+The YAML files under conf/ only choose (a model, a metric, a sweep); every key, its type and
+its default live here. A key that does not exist or a value of the wrong type fails at
+composition, naming the key; a value out of range fails when the config becomes a `RunConfig`
+(`typed`, the first step of `harness.run.run`), before anything loads. Each check is a
+`check` method of the dataclass that holds the key; the pruning keys are checked by the
+`PruneSettings` they become.
+
+From Python, without Hydra's app:
+    from harness.config import compose
+    from harness.run import run
+    record = run(compose("model=tiny-llama", "sparsity=0.3", "logger=none"))
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import II, MISSING, DictConfig, OmegaConf
+
+from harness.prune.settings import PruneSettings, SettingsError, integer, one_of
+
+
+def _config_dir() -> Path:
+    """conf/ beside the package in a checkout; harness/conf in an installed wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "conf", here / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"no config tree (config.yaml) in {here.parent / 'conf'} or {here / 'conf'}")
+
+
+CONFIG_DIR = _config_dir()
+ConfigError = SettingsError  # one error type for every refused value, whichever component checks it
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _writable_dir(key: str, path: str) -> None:
+    """The nearest existing folder of `path` must be writable (the run creates the rest)."""
+    p = Path(path).expanduser().resolve()
+    existing = next(q for q in (p, *p.parents) if q.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={path!r} is not writable ({existing} is not a writable folder); "
+                          "accepted: a folder this user can create files in")
+
+
+@dataclass
+class GGUFPart:
+    package: str  # the pip package that ships this part
+    path: str  # the part's path inside site-packages
+
+
+@dataclass
+class GGUFFile:
+    file: str  # the joined file's name
+    parts: list[GGUFPart] = field(default_factory=list)
+    sha256: str | None = None  # of the joined file, checked when given
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    source: str = "hub"  # hub (hub_id or path), gguf (pip-packaged GGUF), zoo (harness/models/zoo.py)
+    hub_id: str | None = None
+    path: str | None = None  # a local checkpoint folder instead of the hub
+    revision: str | None = None
+    gguf: GGUFFile | None = None
+    layers: list[int] | None = None  # [start, end) of prunable blocks; null = all
+    seqlen: int = 128  # the protocol's context for calibration and perplexity
+    bos: str = "stream"  # stream: BOS once at the stream start (the papers); window: BOS starts every sequence
+
+    def check(self) -> None:
+        from harness.evaluate.perplexity import BOS_PLACEMENTS
+        from harness.models.loading import SOURCES
+
+        one_of("model.source", self.source, SOURCES)
+        one_of("model.bos", self.bos, BOS_PLACEMENTS)
+        if self.path and not Path(self.path).expanduser().exists():
+            raise ConfigError(f"model.path={self.path!r} does not exist")
+        if self.source == "gguf" and self.gguf is None:
+            raise ConfigError(f"model.source=gguf for model {self.name!r} needs model.gguf (file and parts)")
+
+
+@dataclass
+class MetricConfig:
+    name: str = "ours"
+    params: dict[str, Any] = field(default_factory=dict)  # the metric's own keyword arguments
+
+    def check(self) -> None:
+        from harness import metrics
+
+        try:
+            metrics.build(self.name, self.params)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"metric: {e}") from e
+
+
+@dataclass
+class AllocationConfig:
+    name: str = "uniform"  # prune/allocation.py POLICIES
+
+
+@dataclass
+class RemedyConfig:
+    name: str = "none"  # harness.remedy.names()
+    damp: float = 0.01  # recovery: lambda = damp * mean(diag(X^T X))
+    toward: str = "zero"  # recovery's ridge prior: zero (METHOD.md) or weights
+
+
+@dataclass
+class CalibrationConfig:
+    dataset: str = "c4"
+    n_samples: int = 128
+    seqlen: int = II("model.seqlen")
+    bos: str = II("model.bos")
+    seed: int = II("seed")
+
+    def check(self) -> None:
+        from harness.data.calibration import ACCEPTED
+        from harness.evaluate.perplexity import BOS_PLACEMENTS
+
+        one_of("calibration.dataset", self.dataset, ACCEPTED)
+        integer("calibration.n_samples", self.n_samples, 1)
+        integer("calibration.seqlen", self.seqlen, 2)
+        integer("calibration.seed", self.seed, 0)
+        one_of("calibration.bos", self.bos, BOS_PLACEMENTS)
+
+
+@dataclass
+class PerplexityConfig:
+    datasets: list[str] = field(default_factory=lambda: ["wikitext2", "ptb"])
+    protocol: str = "llmpruner"  # llmpruner (PTB validation, "\n\n"), gptq (PTB test, " ")
+    seqlen: int = II("model.seqlen")
+    batch_size: int = 8
+    max_tokens: int | None = None  # cap on the evaluated tokens per dataset (the record says how many)
+    bos: str = II("model.bos")
+
+    def check(self) -> None:
+        from harness.data.corpora import CORPORA, PROTOCOLS
+        from harness.evaluate.perplexity import BOS_PLACEMENTS
+
+        for dataset in self.datasets:
+            one_of("eval.ppl.datasets item", dataset, CORPORA[:2])
+        one_of("eval.ppl.protocol", self.protocol, tuple(PROTOCOLS))
+        one_of("eval.ppl.bos", self.bos, BOS_PLACEMENTS)
+        integer("eval.ppl.seqlen", self.seqlen, 2)
+        integer("eval.ppl.batch_size", self.batch_size, 1)
+        integer("eval.ppl.max_tokens", self.max_tokens, self.seqlen, none="the whole stream")
+
+
+@dataclass
+class ZeroShotConfig:
+    tasks: list[str] = field(default_factory=lambda: ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy",
+                                                      "arc_challenge", "openbookqa"])
+    limit: int | None = None  # examples per task; null = all
+    batch_size: int = 8
+    bos: str = II("model.bos")  # window: lm-eval adds BOS to every request (Gemma); stream: none
+    source: str = "auto"  # auto: lm-eval's hub tasks when online, the offline copies otherwise
+    average_metrics: dict[str, str] = field(default_factory=dict)  # per-task override of the averaged metric
+
+    def check(self) -> None:
+        from harness.evaluate.perplexity import BOS_PLACEMENTS
+        from harness.evaluate.tasks import TASKS
+
+        for task in self.tasks:
+            one_of("eval.zeroshot.tasks item", task, TASKS)
+        one_of("eval.zeroshot.bos", self.bos, BOS_PLACEMENTS)
+        integer("eval.zeroshot.limit", self.limit, 1, none="every example")
+        integer("eval.zeroshot.batch_size", self.batch_size, 1)
+
+
+@dataclass
+class EfficiencyConfig:
+    batch_size: int = 1
+    seqlen: int = II("model.seqlen")
+
+    def check(self) -> None:
+        integer("eval.efficiency.seqlen", self.seqlen, 1)
+        integer("eval.efficiency.batch_size", self.batch_size, 1)
+
+
+@dataclass
+class EvalConfig:
+    ppl: PerplexityConfig | None = field(default_factory=PerplexityConfig)
+    zeroshot: ZeroShotConfig | None = None
+    efficiency: EfficiencyConfig | None = field(default_factory=EfficiencyConfig)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"  # wandb, none
+    project: str = "harness"
+    entity: str | None = None
+    mode: str = "auto"  # auto (online with credentials, else offline), online, offline, disabled
+    init_timeout_s: float = 15  # online without a reachable server: offline after this long
+
+    def check(self) -> None:
+        one_of("logger", self.name, ("wandb", "none"))
+        one_of("logger.mode", self.mode, ("auto", "online", "offline", "disabled"))
+
+
+@dataclass
+class PruneConfig:
+    modules: list[str] = field(default_factory=lambda: ["attention", "mlp"])  # [attention] = head-only (Table 2)
+    attention_unit: str = "kv_group"  # GQA: kv_group (a KV head with its queries) or query_head
+    chunk_size: int = 8  # calibration sequences per forward chunk
+    flap_faithful: bool = False  # FLAP's per-sample reference statistics (metric=flap)
+
+
+@dataclass
+class CollectConfig:
+    after_sweep: bool = True  # a multirun ends by running the collector over out_dir
+    out: str = "${out_dir}/.."  # tables/ and plots/ go here (results/ for the default out_dir)
+    where: list[str] = field(default_factory=list)  # only records matching these (`harness collect --where`)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = MISSING
+    metric: MetricConfig = field(default_factory=MetricConfig)
+    allocation: AllocationConfig = field(default_factory=AllocationConfig)
+    remedy: RemedyConfig = field(default_factory=RemedyConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    sparsity: float = PruneSettings.sparsity  # fraction of parameters removed (see sparsity_mode)
+    sparsity_mode: str = PruneSettings.sparsity_mode  # model: of the whole model; module: per-module ratio (LLM-Pruner)
+    seed: int = PruneSettings.seed
+    force: bool = False  # redo a run whose complete record exists
+    device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps
+    dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on GPU), float32, float16, bfloat16
+    out_dir: str = "results/runs"  # records go to <out_dir>/<config-hash>/result.json
+    data_dir: str | None = "${oc.env:HARNESS_DATA_DIR,null}"  # offline copies of the datasets
+    save_model: bool = False  # also save the pruned model next to the record
+    resume: bool = True  # checkpoint the pruned model until the run completes; a re-run continues from it
+
+    def check(self) -> None:
+        from harness.models.loading import DTYPES
+
+        self.prune_settings()  # the pruning keys are checked where they are used (first: others interpolate seed)
+        for part in (self.model, self.metric, self.calibration, self.logger, self.eval.ppl, self.eval.zeroshot,
+                     self.eval.efficiency):
+            if part is not None:
+                part.check()
+        one_of("dtype", self.dtype, ("auto", *DTYPES))
+        if not DEVICE.fullmatch(str(self.device)):
+            raise ConfigError(f"device={self.device!r} is not accepted; accepted: auto, cpu, cuda, cuda:N, mps")
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"device={self.device!r} but no CUDA device is available; accepted here: auto, cpu")
+            index = int(self.device.partition(":")[2] or 0)
+            if index >= torch.cuda.device_count():
+                raise ConfigError(f"device={self.device!r}: this machine has {torch.cuda.device_count()} CUDA "
+                                  f"devices; accepted: cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+        _writable_dir("out_dir", self.out_dir)
+
+    def prune_settings(self) -> PruneSettings:
+        """What the pruning pipeline reads, from the keys where a user sets it."""
+        return PruneSettings(
+            sparsity=self.sparsity, sparsity_mode=self.sparsity_mode, allocation=self.allocation.name,
+            remedy=self.remedy.name, layers=tuple(self.model.layers) if self.model.layers else None,
+            modules=tuple(self.prune.modules), damp=self.remedy.damp, ridge_toward=self.remedy.toward,
+            chunk_size=self.prune.chunk_size, seed=self.seed, flap_faithful=self.prune.flap_faithful,
+            attention_unit=self.prune.attention_unit)
+
+
+def register() -> None:
+    """The schema under the name conf/config.yaml lists first in its defaults."""
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+register()
+
+
+def typed(cfg: RunConfig | DictConfig | dict) -> RunConfig:
+    """A checked `RunConfig` from a composed config (a Hydra DictConfig, a plain dict or one
+    already typed), with every value checked."""
+    if isinstance(cfg, RunConfig):
+        cfg = OmegaConf.structured(cfg)  # re-resolves interpolations and re-runs the checks
+    if isinstance(cfg, dict):
+        cfg = OmegaConf.create(cfg)
+    cfg = cfg.copy()
+    with_schema = OmegaConf.merge(OmegaConf.structured(RunConfig), _without_hydra(cfg))
+    run_config = OmegaConf.to_object(with_schema)
+    run_config.check()
+    return run_config
+
+
+def _without_hydra(cfg: DictConfig) -> DictConfig:
+    OmegaConf.set_struct(cfg, False)
+    cfg.pop("hydra", None)
+    return cfg
+
+
+def as_dict(cfg: RunConfig) -> dict:
+    """The resolved config as plain data: what the record stores and the run id hashes."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def compose(*overrides: str, return_hydra: bool = False) -> DictConfig:
+    """The config `python -m harness OVERRIDES...` runs, composed without starting a Hydra app
+    (`return_hydra`: with the `hydra` node, e.g. to read a sweep's parameters)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra)
+
+
+
+def check_against_model(cfg: RunConfig, model) -> None:
+    """The checks that need the model's shape (after loading, before calibration and pruning)."""
+    from harness.models import adapter_for
+    from harness.prune import allocation, module_shapes, n_params, prunable_layers
+
+    adapter = adapter_for(model)  # names the model_type and the supported ones
+    n_layers = len(adapter.layers(model))
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    lengths = {"calibration.seqlen": cfg.calibration.seqlen}
+    if cfg.eval.ppl is not None:
+        lengths["eval.ppl.seqlen"] = cfg.eval.ppl.seqlen
+    for key, n in lengths.items():
+        if context and n > context:
+            raise ConfigError(f"{key}={n} exceeds the model's context of {context} tokens; accepted: 2 .. {context}")
+    settings = cfg.prune_settings()
+    layer_range = prunable_layers(n_layers, settings.layers)
+    shapes = module_shapes(adapter, model, layer_range, settings.modules, settings.attention_unit)
+    try:
+        allocation.budget(shapes, n_params(model), settings.sparsity, settings.sparsity_mode, settings.allocation,
+                          layer_range)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e

@@ -1,0 +1,208 @@
+"""The block-by-block pruning loop (DESIGN.md, "One run, as data flows").
+
+Calibration tokens go through the embeddings once; from then on only hidden states move,
+and each block is called with the arguments the model's own forward gives that block
+(stream.py: masks, positions, rotary tables, per layer). For each block k in the layer
+range, module by module in forward order (attention, then MLP):
+  [remedy before scoring] -> statistics (observe.py) -> scores -> units to remove
+  -> [remedy after selection] -> physical cut
+then the pruned block's outputs become block k+1's inputs. Only block k is on the compute
+device and only its statistics exist at a time. An allocation policy that needs every
+module's scores first (adaptive) gets them from one extra scoring pass over the dense model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from harness import metrics as metrics_registry
+from harness import remedy as remedies
+from harness.models.base import DepthTwo
+from harness.prune import allocation as alloc
+from harness.prune.observe import observe
+from harness.prune.settings import PruneReport, PruneSettings, n_params, prunable_layers
+from harness.prune.stats import ModuleStats, check_finite
+from harness.prune.stream import BlockCall, Chunk, capture, chunks_at
+
+log = logging.getLogger(__name__)
+_END = BlockCall((), {})  # past the last block nothing calls the stream again
+
+
+def module_view(adapter, block: nn.Module, kind: str, attention_unit: str = "kv_group") -> DepthTwo:
+    return adapter.attention(block, attention_unit) if kind == "attention" else adapter.mlp(block)
+
+
+def module_shapes(adapter, model, layer_range: range, modules: tuple[str, ...],
+                  attention_unit: str = "kv_group") -> list[alloc.ModuleShape]:
+    """What allocation counts in: one step removes one unit from every group of a module."""
+    shapes = []
+    for k in layer_range:
+        block = adapter.layers(model)[k]
+        for kind in modules:
+            view = module_view(adapter, block, kind, attention_unit)
+            shapes.append(alloc.ModuleShape(k, kind, view.per_group, view.params_per_unit * view.groups))
+    return shapes
+
+
+@contextmanager
+def on_device(block: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """A CPU-resident model visits the compute device one block at a time."""
+    home = next(block.parameters()).device
+    try:
+        yield block.to(device)
+    finally:
+        block.to(home)
+
+
+class Pipeline:
+    def __init__(self, model: nn.Module, adapter, metric: metrics_registry.Metric, settings: PruneSettings,
+                 device: torch.device):
+        self.model, self.adapter, self.metric, self.settings, self.device = model, adapter, metric, settings, device
+        self.remedy = remedies.get(settings.remedy)(settings)
+        self.policy = alloc.POLICIES[settings.allocation]
+        self.stats_dtype = torch.float64 if device.type == "cpu" else torch.float32
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.times: dict[str, float] = defaultdict(float)
+        self.removed: dict[tuple[int, str], list[int]] = {}
+        self.divergence: dict[int, list[list[float]]] = {}
+        self.grads: dict = {}
+        self.calls: list[list[BlockCall]] = []  # [block][chunk]: how the model calls each block
+        self.blocks = adapter.layers(model)
+        self.layer_range = prunable_layers(len(self.blocks), settings.layers)
+
+    def view(self, block: nn.Module, kind: str) -> DepthTwo:
+        return module_view(self.adapter, block, kind, self.settings.attention_unit)
+
+    @contextmanager
+    def _timed(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.times[stage] += time.perf_counter() - start
+
+    # ---- the calibration stream -----------------------------------------------------------
+
+    def capture_inputs(self, input_ids: torch.Tensor) -> list[Chunk]:
+        """The stream entering block 0; every block's own arguments go to `self.calls`."""
+        hidden, self.calls = capture(self.model, self.blocks, input_ids, self.settings.chunk_size, self.device)
+        return chunks_at(hidden, self.calls[0])
+
+    def advance(self, block: nn.Module, k: int, stream: list[Chunk]) -> list[Chunk]:
+        """Block k's outputs, as the stream entering block k+1 (with block k+1's arguments)."""
+        out = [chunk.forward(block) for chunk in stream]
+        return chunks_at(out, self.calls[k + 1] if k + 1 < len(self.blocks) else [_END] * len(out))
+
+    # ---- one module ----------------------------------------------------------------------
+
+    def rank(self, block: nn.Module, view: DepthTwo, stream: list[Chunk],
+             layer: int) -> tuple[metrics_registry.Ranking, ModuleStats]:
+        needs = frozenset(self.metric.needs(view.kind)) | self.remedy.needs
+        with self._timed("statistics"):
+            stats = observe(block, view, self.adapter.attention_module(block), stream, needs, self.grads,
+                            self.stats_dtype, self.device, self.settings.flap_faithful)
+        if stats.js_sum is not None:
+            self.divergence[layer] = stats.js.tolist()  # kept for the head-similarity figure
+        with self._timed("scoring"):
+            ranking = self.metric.rank(view, stats, self.generator)
+        check_finite(ranking.scores, f"{self.metric.name} scores of block {layer} {view.kind}")
+        return ranking, stats
+
+    def prune_module(self, block: nn.Module, dense: nn.Module | None, kind: str, n_remove: int,
+                     stream: list[Chunk], dense_stream: list[Chunk] | None, layer: int) -> None:
+        view = self.view(block, kind)
+        if dense is not None:
+            with self._timed(self.remedy.name), torch.no_grad():
+                self.remedy.before_scoring(block, dense, view, self.view(dense, kind), stream, dense_stream,
+                                           f"block {layer} {kind}", self.stats_dtype, self.device)
+        ranking, stats = self.rank(block, view, stream, layer)
+        if n_remove == 0:
+            return
+        with self._timed("cut"), torch.no_grad():
+            removed = alloc.first_per_group(ranking.removal_order(), view.groups, view.per_group, n_remove)
+            self.removed[(layer, kind)] = sorted(removed.tolist())
+            mask = torch.ones(view.n_units, dtype=torch.bool)
+            mask[removed] = False
+            keep = view.all_units()[mask]
+            self.remedy.after_selection(view, keep, stats)
+            if kind == "attention":
+                self.adapter.prune_attention(block, keep, self.settings.attention_unit)
+            else:
+                self.adapter.prune_mlp(block, keep)
+
+    # ---- the passes ----------------------------------------------------------------------
+
+    def dense_allocation_scores(self, stream: list[Chunk]) -> list[torch.Tensor]:
+        """Every module's allocation scores on the dense model (for `adaptive`)."""
+        scores = []
+        for k in tqdm(range(self.layer_range.stop), desc="scoring (dense pass)", disable=None):
+            with on_device(self.blocks[k], self.device) as block:
+                if k in self.layer_range:
+                    for kind in self.settings.modules:
+                        view = self.view(block, kind)
+                        ranking, _ = self.rank(block, view, stream, k)
+                        scores.append(alloc.step_scores(ranking.for_allocation(), view.groups))
+                with torch.no_grad(), self._timed("forward"):
+                    stream = self.advance(block, k, stream)
+        return scores
+
+    def run(self, input_ids: torch.Tensor) -> PruneReport:
+        start = time.perf_counter()
+        settings = self.settings
+        total = n_params(self.model)
+        shapes = module_shapes(self.adapter, self.model, self.layer_range, settings.modules, settings.attention_unit)
+        ratio, target = alloc.budget(shapes, total, settings.sparsity, settings.sparsity_mode, settings.allocation,
+                                     self.layer_range)
+        if any("grad" in self.metric.needs(kind) for kind in settings.modules):
+            from harness.prune.gradients import taylor_gradients
+
+            modules = [m for k in self.layer_range for kind in settings.modules
+                       for view in [self.view(self.blocks[k], kind)] for m in (*view.level1, view.level2)]
+            with self._timed("gradients"):
+                self.grads = taylor_gradients(self.model, modules, input_ids, self.device)
+        with self._timed("forward"):
+            stream = self.capture_inputs(input_ids)
+        scores = self.dense_allocation_scores(stream) if self.policy.uses_dense_scores else None
+        counts = self.policy.counts(shapes, ratio, target, scores)
+        plan = {(shape.layer, shape.kind): n for shape, n in zip(shapes, counts, strict=True)}
+
+        dense_stream = stream if self.remedy.dense_reference else None
+        for k in tqdm(range(self.layer_range.stop), desc=f"pruning ({self.metric.name})", disable=None):
+            with on_device(self.blocks[k], self.device) as block:
+                pruned_here = k in self.layer_range
+                dense = copy.deepcopy(block) if dense_stream is not None and pruned_here else None
+                if pruned_here:
+                    for kind in settings.modules:
+                        self.prune_module(block, dense, kind, plan[(k, kind)], stream, dense_stream, k)
+                with torch.no_grad(), self._timed("forward"):
+                    stream = self.advance(block, k, stream)
+                    if dense_stream is not None:
+                        dense_stream = self.advance(dense if dense is not None else block, k, dense_stream)
+                for chunk in stream:
+                    check_finite(chunk.hidden, f"the output of block {k} after pruning")
+        remedy_report = self.remedy.finish()
+        per_layer = [self.adapter.shape(b) for b in self.blocks]
+        return PruneReport(ratio, total, n_params(self.model), per_layer, time.perf_counter() - start, dict(self.times),
+                           self.removed, self.divergence, remedy_report)
+
+
+def prune(model: nn.Module, input_ids: torch.Tensor, metric: metrics_registry.Metric, settings: PruneSettings,
+          device: torch.device | None = None) -> PruneReport:
+    """Prune `model` in place on calibration `input_ids` [N, seqlen]; see the module doc."""
+    from harness.models import adapter_for
+
+    device = device or next(model.parameters()).device
+    adapter = adapter_for(model)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # attention probabilities for the similarity statistics
+    try:
+        return Pipeline(model, adapter, metric, settings, device).run(input_ids)
+    finally:
+        model.set_attn_implementation(previous)

@@ -1,0 +1,101 @@
+"""What one pruning run is asked to do (`PruneSettings`) and what it did (`PruneReport`).
+
+`PruneSettings` is the library's input, checked once on construction; the run schema
+(harness/config.py) builds it from a composed config, so its defaults are the schema's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from harness import remedy as remedies
+from harness.models.base import ATTENTION_UNITS
+from harness.prune import allocation
+
+MODULES = ("attention", "mlp")
+
+
+class SettingsError(ValueError):
+    """A setting outside what is accepted; the message names the key and the accepted values."""
+
+
+def one_of(key: str, value, accepted) -> None:
+    if value not in accepted:
+        raise SettingsError(f"{key}={value!r} is not accepted; accepted: {', '.join(map(str, accepted))}")
+
+
+def integer(key: str, value, low: int, none: str | None = None) -> None:
+    """An integer >= low (bool is not one); `none` says what null means where null is allowed."""
+    if value is None and none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        accepted = f"an integer >= {low}" + (f", or null ({none})" if none else "")
+        raise SettingsError(f"{key}={value!r}; accepted: {accepted}")
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    sparsity: float = 0.2  # fraction removed, of the whole model (`sparsity_mode=model`) or per module
+    sparsity_mode: str = "model"  # allocation.SPARSITY_MODES
+    allocation: str = "uniform"  # allocation.POLICIES
+    remedy: str = "none"  # harness.remedy.names()
+    layers: tuple[int, int] | None = None  # [start, end) of prunable blocks; None = all
+    modules: tuple[str, ...] = MODULES
+    damp: float = 1e-2  # recovery: lambda = damp * mean diag X^T X
+    ridge_toward: str = "zero"  # recovery's ridge prior: zero (METHOD.md) or the current weights
+    chunk_size: int = 8  # calibration sequences per forward
+    seed: int = 0
+    flap_faithful: bool = False  # FLAP's per-sample reference statistics
+    attention_unit: str = "kv_group"  # models.base.ATTENTION_UNITS
+
+    def __post_init__(self):
+        s = self.sparsity
+        if isinstance(s, bool) or not isinstance(s, int | float) or not 0 <= s < 1:
+            raise SettingsError(f"sparsity={s!r} is outside [0, 1); accepted: a number with 0 <= sparsity < 1")
+        one_of("sparsity_mode", self.sparsity_mode, allocation.SPARSITY_MODES)
+        one_of("allocation", self.allocation, allocation.POLICIES)
+        one_of("remedy", self.remedy, remedies.names())
+        one_of("prune.attention_unit", self.attention_unit, ATTENTION_UNITS)
+        mods = self.modules
+        if not mods or any(m not in MODULES for m in mods) or len(set(mods)) != len(mods):
+            raise SettingsError(f"prune.modules={list(mods)!r}; accepted: a non-empty subset of "
+                                f"[{', '.join(MODULES)}], each at most once")
+        if self.layers is not None and (len(self.layers) != 2 or not 0 <= self.layers[0] < self.layers[1]):
+            raise SettingsError(f"model.layers={list(self.layers)!r}; accepted: [start, end) with "
+                                "0 <= start < end, or null for all blocks")
+        integer("prune.chunk_size", self.chunk_size, 1)
+        integer("seed", self.seed, 0)
+        remedies.get(self.remedy).check(self)
+
+
+@dataclass
+class PruneReport:
+    ratio: float | None  # the uniform per-module ratio; None under adaptive allocation
+    params_before: int
+    params_after: int
+    per_layer: list[dict]
+    seconds: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    removed: dict[tuple[int, str], list[int]] = field(default_factory=dict)  # (layer, module) -> unit ids
+    divergence: dict[int, list[list[float]]] = field(default_factory=dict)  # layer -> head x head mean JS distance
+    remedy: dict = field(default_factory=dict)  # what the remedy reports (recovery: fits and fall-backs)
+
+    @property
+    def sparsity_achieved(self) -> float:
+        return 1 - self.params_after / self.params_before
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def prunable_layers(n_layers: int, layers: tuple[int, int] | None) -> range:
+    if layers is None:
+        return range(n_layers)
+    start, end = layers
+    if not (0 <= start < end <= n_layers):
+        raise SettingsError(f"model.layers={[start, end]} is outside the model's {n_layers} blocks; "
+                            f"accepted: [start, end) with 0 <= start < end <= {n_layers}")
+    return range(start, end)

@@ -1,0 +1,40 @@
+"""The record's `model` and `pruning` entries, built from what loading and pruning return."""
+
+from __future__ import annotations
+
+from harness.prune import PruneReport, PruneSettings, n_params
+
+
+def model_entry(model_config: dict, model, adapter) -> dict:
+    return {"id": model_config.get("path") or model_config.get("hub_id") or model_config["name"],
+            "name": model_config["name"], "model_type": model.config.model_type, "params_before": n_params(model),
+            "heads_before": sum(adapter.shape(b)["heads"] for b in adapter.layers(model))}
+
+
+def pruning_entry(report: PruneReport, settings: PruneSettings, layer_range: range, calibration: dict,
+                  calibration_seconds: float) -> dict:
+    per_layer = [{"layer": i, "heads_kept": shape["heads"], "kv_heads_kept": shape["kv_heads"],
+                  "channels_kept": shape["channels"],
+                  "attention_units_removed": report.removed.get((i, "attention"), []),
+                  "mlp_channels_removed": report.removed.get((i, "mlp"), []),
+                  **({"head_divergence": report.divergence[i]} if i in report.divergence else {})}
+                 for i, shape in enumerate(report.per_layer)]
+    return {
+        "sparsity_target": settings.sparsity, "sparsity_mode": settings.sparsity_mode,
+        "sparsity_achieved": report.sparsity_achieved, "module_ratio": report.ratio,
+        "attention_unit": settings.attention_unit, "layers": [layer_range.start, layer_range.stop],
+        "per_layer": per_layer,
+        **({settings.remedy: report.remedy} if report.remedy else {}),  # e.g. recovery: its fits and fall-backs
+        "seconds": report.seconds, "calibration_seconds": calibration_seconds, "stage_seconds": report.stage_seconds,
+        "calibration": {key: calibration[key] for key in ("dataset", "n_samples", "seqlen", "bos")},
+    }
+
+
+def scalars(evaluation: dict) -> dict:
+    """The evaluation's headline numbers, flat (the tracker's summary)."""
+    out = {f"ppl.{k}": v["value"] for k, v in evaluation.get("ppl", {}).items()}
+    out.update({f"zeroshot.{k}.{m}": v[m] for k, v in evaluation.get("zeroshot", {}).items()
+                for m in ("acc", "acc_norm") if m in v})
+    if "zeroshot_avg" in evaluation:
+        out["zeroshot_avg"] = evaluation["zeroshot_avg"]
+    return out
