@@ -109,12 +109,12 @@ def test_block_by_block_propagation_equals_the_models_forward(model_type):
             assert err < 1e-5, f"block {k}: relative error {err:.2e} at the worst position"
 
 
-def _full_unit_removal(d2) -> torch.Tensor:
+def _full_unit_removal(view) -> torch.Tensor:
     """Units whose removal keeps a valid model: one unit of every group, and at least one left
     (a single KV group, as in Gemma-3's one KV head, cannot lose anything)."""
-    if d2.per_group == 1:
-        return torch.tensor([0]) if d2.n_units > 1 else torch.zeros(0, dtype=torch.long)
-    return torch.arange(d2.groups) * d2.per_group + (d2.per_group - 1)
+    if view.per_group == 1:
+        return torch.tensor([0]) if view.n_units > 1 else torch.zeros(0, dtype=torch.long)
+    return torch.arange(view.groups) * view.per_group + (view.per_group - 1)
 
 
 @pytest.mark.parametrize("unit", ATTENTION_UNITS)

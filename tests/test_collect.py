@@ -1,25 +1,32 @@
-"""Paper layouts from real (tiny) runs: Table 2 (head-only), Figure 3 (head graph), Figure 4."""
+"""Paper layouts from synthetic records (tests/synthetic.py; the end-to-end sweep with its
+collection is tests/test_run.py::test_cli_multirun_and_collect): Table 1 (grouped, in
+percent), Table 2 (head-only), Table 3, Figure 3 (head graph), Figure 4, pivots."""
+
+import itertools
 
 import pytest
 
 from harness import collect, records
 from harness.collect import plots
-from harness.config import compose
-from harness.run import run
+from tests import synthetic
 
-FAST = ["+debug=fast", "model=tiny-llama", "eval.efficiency=null"]
+LLAMA = ["model=tiny-llama", "eval.efficiency=null"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    sweep = [["prune.modules=[attention]", "sparsity_mode=module", "sparsity=0.25", "calibration.n_samples=8"],
-             ["prune.modules=[attention]", "sparsity_mode=module", "sparsity=0.5", "calibration.n_samples=8"],
-             ["sparsity=0.2", "calibration.n_samples=8"],
-             ["sparsity=0.2", "calibration.n_samples=16"]]
-    for overrides in sweep:
-        run(compose(*FAST, f"out_dir={out}", *overrides))
-    return out
+    """tiny-llama (6 blocks, 8 heads in KV groups of 2): head-only at ratio 0.25 and 0.5, and
+    the whole model at 20% with 8 and 16 calibration sequences."""
+    head_only = [*LLAMA, "prune.modules=[attention]", "sparsity_mode=module", "calibration.n_samples=8"]
+    recs = [synthetic.record(*head_only, "sparsity=0.25", groups_removed=1, layers=6, divergence=True,
+                             ppl={"wikitext2": 300.0, "ptb": 30.0}),
+            synthetic.record(*head_only, "sparsity=0.5", groups_removed=2, layers=6, divergence=True,
+                             ppl={"wikitext2": 600.0, "ptb": 60.0}),
+            synthetic.record(*LLAMA, "sparsity=0.2", "calibration.n_samples=8", groups_removed=1, layers=6,
+                             divergence=True),
+            synthetic.record(*LLAMA, "sparsity=0.2", "calibration.n_samples=16", groups_removed=1, layers=6,
+                             divergence=True, ppl={"wikitext2": 90.0, "ptb": 45.0})]
+    return synthetic.write(tmp_path_factory.mktemp("runs"), recs)
 
 
 def test_table2_counts_pruned_heads(runs):
@@ -103,3 +110,50 @@ def test_pivot_splits_rows_by_attention_unit():
     df["attention_unit"] = ["kv_group", "query_head"]
     t = collect.pivot(df, ["metric"], ["sparsity"], "ppl.wikitext2")
     assert t.index.names == ["metric", "attention_unit"] and t.loc[("ours", "query_head"), 0.2] == 50.0
+
+
+def _accuracies(value: float) -> dict:
+    from harness.evaluate.tasks import TASKS
+
+    return {task: value for task in TASKS}
+
+
+def test_table1_groups_rows_as_the_paper_in_percent_with_the_dense_model_first(tmp_path):
+    recs = [synthetic.record("sparsity=0", "metric=random", zeroshot=_accuracies(0.70), ppl={"wikitext2": 12.6, "ptb": 22.1}),
+            synthetic.record("metric=ours", zeroshot=_accuracies(0.60)),
+            synthetic.record("metric=taylor", zeroshot=_accuracies(0.55)),
+            synthetic.record("metric=l2", zeroshot=_accuracies(0.50)),
+            synthetic.record("metric=flap", "remedy=bias", zeroshot=_accuracies(0.58))]
+    df = collect.frame(recs)
+    (name, t), = collect.table1(df).items()
+    assert name == "tiny-gpt2_0.2"
+    assert t.index.get_level_values("family").tolist() == ["dense", "data-free", "training-aware",
+                                                           "inference-aware", "inference-aware"]
+    assert list(t.columns) == ["WikiText-2", "PTB", "BoolQ", "PIQA", "HellaSwag", "WinoGrande", "ARC-e", "ARC-c",
+                               "OBQA", "Avg"]
+    assert t.xs("ours", level="metric")["Avg"].item() == pytest.approx(60.0)  # percent
+    assert "acc for BoolQ, PIQA, WinoGrande, ARC-e; acc_norm for HellaSwag, ARC-c, OBQA" in t.attrs["caption"]
+    md, tex, _ = collect.write_table(t, tmp_path, "t1")
+    assert md.read_text().startswith("tiny-gpt2 at 20% sparsity")
+    rows = {line.split(" & ")[1].strip(): line for line in tex.read_text().splitlines() if line.count(" & ") > 5}
+    assert "\\textbf{60.00}" in rows["ours"] and "\\textbf" not in rows["random"]  # dense is never marked best
+    assert "\\caption{" in tex.read_text()
+
+
+def test_perplexity_plot_colours_metrics_styles_remedies_and_draws_the_dense_line(tmp_path, monkeypatch):
+    recs = [synthetic.record("sparsity=0", "metric=random", ppl={"wikitext2": 10.0, "ptb": 5.0})]
+    recs += [synthetic.record(f"metric={m}", f"remedy={r}", f"sparsity={s}",
+                              ppl={"wikitext2": 20.0 * s + i, "ptb": 9.0 + s + i})
+             for i, (m, r, s) in enumerate(itertools.product(["ours", "wanda", "l2"], ["none", "bias"], [0.2, 0.5]))]
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out, stem: figures.append((stem, fig.axes[0])) or [])
+    plots.plot_ppl_vs(collect.frame(recs), tmp_path, "sparsity", ["modules", "calibration", "n_samples"], "ppl")
+    stem, ax = next((stem, ax) for stem, ax in figures if stem.endswith("wikitext2"))
+    curves = [line for line in ax.get_lines() if line.get_marker() not in (None, "None", "")]
+    assert len(curves) == 6  # 3 metrics x 2 remedies; the dense run is not a curve
+    assert len({line.get_color() for line in curves}) == 3 and len({line.get_linestyle() for line in curves}) == 2
+    for metric in ("ours", "wanda", "l2"):  # one colour per metric, whatever its remedy
+        assert len({c.get_color() for c in curves if plots._colour(metric) == c.get_color()}) == 1
+    dense = [line for line in ax.get_lines() if list(line.get_ydata()) == [10.0, 10.0]]
+    assert len(dense) == 1
+    assert "dense 10.00" in [t.get_text() for t in ax.get_legend().get_texts()]

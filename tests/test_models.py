@@ -14,10 +14,10 @@ def _mask(model, layer, head_units, channels):
     ad = adapter_for(model)
     block = ad.layers(model)[layer]
     a, m = ad.attention(block), ad.mlp(block)
-    for d2, units in ((a, head_units), (m, channels)):
-        w = weight(d2.level2).clone()
-        w[:, d2.level2_channels(torch.tensor(units))] = 0
-        set_weight(d2.level2, w)
+    for view, units in ((a, head_units), (m, channels)):
+        w = weight(view.level2).clone()
+        w[:, view.level2_channels(torch.tensor(units))] = 0
+        set_weight(view.level2, w)
 
 
 def _keep(n, drop):

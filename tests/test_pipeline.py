@@ -206,12 +206,29 @@ def test_level1_moments_equal_the_quadratic_form_of_the_input_second_moment(mode
     pipe = Pipeline(model, adapter, metrics.build("second_moment"), PruneSettings(chunk_size=4), torch.device("cpu"))
     chunks = pipe.capture_inputs(_calib())
     block = adapter.layers(model)[0]
-    d2 = adapter.mlp(block)
-    stats = observe(block, d2, adapter.attention_module(block), chunks, frozenset({"level1"}), {}, torch.float64,
+    view = adapter.mlp(block)
+    stats = observe(block, view, adapter.attention_module(block), chunks, frozenset({"level1"}), {}, torch.float64,
                     torch.device("cpu"))
     with torch.no_grad():
-        x = torch.cat([module_input(block, d2.module_input, c).reshape(-1, 64) for c in chunks]).double()
+        x = torch.cat([module_input(block, view.module_input, c).reshape(-1, 64) for c in chunks]).double()
     sigma = x.T @ x / len(x)
-    for module, got in zip(d2.level1, stats.level1_moments, strict=True):
+    for module, got in zip(view.level1, stats.level1_moments, strict=True):
         a = module.weight.double().T if model_type == "gpt2" else module.weight.double()  # Conv1D is [in, out]
         torch.testing.assert_close(got, ((a @ sigma) * a).sum(1), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("metric", ALL_METRICS)
+@pytest.mark.parametrize("remedy", ["none", "bias"])
+@pytest.mark.parametrize("allocation", ["uniform", "adaptive"])
+def test_sparsity_zero_leaves_the_logits_unchanged(model_type, metric, remedy, allocation):
+    """Nothing removed: every statistic is observed and every remedy hook runs, and the model
+    computes exactly what it did (recovery is excluded: its ridge re-fit moves weights by design)."""
+    model = random_model(model_type)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(ids).logits
+    report = prune(model, _calib(), metrics.build(metric),
+                   PruneSettings(sparsity=0.0, remedy=remedy, allocation=allocation, chunk_size=4))
+    assert report.params_after == report.params_before and not any(report.removed.values())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)

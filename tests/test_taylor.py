@@ -23,22 +23,22 @@ def test_vector_score_is_the_directional_derivative_of_the_loss(model_type, kind
     """|sum over a unit of W*g| = |dL/dt| when the unit's weights are scaled by (1+t)."""
     model = random_model(model_type).double()  # the loss change is below float32 resolution
     ad = adapter_for(model)
-    d2 = (ad.attention if kind == "attention" else ad.mlp)(ad.layers(model)[1])
+    view = (ad.attention if kind == "attention" else ad.mlp)(ad.layers(model)[1])
     ids = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(0))
-    grads = taylor_gradients(model, [*d2.level1, d2.level2], ids, torch.device("cpu"))
-    scores = metrics.build("taylor", {"variant": "vector"}).rank(d2, ModuleStats(extra={"grad": grads}), None).scores
+    grads = taylor_gradients(model, [*view.level1, view.level2], ids, torch.device("cpu"))
+    scores = metrics.build("taylor", {"variant": "vector"}).rank(view, ModuleStats(extra={"grad": grads}), None).scores
     unit = 1
-    originals = {m: weight(m).detach().clone() for m in (*d2.level1, d2.level2)}
+    originals = {m: weight(m).detach().clone() for m in (*view.level1, view.level2)}
 
     def loss_at(t):
         with torch.no_grad():
             for m, w in originals.items():
                 scaled = w.clone()
-                if m is d2.level2:
-                    cols = d2.level2_channels(torch.tensor([unit]))
+                if m is view.level2:
+                    cols = view.level2_channels(torch.tensor([unit]))
                     scaled[:, cols] *= 1 + t
                 else:
-                    rows = d2.level1_channels(torch.tensor([unit]))[d2.level1.index(m)]
+                    rows = view.level1_channels(torch.tensor([unit]))[view.level1.index(m)]
                     scaled[rows] *= 1 + t
                 weight(m).copy_(scaled)
             return _loss(model, ids).item()

@@ -1,4 +1,5 @@
-"""wandb tracking, read back from the offline run's transaction log; collecting from a project."""
+"""wandb tracking: one run read back from its offline transaction log; the tracker's failure
+modes and collecting from a project without running anything (tests/synthetic.py)."""
 
 import json
 import time
@@ -10,6 +11,7 @@ from harness import collect
 from harness.collect import sources
 from harness.config import compose
 from harness.run import run
+from tests import synthetic
 
 FAST = ["+debug=fast", "logger=wandb", "eval.ppl.max_tokens=2048"]
 
@@ -81,7 +83,15 @@ def test_offline_wandb_run_reads_back(tmp_path, monkeypatch):
     assert got["summary"]["pruning.sparsity_achieved"] == pytest.approx(rec["pruning"]["sparsity_achieved"])
     assert "per_layer._type" in got["history"]  # the per-layer kept heads/channels table
     assert "result.json" in got["files"]
-    assert rec["status"] == "complete"
+    assert rec["status"] == "complete" and rec["tracking"] == "wandb offline, not uploaded (`wandb sync` the run folder)"
+
+
+def _tracker(out, **logger):
+    from harness import tracking
+
+    config = synthetic.record()["config"]
+    return tracking.tracking({"name": "wandb", "project": "harness", "mode": "auto", **logger}, config, "run0001",
+                             "local", out)
 
 
 def test_wandb_failure_never_fails_the_run(tmp_path, monkeypatch):
@@ -91,8 +101,11 @@ def test_wandb_failure_never_fails_the_run(tmp_path, monkeypatch):
         raise RuntimeError("wandb is down")
 
     monkeypatch.setattr(wandb, "init", broken)
-    rec = run(_cfg(tmp_path, "logger=wandb"))
-    assert rec["status"] == "complete"
+    with _tracker(tmp_path, mode="offline") as tracker:
+        assert tracker.status == "none (wandb init failed: wandb is down)"
+        tracker.summary({"eval": {"ppl.wikitext2": 1.0}})  # every call is a no-op, none raises
+        tracker.table("per_layer", [{"layer": 0}])
+        tracker.save_record(tmp_path / "result.json")
 
 
 class _FakeRun:
@@ -120,7 +133,8 @@ class _FakeApi:
 
 
 def test_collect_reads_records_from_a_wandb_project(tmp_path, monkeypatch):
-    local = run(_cfg(tmp_path / "runs", "logger=none"))
+    local = synthetic.record()
+    synthetic.write(tmp_path / "runs", [local])
     remote = json.loads(json.dumps(local))
     remote.update(run_id="remote000001")
     remote["config"]["metric"]["name"] = "remote-metric"
@@ -137,13 +151,12 @@ def test_collect_reads_records_from_a_wandb_project(tmp_path, monkeypatch):
     assert "remote-metric" in runs_csv and local["run_id"] in runs_csv
 
 
-def test_online_without_a_server_falls_back_to_offline_and_the_record_says_so(tmp_path, monkeypatch):
+def test_online_without_a_server_falls_back_to_offline_and_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
     start = time.perf_counter()
-    rec = run(_cfg(tmp_path, "logger=wandb", "logger.init_timeout_s=2"))
-    assert rec["status"] == "complete"
-    assert rec["tracking"].startswith("wandb offline, not uploaded (online init failed")
-    assert list(tmp_path.glob("*/wandb/offline-run-*"))  # kept for `wandb sync`
+    with _tracker(tmp_path, init_timeout_s=2) as tracker:
+        assert tracker.status.startswith("wandb offline, not uploaded (online init failed")
+    assert list(tmp_path.glob("wandb/offline-run-*"))  # kept for `wandb sync`
     assert time.perf_counter() - start < 120

@@ -89,8 +89,8 @@ def table2(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 
 def _best_two(col: pd.Series, lower_better: bool) -> tuple:
-    s = col.dropna().sort_values(ascending=lower_better)
-    return tuple(s.index[:2])
+    ranked = col.dropna().sort_values(ascending=lower_better)
+    return tuple(ranked.index[:2])
 
 
 def to_latex(t: pd.DataFrame, lower_better: dict[str, bool], caption: str | None = None) -> str:

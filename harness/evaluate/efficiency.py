@@ -18,8 +18,8 @@ def macs_per_token(model, seqlen: int) -> int:
     total = 0
     for block in ad.layers(model):
         for kind in ("attention", "mlp"):
-            d2 = ad.attention(block) if kind == "attention" else ad.mlp(block)
-            total += sum(m.weight.numel() for m in d2.level1) + d2.level2.weight.numel()
+            view = ad.attention(block) if kind == "attention" else ad.mlp(block)
+            total += sum(m.weight.numel() for m in view.level1) + view.level2.weight.numel()
         a = ad.attention(block)
         total += 2 * a.n_units * a.heads_per_unit * a.head_dim * (seqlen // 2)
     return total + model.get_output_embeddings().weight.numel()

@@ -73,7 +73,7 @@ class Metric:
             return "training-aware"
         return "inference-aware" if needs else "data-free"
 
-    def rank(self, d2: DepthTwo, stats: ModuleStats, generator: torch.Generator) -> Ranking:
+    def rank(self, view: DepthTwo, stats: ModuleStats, generator: torch.Generator) -> Ranking:
         raise NotImplementedError
 
 
@@ -106,7 +106,7 @@ def names() -> list[str]:
     return sorted(REGISTRY)
 
 
-def per_unit(channel_scores: torch.Tensor, d2: DepthTwo) -> torch.Tensor:
+def per_unit(channel_scores: torch.Tensor, view: DepthTwo) -> torch.Tensor:
     """Sum level-2-channel scores over each unit's channels (a head sums its channels)."""
-    idx = d2.level2_channels(d2.all_units()).view(d2.n_units, -1)
+    idx = view.level2_channels(view.all_units()).view(view.n_units, -1)
     return channel_scores[idx].sum(1)

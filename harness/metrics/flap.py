@@ -5,8 +5,8 @@ On the level-2 input X with per-channel mean m_j and variance v_j:
 Attention channel scores are squared; a head sums them (UL-UM). For adaptive allocation
 (AL-AM) scores are standardised within the module and a head takes the mean of its
 channels' standardised scores, as the reference does.
-`faithful=true` uses the reference's per-sample running statistics (stats.FlapSampleMoments)
-instead of per-token Welford variance.
+`prune.flap_faithful=true` makes the pipeline observe the reference's per-sample running
+statistics (prune/stats.py FlapSampleMoments) instead of per-token Welford variance.
 """
 
 from __future__ import annotations
@@ -25,14 +25,13 @@ class Flap(Metric):
     needs_attention = frozenset({"level2"})
     needs_mlp = frozenset({"level2"})
 
-    def __init__(self, score: str = "wifv", faithful: bool = False):
+    def __init__(self, score: str = "wifv"):
         if score not in SCORES:
             raise ValueError(f"unknown FLAP score {score!r}; accepted: {', '.join(SCORES)}")
         self.score = score
-        self.faithful = faithful
 
-    def channel_scores(self, d2: DepthTwo, stats: ModuleStats) -> torch.Tensor:
-        w = weight(d2.level2).to(torch.float64)
+    def channel_scores(self, view: DepthTwo, stats: ModuleStats) -> torch.Tensor:
+        w = weight(view.level2).to(torch.float64)
         var = stats.level2.variance.to(torch.float64)
         if self.score == "ifv":
             return var
@@ -40,10 +39,10 @@ class Flap(Metric):
             return var * w.pow(2).sum(0)
         return w.abs().mean(0) * stats.level2.second_moment.to(torch.float64).sqrt()
 
-    def rank(self, d2: DepthTwo, stats: ModuleStats, generator: torch.Generator) -> Ranking:
-        channel = self.channel_scores(d2, stats)
-        if d2.kind == "attention":
+    def rank(self, view: DepthTwo, stats: ModuleStats, generator: torch.Generator) -> Ranking:
+        channel = self.channel_scores(view, stats)
+        if view.kind == "attention":
             channel = channel.pow(2)
-            idx = d2.level2_channels(d2.all_units()).view(d2.n_units, -1)
-            return Ranking(per_unit(channel, d2), allocation_scores=standardise(channel)[idx].mean(1))
+            idx = view.level2_channels(view.all_units()).view(view.n_units, -1)
+            return Ranking(per_unit(channel, view), allocation_scores=standardise(channel)[idx].mean(1))
         return Ranking(channel)

@@ -13,31 +13,31 @@ from harness.models.base import DepthTwo, weight
 from harness.prune.stats import ModuleStats
 
 
-def group_sum(d2: DepthTwo, per_weight: Callable[[nn.Module], torch.Tensor]) -> torch.Tensor:
+def group_sum(view: DepthTwo, per_weight: Callable[[nn.Module], torch.Tensor]) -> torch.Tensor:
     """Sum a per-weight quantity ([out, in] like the weight) over every unit's weights:
     its level-1 output rows and its level-2 input columns (the coupled group)."""
-    total = per_unit(per_weight(d2.level2).to(torch.float64).sum(0), d2)
-    if d2.kind == "mlp":  # channel u of each factor is one row
-        for part, (i, _) in enumerate(d2.level1_parts):
-            total = total + d2.level1_part(per_weight(d2.level1[i]).to(torch.float64).sum(1), part)
+    total = per_unit(per_weight(view.level2).to(torch.float64).sum(0), view)
+    if view.kind == "mlp":  # channel u of each factor is one row
+        for part, (i, _) in enumerate(view.level1_parts):
+            total = total + view.level1_part(per_weight(view.level1[i]).to(torch.float64).sum(1), part)
         return total
-    for i, module in enumerate(d2.level1):
+    for i, module in enumerate(view.level1):
         row_mass = per_weight(module).to(torch.float64).sum(1)
         # channel lists are in layout order (GPT-2: all q, then k, then v): group per head
-        total = total + torch.stack([row_mass[d2.level1_channels(torch.tensor([u]))[i]].sum()
-                                     for u in range(d2.n_units)])
+        total = total + torch.stack([row_mass[view.level1_channels(torch.tensor([u]))[i]].sum()
+                                     for u in range(view.n_units)])
     return total
 
 
-def magnitude(d2: DepthTwo, p: int) -> torch.Tensor:
-    return group_sum(d2, lambda m: weight(m).detach().abs().pow(p))
+def magnitude(view: DepthTwo, p: int) -> torch.Tensor:
+    return group_sum(view, lambda m: weight(m).detach().abs().pow(p))
 
 
 class _Magnitude(Metric):
     p = 1
 
-    def rank(self, d2: DepthTwo, stats: ModuleStats, generator: torch.Generator) -> Ranking:
-        return Ranking(magnitude(d2, self.p))
+    def rank(self, view: DepthTwo, stats: ModuleStats, generator: torch.Generator) -> Ranking:
+        return Ranking(magnitude(view, self.p))
 
 
 @register("l1")

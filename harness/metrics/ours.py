@@ -20,10 +20,10 @@ class Ours(Metric):
         self.needs_attention = frozenset({"js"} if data_free else {"js", "level2"})
         self.needs_mlp = frozenset() if data_free else frozenset({"level1"})
 
-    def rank(self, d2: DepthTwo, stats: ModuleStats, generator: torch.Generator) -> Ranking:
-        if d2.kind == "mlp":
-            return Ranking(mlp_scores(d2, None if self.data_free else stats.level1_moments))
-        importance = head_scores(d2, None if self.data_free else stats.level2.second_moment)
-        ranking = similarity_ranking(d2, stats, importance, self.tau)
+    def rank(self, view: DepthTwo, stats: ModuleStats, generator: torch.Generator) -> Ranking:
+        if view.kind == "mlp":
+            return Ranking(mlp_scores(view, None if self.data_free else stats.level1_moments))
+        importance = head_scores(view, None if self.data_free else stats.level2.second_moment)
+        ranking = similarity_ranking(view, stats, importance, self.tau)
         ranking.allocation_scores = standardise(importance)
         return ranking

@@ -11,5 +11,5 @@ from harness.prune.stats import ModuleStats
 
 @register("random")
 class Random(Metric):
-    def rank(self, d2: DepthTwo, stats: ModuleStats, generator: torch.Generator) -> Ranking:
-        return Ranking(torch.rand(d2.n_units, generator=generator, dtype=torch.float64))
+    def rank(self, view: DepthTwo, stats: ModuleStats, generator: torch.Generator) -> Ranking:
+        return Ranking(torch.rand(view.n_units, generator=generator, dtype=torch.float64))

@@ -21,26 +21,26 @@ from harness.models.base import DepthTwo, weight
 from harness.prune.stats import ModuleStats
 
 
-def mlp_scores(d2: DepthTwo, level1_moments: list[torch.Tensor] | None) -> torch.Tensor:
+def mlp_scores(view: DepthTwo, level1_moments: list[torch.Tensor] | None) -> torch.Tensor:
     """level1_moments: E[(A_i^T x)^2] per channel for each level-1 module; None = data-free."""
-    out_norm = weight(d2.level2).to(torch.float64).pow(2).sum(0)  # ||B_i||^2 over outputs
-    score = torch.ones(d2.n_units, dtype=torch.float64, device=out_norm.device)
-    for part, (j, _) in enumerate(d2.level1_parts):
-        rows = weight(d2.level1[j]).pow(2).sum(1) if level1_moments is None else level1_moments[j]
-        score = score * 0.5 * out_norm * d2.level1_part(rows.to(torch.float64), part)
+    out_norm = weight(view.level2).to(torch.float64).pow(2).sum(0)  # ||B_i||^2 over outputs
+    score = torch.ones(view.n_units, dtype=torch.float64, device=out_norm.device)
+    for part, (j, _) in enumerate(view.level1_parts):
+        rows = weight(view.level1[j]).pow(2).sum(1) if level1_moments is None else level1_moments[j]
+        score = score * 0.5 * out_norm * view.level1_part(rows.to(torch.float64), part)
     return score
 
 
-def head_scores(d2: DepthTwo, level2_second_moment: torch.Tensor | None) -> torch.Tensor:
-    w_o = weight(d2.level2).to(torch.float64)
+def head_scores(view: DepthTwo, level2_second_moment: torch.Tensor | None) -> torch.Tensor:
+    w_o = weight(view.level2).to(torch.float64)
     out_norm = w_o.pow(2).sum(0)  # per level-2 input channel
     if level2_second_moment is None:
-        rows = d2.value_rows(d2.all_units())
-        w_v = weight(d2.level1[d2.value_index]).to(torch.float64)
+        rows = view.value_rows(view.all_units())
+        w_v = weight(view.level1[view.value_index]).to(torch.float64)
         moment = w_v[rows].pow(2).sum(1)
     else:
         moment = level2_second_moment.to(torch.float64)
-    return per_unit(out_norm * moment, d2)
+    return per_unit(out_norm * moment, view)
 
 
 @register("second_moment")
@@ -50,8 +50,8 @@ class SecondMoment(Metric):
         self.needs_attention = frozenset() if data_free else frozenset({"level2"})
         self.needs_mlp = frozenset() if data_free else frozenset({"level1"})
 
-    def rank(self, d2: DepthTwo, stats: ModuleStats, generator: torch.Generator) -> Ranking:
-        if d2.kind == "mlp":
-            return Ranking(mlp_scores(d2, None if self.data_free else stats.level1_moments))
+    def rank(self, view: DepthTwo, stats: ModuleStats, generator: torch.Generator) -> Ranking:
+        if view.kind == "mlp":
+            return Ranking(mlp_scores(view, None if self.data_free else stats.level1_moments))
         moment = None if self.data_free else stats.level2.second_moment
-        return Ranking(head_scores(d2, moment))
+        return Ranking(head_scores(view, moment))

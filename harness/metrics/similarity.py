@@ -45,14 +45,14 @@ def greedy_candidates(div: torch.Tensor, importance: torch.Tensor, tau: float | 
     return chosen
 
 
-def similarity_ranking(d2: DepthTwo, stats: ModuleStats, importance: torch.Tensor, tau: float | None) -> Ranking:
-    div = unit_divergence(stats.js, d2.heads_per_unit)
+def similarity_ranking(view: DepthTwo, stats: ModuleStats, importance: torch.Tensor, tau: float | None) -> Ranking:
+    div = unit_divergence(stats.js, view.heads_per_unit)
     chosen = greedy_candidates(div, importance, tau)
     rest = [u for u in torch.argsort(importance.to(torch.float64), stable=True).tolist() if u not in chosen]
     order = torch.tensor(chosen + rest, dtype=torch.long)
     # scores consistent with the order (for reporting and uniform selection)
-    scores = torch.empty(d2.n_units, dtype=torch.float64)
-    scores[order] = torch.arange(d2.n_units, dtype=torch.float64)
+    scores = torch.empty(view.n_units, dtype=torch.float64)
+    scores[order] = torch.arange(view.n_units, dtype=torch.float64)
     return Ranking(scores, order=order, allocation_scores=None)
 
 
@@ -64,8 +64,8 @@ class Similarity(Metric):
     def __init__(self, tau: float | None = None):
         self.tau = tau
 
-    def rank(self, d2: DepthTwo, stats: ModuleStats, generator: torch.Generator) -> Ranking:
-        if d2.kind == "mlp":
-            return Ranking(mlp_scores(d2, stats.level1_moments))
-        importance = head_scores(d2, stats.level2.second_moment)
-        return similarity_ranking(d2, stats, importance, self.tau)
+    def rank(self, view: DepthTwo, stats: ModuleStats, generator: torch.Generator) -> Ranking:
+        if view.kind == "mlp":
+            return Ranking(mlp_scores(view, stats.level1_moments))
+        importance = head_scores(view, stats.level2.second_moment)
+        return similarity_ranking(view, stats, importance, self.tau)

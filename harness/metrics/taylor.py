@@ -33,7 +33,7 @@ class Taylor(Metric):
             raise ValueError(f"unknown taylor variant {variant!r}; accepted: {', '.join(VARIANTS)}")
         self.variant = variant
 
-    def rank(self, d2: DepthTwo, stats: ModuleStats, generator: torch.Generator) -> Ranking:
+    def rank(self, view: DepthTwo, stats: ModuleStats, generator: torch.Generator) -> Ranking:
         grads = stats.extra["grad"]
 
         def per_weight(module):
@@ -48,5 +48,5 @@ class Taylor(Metric):
                 return (first - 0.5 * second).abs()
             return first  # vector: signed, summed over the group, then |.|
 
-        scores = group_sum(d2, per_weight)
+        scores = group_sum(view, per_weight)
         return Ranking(scores.abs() if self.variant == "vector" else scores)

@@ -15,7 +15,7 @@ class WandaSP(Metric):
     needs_attention = frozenset({"level2"})
     needs_mlp = frozenset({"level2"})
 
-    def rank(self, d2: DepthTwo, stats: ModuleStats, generator: torch.Generator) -> Ranking:
-        w = weight(d2.level2).to(torch.float64).abs()
+    def rank(self, view: DepthTwo, stats: ModuleStats, generator: torch.Generator) -> Ranking:
+        w = weight(view.level2).to(torch.float64).abs()
         channel = w.mean(0) * stats.level2.second_moment.to(torch.float64).sqrt()
-        return Ranking(per_unit(channel, d2))
+        return Ranking(per_unit(channel, view))

@@ -168,10 +168,10 @@ def channel_mlp(level1: list[nn.Module], level2: nn.Module, params_per_unit: int
     )
 
 
-def cut(d2: DepthTwo, keep: torch.Tensor) -> None:
+def cut(view: DepthTwo, keep: torch.Tensor) -> None:
     """Physically keep only units `keep` of a depth-2 module: their level-1 rows (modules with
     no rows of their own stay whole) and their level-2 columns."""
-    for module, rows in zip(d2.level1, d2.level1_channels(keep), strict=True):
+    for module, rows in zip(view.level1, view.level1_channels(keep), strict=True):
         if len(rows):
             slice_outputs(module, rows)
-    slice_inputs(d2.level2, d2.level2_channels(keep))
+    slice_inputs(view.level2, view.level2_channels(keep))

@@ -19,20 +19,20 @@ def layers(model: nn.Module) -> nn.ModuleList:
 def attention(block: nn.Module, unit: str = "kv_group") -> DepthTwo:
     check_attention_unit(unit)
     attn = block.self_attn
-    hd = attn.head_dim
+    head_dim = attn.head_dim
     hidden = attn.q_proj.in_features
-    bias = 3 * hd if attn.q_proj.bias is not None else 0
+    bias = 3 * head_dim if attn.q_proj.bias is not None else 0
     return DepthTwo(
         kind="attention",
         level1=[attn.q_proj, attn.k_proj, attn.v_proj],
         level2=attn.out_proj,
-        n_units=attn.q_proj.out_features // hd,
-        level1_channels=lambda u: [channel_range(u, hd)] * 3,
-        level2_channels=lambda u: channel_range(u, hd),
-        params_per_unit=4 * hidden * hd + bias,
-        head_dim=hd,
+        n_units=attn.q_proj.out_features // head_dim,
+        level1_channels=lambda u: [channel_range(u, head_dim)] * 3,
+        level2_channels=lambda u: channel_range(u, head_dim),
+        params_per_unit=4 * hidden * head_dim + bias,
+        head_dim=head_dim,
         value_index=2,
-        value_rows=lambda u: channel_range(u, hd),
+        value_rows=lambda u: channel_range(u, head_dim),
     )
 
 

@@ -22,9 +22,9 @@ def layer_shapes(model) -> list[dict]:
     ad = adapter_for(model)
     shapes = []
     for block in ad.layers(model):
-        s = ad.shape(block)
-        s["level2_bias"] = [m.bias is not None for m in ad.level2_outputs(block)]
-        shapes.append(s)
+        shape = ad.shape(block)
+        shape["level2_bias"] = [m.bias is not None for m in ad.level2_outputs(block)]
+        shapes.append(shape)
     return shapes
 
 

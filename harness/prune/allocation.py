@@ -58,14 +58,14 @@ def solve_ratio(shapes: list[ModuleShape], target_params: float) -> float:
     The removed count is a step function of r; it only changes at r = 1 - j/n, so
     checking those breakpoints is exact. Ties go to the smaller ratio."""
     candidates = {0.0}
-    for s in shapes:
-        candidates.update(1 - j / s.n_units for j in range(1, s.n_units + 1))
+    for shape in shapes:
+        candidates.update(1 - j / shape.n_units for j in range(1, shape.n_units + 1))
     best = min(sorted(candidates), key=lambda r: abs(removed_params(shapes, r) - target_params))
     return float(best)
 
 
 def max_removable(shapes: list[ModuleShape]) -> int:
-    return sum((s.n_units - 1) * s.params_per_unit for s in shapes)
+    return sum((shape.n_units - 1) * shape.params_per_unit for shape in shapes)
 
 
 def uniform(shapes: list[ModuleShape], ratio: float) -> list[int]:

@@ -51,9 +51,9 @@ class PruneSettings:
     attention_unit: str = "kv_group"  # models.base.ATTENTION_UNITS
 
     def __post_init__(self):
-        s = self.sparsity
-        if isinstance(s, bool) or not isinstance(s, int | float) or not 0 <= s < 1:
-            raise SettingsError(f"sparsity={s!r} is outside [0, 1); accepted: a number with 0 <= sparsity < 1")
+        sparsity = self.sparsity
+        if isinstance(sparsity, bool) or not isinstance(sparsity, int | float) or not 0 <= sparsity < 1:
+            raise SettingsError(f"sparsity={sparsity!r} is outside [0, 1); accepted: a number with 0 <= sparsity < 1")
         one_of("sparsity_mode", self.sparsity_mode, allocation.SPARSITY_MODES)
         one_of("allocation", self.allocation, allocation.POLICIES)
         one_of("remedy", self.remedy, remedies.names())

@@ -61,14 +61,13 @@ class FlapSampleMoments:
         x = x.to(self.mean.dtype)
         x = x.reshape(-1, *x.shape[-2:]) if x.dim() > 2 else x[None]
         for sample in x:  # [seq, width]
-            s = sample.shape[0]
             old_mean = self.mean.clone()
             self.mean = self.mean * self.n / (self.n + 1) + sample.mean(0) / (self.n + 1)
             if self.n > 0:
                 self.var = self.var * (self.n - 1) / self.n + ((sample - old_mean) * (sample - self.mean)).sum(0) / (self.n + 1)
             self.n += 1
             self.sq += (sample * sample).sum(0)
-            self.tokens += s
+            self.tokens += sample.shape[0]
 
     @property
     def second_moment(self) -> torch.Tensor:

@@ -14,17 +14,17 @@ from harness.prune.stats import ModuleStats
 from harness.remedy import Remedy, register
 
 
-def compensate(d2: DepthTwo, keep_units: torch.Tensor, level2_mean: torch.Tensor) -> None:
-    all_channels = d2.level2_channels(d2.all_units())
-    kept = d2.level2_channels(keep_units)
-    mask = torch.ones(weight(d2.level2).shape[1], dtype=torch.bool)
+def compensate(view: DepthTwo, keep_units: torch.Tensor, level2_mean: torch.Tensor) -> None:
+    all_channels = view.level2_channels(view.all_units())
+    kept = view.level2_channels(keep_units)
+    mask = torch.ones(weight(view.level2).shape[1], dtype=torch.bool)
     mask[kept] = False
     pruned = all_channels[mask[all_channels]]
     if len(pruned) == 0:
         return
-    w = weight(d2.level2)
+    w = weight(view.level2)
     shift = w[:, pruned].to(torch.float64) @ level2_mean[pruned].to(w.device, torch.float64)
-    bias = ensure_bias(d2.level2)
+    bias = ensure_bias(view.level2)
     with torch.no_grad():
         bias += shift.to(bias.dtype)
 
