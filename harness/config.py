@@ -289,9 +289,10 @@ def typed(cfg: RunConfig | DictConfig | dict) -> RunConfig:
         cfg = OmegaConf.structured(cfg)  # re-resolves interpolations and re-runs the checks
     if isinstance(cfg, dict):
         cfg = OmegaConf.create(cfg)
-    cfg = cfg.copy()
-    with_schema = OmegaConf.merge(OmegaConf.structured(RunConfig), _without_hydra(cfg))
-    run_config = OmegaConf.to_object(with_schema)
+    cfg = _without_hydra(cfg.copy())
+    if OmegaConf.get_type(cfg) is not RunConfig:  # a plain dict or config: give it the schema
+        cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+    run_config = OmegaConf.to_object(cfg)
     run_config.check()
     return run_config
 

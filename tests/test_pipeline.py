@@ -218,8 +218,7 @@ def test_level1_moments_equal_the_quadratic_form_of_the_input_second_moment(mode
 
 
 @pytest.mark.parametrize("metric", ALL_METRICS)
-@pytest.mark.parametrize("remedy", ["none", "bias"])
-@pytest.mark.parametrize("allocation", ["uniform", "adaptive"])
+@pytest.mark.parametrize("remedy,allocation", [("none", "uniform"), ("bias", "adaptive")])
 def test_sparsity_zero_leaves_the_logits_unchanged(model_type, metric, remedy, allocation):
     """Nothing removed: every statistic is observed and every remedy hook runs, and the model
     computes exactly what it did (recovery is excluded: its ridge re-fit moves weights by design)."""

@@ -16,13 +16,18 @@ def test_committed_weights_match_manifest(name):
     assert manifest["train_seconds"] < 600  # built within 10 minutes on 2 CPU cores
 
 
+@pytest.fixture(scope="module")
+def tokenizer():
+    return zoo_module.train_tokenizer()  # deterministic: the one each build trains for itself
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(zoo_module.MODELS))
-def test_build_command_reproduces_the_training_trajectory(name):
+def test_build_command_reproduces_the_training_trajectory(name, tokenizer):
     """Retrain the first steps with the committed spec: the losses match the manifest's."""
     manifest = json.loads((zoo_module.COMMITTED_DIR / name / "manifest.json").read_text())
     spec = zoo_module.TrainSpec(**manifest["spec"])
-    _, losses = zoo_module.train(name, zoo_module.train_tokenizer(), spec, steps=len(manifest["first_losses"]))
+    _, losses = zoo_module.train(name, tokenizer, spec, steps=len(manifest["first_losses"]))
     assert losses == pytest.approx(manifest["first_losses"], rel=1e-4)
 
 
