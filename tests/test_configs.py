@@ -119,16 +119,12 @@ def test_unknown_group_value_fails_at_once_listing_choices():
     assert "nope" in r.stderr and "ours" in r.stderr and "flap" in r.stderr
 
 
-@pytest.mark.parametrize("override,message", [
-    ("sparsity=1.5", "sparsity=1.5 is outside [0, 1)"),
-    ("model.path=/does/not/exist", "model.path='/does/not/exist' does not exist"),
-    ("eval.ppl.protocol=nope", "eval.ppl.protocol='nope' is not accepted; accepted: llmpruner, gptq"),
-])
-def test_bad_values_fail_before_loading(override, message, tmp_path):
-    """From the command line (the rest of the bad values are refused in-process, test_reliability)."""
-    r = _harness("+debug=fast", f"out_dir={tmp_path}", override)
+def test_a_bad_value_fails_on_the_command_line_before_loading(tmp_path):
+    """The command line shows the schema's message (every bad value is refused in-process in
+    test_reliability's table, the same code path)."""
+    r = _harness("+debug=fast", f"out_dir={tmp_path}", "sparsity=1.5")
     assert r.returncode != 0
-    assert message in r.stderr, r.stderr[-2000:]
+    assert "sparsity=1.5 is outside [0, 1)" in r.stderr, r.stderr[-2000:]
     assert not list(tmp_path.glob("*/result.json"))
 
 

@@ -144,7 +144,8 @@ def test_sigint_during_evaluation_leaves_no_complete_record_and_rerun_completes(
     import time
 
     args = [sys.executable, "-m", "harness", "model=tiny-llama", "logger=none", "calibration.n_samples=8",
-            f"out_dir={tmp_path}", "eval.efficiency.seqlen=32", "eval.ppl.max_tokens=131072"]
+            f"out_dir={tmp_path}", "eval.efficiency.seqlen=32", "eval.ppl.max_tokens=131072",
+            "eval.ppl.datasets=[wikitext2]"]
     # a shell's background job (`nohup ... &`) ignores SIGINT, and Python keeps an ignored SIGINT ignored
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
