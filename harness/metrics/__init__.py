@@ -7,14 +7,13 @@ one YAML under conf/metric/.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass
 
 import torch
 
 from harness.models.base import DepthTwo
 from harness.prune.stats import ModuleStats
+from harness.registry import Registry
 
 
 @dataclass
@@ -77,33 +76,13 @@ class Metric:
         raise NotImplementedError
 
 
-REGISTRY: dict[str, type[Metric]] = {}
-
-
-def register(name: str):
-    def wrap(cls: type[Metric]) -> type[Metric]:
-        cls.name = name
-        REGISTRY[name] = cls
-        return cls
-
-    return wrap
-
-
-def _load_all() -> None:
-    for info in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{info.name}")
+_REGISTRY: Registry[type[Metric]] = Registry("metric", __name__)
+register = _REGISTRY.register
+names = _REGISTRY.names
 
 
 def build(name: str, params: dict | None = None) -> Metric:
-    _load_all()
-    if name not in REGISTRY:
-        raise ValueError(f"unknown metric {name!r}; accepted: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name](**(params or {}))
-
-
-def names() -> list[str]:
-    _load_all()
-    return sorted(REGISTRY)
+    return _REGISTRY.get(name)(**(params or {}))
 
 
 def per_unit(channel_scores: torch.Tensor, view: DepthTwo) -> torch.Tensor:

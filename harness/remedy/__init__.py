@@ -11,8 +11,9 @@ A remedy declares what it needs and hooks into the pipeline at two points of eac
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, ClassVar
+
+from harness.registry import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -22,18 +23,6 @@ if TYPE_CHECKING:
     from harness.prune.settings import PruneSettings
     from harness.prune.stats import ModuleStats
     from harness.prune.stream import Chunk
-
-REGISTRY: dict[str, type[Remedy]] = {}
-
-
-def register(name: str):
-    def wrap(cls: type[Remedy]) -> type[Remedy]:
-        cls.name = name
-        REGISTRY[name] = cls
-        return cls
-
-    return wrap
-
 
 class Remedy:
     name: ClassVar[str] = "none"
@@ -48,34 +37,18 @@ class Remedy:
     def check(cls, settings: PruneSettings) -> None:
         """Refuse settings this remedy cannot honour (at construction, before any work)."""
 
-    def before_scoring(self, block: nn.Module, dense: nn.Module, unit: DepthTwo, dense_unit: DepthTwo,
+    def before_scoring(self, block: nn.Module, dense: nn.Module, view: DepthTwo, dense_view: DepthTwo,
                        stream: list[Chunk], dense_stream: list[Chunk], where: str, dtype: torch.dtype,
                        device: torch.device) -> None:
-        """Called before `unit` is observed and scored, only when `dense_reference`."""
+        """Called before `view` (the module as pruned so far) is observed and scored, only when `dense_reference`."""
 
-    def after_selection(self, unit: DepthTwo, keep: torch.Tensor, stats: ModuleStats) -> None:
+    def after_selection(self, view: DepthTwo, keep: torch.Tensor, stats: ModuleStats) -> None:
         """Called with the units to keep, before they are cut."""
 
     def finish(self) -> dict:
         return {}
 
 
+_REGISTRY: Registry[type[Remedy]] = Registry("remedy", __name__)
+register, names, get = _REGISTRY.register, _REGISTRY.names, _REGISTRY.get
 register("none")(Remedy)
-_MODULES = ("bias", "recovery")
-
-
-def _load_all() -> None:
-    for module in _MODULES:
-        importlib.import_module(f"harness.remedy.{module}")
-
-
-def names() -> list[str]:
-    _load_all()
-    return sorted(REGISTRY)
-
-
-def get(name: str) -> type[Remedy]:
-    _load_all()
-    if name not in REGISTRY:
-        raise ValueError(f"remedy={name!r} is not accepted; accepted: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]

@@ -33,5 +33,5 @@ def compensate(view: DepthTwo, keep_units: torch.Tensor, level2_mean: torch.Tens
 class Bias(Remedy):
     needs = frozenset({"level2"})
 
-    def after_selection(self, unit: DepthTwo, keep: torch.Tensor, stats: ModuleStats) -> None:
-        compensate(unit, keep, stats.level2.mean)
+    def after_selection(self, view: DepthTwo, keep: torch.Tensor, stats: ModuleStats) -> None:
+        compensate(view, keep, stats.level2.mean)

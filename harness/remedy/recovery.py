@@ -119,11 +119,11 @@ class Recovery(Remedy):
         if settings.ridge_toward not in TOWARD:
             raise SettingsError(f"remedy.toward={settings.ridge_toward!r} is not accepted; accepted: {', '.join(TOWARD)}")
 
-    def before_scoring(self, block, dense, unit, dense_unit, stream, dense_stream, where, dtype, device) -> None:
+    def before_scoring(self, block, dense, view, dense_view, stream, dense_stream, where, dtype, device) -> None:
         """Each level, in forward order, re-fitted to what the dense block's level computes on the dense stream."""
         for level in (1, 2):
-            modules = unit.level1 if level == 1 else [unit.level2]
-            probe, dense_probe = (unit.module_input, dense_unit.module_input) if level == 1 else (unit.level2, dense_unit.level2)
+            modules = view.level1 if level == 1 else [view.level2]
+            probe, dense_probe = (view.module_input, dense_view.module_input) if level == 1 else (view.level2, dense_view.level2)
             moments = None
             for chunk, dense_chunk in zip(stream, dense_stream, strict=True):
                 x, x_dense = module_input(block, probe, chunk), module_input(dense, dense_probe, dense_chunk)
