@@ -14,6 +14,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str, package: str):
         self.kind, self.package = kind, package
         self.classes: dict[str, T] = {}
+        self._loaded = False
 
     def register(self, name: str):
         def wrap(cls: T) -> T:
@@ -24,6 +25,9 @@ class Registry(Generic[T]):
         return wrap
 
     def _load_all(self) -> None:
+        if self._loaded:  # looked up per record and per plotted line: scan the package once
+            return
+        self._loaded = True
         package = importlib.import_module(self.package)
         for info in pkgutil.iter_modules(package.__path__):
             importlib.import_module(f"{self.package}.{info.name}")
