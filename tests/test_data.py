@@ -91,3 +91,23 @@ def test_calibration_with_bos_per_window_starts_each_sample_with_bos(zoo):
     text = tok("\n\n".join(corpora.documents("ptb", "train")[:4000]), add_special_tokens=False)["input_ids"]
     joined = " ".join(map(str, text))
     assert all(" ".join(map(str, row[1:].tolist())) in joined for row in ids)
+
+
+def test_memoised_token_ids_equal_tokenising_again_and_follow_the_tokenizer(zoo):
+    from transformers import AutoTokenizer
+
+    from harness.data import tokens
+
+    _, tok = zoo("tiny-llama")
+    text = "\n\n".join(corpora.documents("ptb", "validation")[:200])
+    fresh = tokens.token_ids(tok, text, add_special_tokens=False)
+    again_by_a_new_copy = tokens.token_ids(AutoTokenizer.from_pretrained(tok.name_or_path), text, False)
+    assert again_by_a_new_copy is fresh  # a hit across copies of one tokenizer ...
+    assert fresh.tolist() == tok(text, add_special_tokens=False)["input_ids"]  # ... equals tokenising again
+    assert tokens.fingerprint(zoo("tiny-gpt2")[1]) == tokens.fingerprint(tok)  # the zoo shares one tokenizer
+    with_bos = tokens.token_ids(tok, text, add_special_tokens=True)
+    assert with_bos.tolist() == tok(text)["input_ids"]
+    changed = copy.deepcopy(tok)
+    changed.add_tokens(["the"])  # one more token: a different key, different ids
+    assert tokens.fingerprint(changed) != tokens.fingerprint(tok)
+    assert tokens.token_ids(changed, text, False).tolist() == changed(text, add_special_tokens=False)["input_ids"] != fresh.tolist()

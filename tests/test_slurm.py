@@ -116,13 +116,12 @@ def test_job_hitting_its_time_limit_is_requeued_and_completes(cluster, tmp_path)
     and each attempt resumes from the pruned-model checkpoint, the finished evaluations and the
     perplexity windows already done (one attempt has about 25 s for work, less than WikiText-2 needs)."""
     with _requeued_jobs_start_at_once(cluster):
-        r = _sweep(cluster, tmp_path, "model=tiny-llama", "remedy=recovery", "calibration.n_samples=64", "eval=full",
-                   "eval.zeroshot.limit=100", "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=20",
+        r = _sweep(cluster, tmp_path, "model=tiny-llama", "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=20",
                    "hydra.launcher.max_num_timeout=8", "hydra.launcher.cpus_per_task=2", timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     (rec,) = records.load_complete(tmp_path / "runs")
     assert rec["attempts"] >= 2
     assert any(p["windows_resumed"] for p in rec["eval"]["ppl"].values())  # a dataset was cut and resumed
-    assert set(rec["eval"]["zeroshot"]) and rec["eval"]["ppl"]["wikitext2"]["tokens"] > 500_000
+    assert rec["eval"]["ppl"]["wikitext2"]["tokens"] > 500_000  # whole datasets, not a cap
     logs = list((tmp_path / "sweep").glob(".submitit/*/*.out"))
     assert any("requeu" in p.read_text().lower() or "checkpoint" in p.read_text().lower() for p in logs), json.dumps([p.name for p in logs])

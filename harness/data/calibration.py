@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from harness.data import documents
+from harness.data.tokens import token_ids
 from harness.evaluate.perplexity import bos_token_id
 
 DATASETS = {"wikitext2": ("wikitext2", "train"), "ptb": ("ptb", "train"), "c4": ("c4", "train")}
@@ -40,7 +41,7 @@ def batches(tokenizer, dataset: str, n_samples: int, seqlen: int, seed: int, mod
         used += len(d)
         if used > budget_chars:
             break
-    ids = torch.tensor(tokenizer("\n\n".join(text), add_special_tokens=False)["input_ids"], dtype=torch.long)
+    ids = token_ids(tokenizer, "\n\n".join(text), add_special_tokens=False)
     if len(ids) <= seqlen:
         raise ValueError(f"calibration set {dataset} has {len(ids)} tokens, fewer than seqlen={seqlen}")
     if bos_id is None:

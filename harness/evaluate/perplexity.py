@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from harness.data import evaluation_text
+from harness.data.tokens import token_ids
 
 
 @dataclass
@@ -108,7 +109,7 @@ def evaluate(model, tokenizer, dataset: str, protocol: str, seqlen: int, batch_s
              progress: dict | None = None, save=lambda: None) -> Perplexity:
     text, split = evaluation_text(dataset, protocol, data_dir)
     bos_id = bos_token_id(tokenizer, bos)
-    ids = torch.tensor(tokenizer(text, add_special_tokens=bos_id is None)["input_ids"], dtype=torch.long)
+    ids = token_ids(tokenizer, text, add_special_tokens=bos_id is None)
     progress = {} if progress is None else progress
     value, n, tps = perplexity_of(model, ids, seqlen, batch_size, max_tokens, desc=f"ppl {dataset}", bos_id=bos_id,
                                   progress=progress, save=save)

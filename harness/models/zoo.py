@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from harness.data.corpora import documents
+from harness.data.tokens import token_ids
 
 COMMITTED_DIR = Path(__file__).parent.parent / "zoo_weights"
 VOCAB_SIZE = 4096
@@ -83,7 +84,7 @@ def train_tokenizer():
 
 def _token_stream(tokenizer) -> torch.Tensor:
     # Same join as the perplexity protocol, so train and evaluation text look alike.
-    return torch.tensor(tokenizer("\n\n".join(documents("ptb", "train")))["input_ids"], dtype=torch.long)
+    return token_ids(tokenizer, "\n\n".join(documents("ptb", "train")), add_special_tokens=True)
 
 
 def train(name: str, tokenizer, spec: TrainSpec = TrainSpec(), steps: int | None = None):
