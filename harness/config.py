@@ -107,29 +107,56 @@ class AllocationConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    dataset: str = "c4"  # a source, or a mixture: wikitext2+bookcorpus, wikitext2:8+bookcorpus:8 (data/calibration.py)
+    n_samples: int = 128  # sequences (downstream: task examples)
+    seqlen: int = II("model.seqlen")
+    bos: str = II("model.bos")
+    seed: int = II("seed")
+    downstream_tasks: list[str] | None = None  # dataset=downstream: these tasks' examples; null = every one available
+    downstream_split: str = "auto"  # auto: the hub's train splits, offline the shipped validation splits
+
+    def check(self, key: str = "calibration") -> None:
+        from harness.data import calibration, downstream
+        from harness.evaluate.perplexity import BOS_PLACEMENTS
+
+        integer(f"{key}.n_samples", self.n_samples, 1)
+        integer(f"{key}.seqlen", self.seqlen, 2)
+        integer(f"{key}.seed", self.seed, 0)
+        one_of(f"{key}.bos", self.bos, BOS_PLACEMENTS)
+        try:
+            parts = calibration.sources(self.dataset, self.n_samples, key)
+            if any(source == "downstream" for source, _ in parts):
+                downstream.plan(self.downstream_tasks, self.downstream_split, key=key)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+
+    def sampling(self) -> dict:
+        """What decides the drawn sequences (two calibrations with equal sampling are one set)."""
+        return {k: getattr(self, k) for k in ("dataset", "n_samples", "seqlen", "bos", "seed", "downstream_tasks",
+                                              "downstream_split")}
+
+
+@dataclass
+class RecoveryCalibrationConfig(CalibrationConfig):
+    """The data a remedy fits on (recovery's least squares); by default the scoring calibration."""
+
+    dataset: str = II("calibration.dataset")
+    n_samples: int = II("calibration.n_samples")
+    seqlen: int = II("calibration.seqlen")
+    bos: str = II("calibration.bos")
+    seed: int = II("calibration.seed")
+    downstream_tasks: list[str] | None = II("calibration.downstream_tasks")
+    downstream_split: str = II("calibration.downstream_split")
+
+
+@dataclass
 class RemedyConfig:
     name: str = "none"  # harness.remedy.names()
     damp: float = 0.01  # recovery: lambda = damp * mean(diag(X^T X))
     toward: str = "zero"  # recovery's ridge prior: zero (METHOD.md) or weights
-
-
-@dataclass
-class CalibrationConfig:
-    dataset: str = "c4"
-    n_samples: int = 128
-    seqlen: int = II("model.seqlen")
-    bos: str = II("model.bos")
-    seed: int = II("seed")
-
-    def check(self) -> None:
-        from harness.data.calibration import ACCEPTED
-        from harness.evaluate.perplexity import BOS_PLACEMENTS
-
-        one_of("calibration.dataset", self.dataset, ACCEPTED)
-        integer("calibration.n_samples", self.n_samples, 1)
-        integer("calibration.seqlen", self.seqlen, 2)
-        integer("calibration.seed", self.seed, 0)
-        one_of("calibration.bos", self.bos, BOS_PLACEMENTS)
+    # The data recovery fits on (default: the scoring calibration); a remedy that fits nothing ignores it.
+    calibration: RecoveryCalibrationConfig = field(default_factory=RecoveryCalibrationConfig)
 
 
 @dataclass
@@ -250,6 +277,7 @@ class RunConfig:
                      self.eval.efficiency):
             if part is not None:
                 part.check()
+        self.remedy.calibration.check("remedy.calibration")
         one_of("dtype", self.dtype, ("auto", *DTYPES))
         if not DEVICE.fullmatch(str(self.device)):
             raise ConfigError(f"device={self.device!r} is not accepted; accepted: auto, cpu, cuda, cuda:N, mps")
@@ -294,6 +322,12 @@ def typed(cfg: RunConfig | DictConfig | dict) -> RunConfig:
         cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
     run_config = OmegaConf.to_object(cfg)
     run_config.check()
+    from harness.remedy import fits_on_data
+
+    if not fits_on_data(run_config.remedy.name):
+        # Read by no stage of this run: recorded as the scoring calibration, so the run is the
+        # same run (one record) whatever a sweep set it to.
+        run_config.remedy.calibration = RecoveryCalibrationConfig(**run_config.calibration.sampling())
     return run_config
 
 
@@ -327,7 +361,7 @@ def check_against_model(cfg: RunConfig, model) -> None:
     adapter = adapter_for(model)  # names the model_type and the supported ones
     n_layers = len(adapter.layers(model))
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    lengths = {"calibration.seqlen": cfg.calibration.seqlen}
+    lengths = {"calibration.seqlen": cfg.calibration.seqlen, "remedy.calibration.seqlen": cfg.remedy.calibration.seqlen}
     if cfg.eval.ppl is not None:
         lengths["eval.ppl.seqlen"] = cfg.eval.ppl.seqlen
     for key, n in lengths.items():

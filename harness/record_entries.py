@@ -26,7 +26,8 @@ def pruning_entry(report: PruneReport, settings: PruneSettings, layer_range: ran
         "per_layer": per_layer,
         **({settings.remedy: report.remedy} if report.remedy else {}),  # e.g. recovery: its fits and fall-backs
         "seconds": report.seconds, "calibration_seconds": calibration_seconds, "stage_seconds": report.stage_seconds,
-        "calibration": {key: calibration[key] for key in ("dataset", "n_samples", "seqlen", "bos")},
+        "calibration": {key: calibration[key] for key in ("dataset", "n_samples", "seqlen", "bos", "seed", "sources",
+                                                          "sequences", "tokens", "sha256") if key in calibration},
     }
 
 

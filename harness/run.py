@@ -24,6 +24,7 @@ from harness.models import adapter_for, loading
 from harness.models.pruned import save_pruned
 from harness.prune import prunable_layers, prune
 from harness.record_entries import model_entry, pruning_entry, scalars
+from harness.remedy import fits_on_data as remedy_fits_on_data
 
 log = logging.getLogger("harness")
 
@@ -69,13 +70,17 @@ def run(cfg: schema.RunConfig | DictConfig | dict, group: str | None = None) -> 
 
 def check_data(config: dict) -> None:
     """Read (and hash-check) the evaluation and calibration text before any model loads."""
-    from harness.data import documents, evaluation_text
+    from harness.data import evaluation_text
 
     ppl = config["eval"].get("ppl")
     for dataset in (ppl or {}).get("datasets", []):
         evaluation_text(dataset, ppl["protocol"], config["data_dir"])
-    if config["calibration"]["dataset"] in calibration.DATASETS:
-        documents(*calibration.DATASETS[config["calibration"]["dataset"]], config["data_dir"])
+    used = [("calibration", config["calibration"])]
+    if remedy_fits_on_data(config["remedy"]["name"]):
+        used.append(("remedy.calibration", config["remedy"]["calibration"]))
+    for key, cal in used:
+        calibration.check_available(cal["dataset"], cal["n_samples"], config["data_dir"], cal["downstream_tasks"],
+                                    cal["downstream_split"], key)
 
 
 def _execute(run_config: schema.RunConfig, config: dict, record: dict, device, dtype, path: Path, tracker) -> dict:
@@ -121,15 +126,27 @@ def _load_and_prune(run_config: schema.RunConfig, config: dict, record: dict, de
     records.write(path, record)
 
     start = time.perf_counter()
-    ids = calibration.batches(tok, cal["dataset"], cal["n_samples"], cal["seqlen"], cal["seed"], model=model,
-                              data_dir=config["data_dir"], bos=cal["bos"])
+    scoring = _draw(tok, cal, model, config["data_dir"])
+    # The remedy's fit data is a second set only when it is asked for and differs (else: the same stream).
+    fitting = None
+    if remedy_fits_on_data(config["remedy"]["name"]) and run_config.remedy.calibration.sampling() != run_config.calibration.sampling():
+        fitting = _draw(tok, config["remedy"]["calibration"], model, config["data_dir"])
     calibration_seconds = time.perf_counter() - start
     settings = run_config.prune_settings()
-    report = prune(model, ids, metric, settings, device)
+    report = prune(model, scoring.ids, metric, settings, device, fit_ids=None if fitting is None else fitting.ids)
     record["model"]["params_after"] = report.params_after
     layer_range = prunable_layers(len(adapter.layers(model)), settings.layers)
-    record["pruning"] = pruning_entry(report, settings, layer_range, cal, calibration_seconds)
+    record["pruning"] = pruning_entry(report, settings, layer_range, {**cal, **scoring.describe()}, calibration_seconds)
+    if remedy_fits_on_data(config["remedy"]["name"]):
+        record["pruning"]["remedy_calibration"] = ({"same_as": "calibration"} if fitting is None else
+                                                   {**config["remedy"]["calibration"], **fitting.describe()})
     return model, tok
+
+
+def _draw(tok, cal: dict, model, data_dir: str | None) -> calibration.CalibrationSet:
+    return calibration.draw(tok, cal["dataset"], cal["n_samples"], cal["seqlen"], cal["seed"], model=model,
+                            data_dir=data_dir, bos=cal["bos"], downstream_tasks=cal["downstream_tasks"],
+                            downstream_split=cal["downstream_split"])
 
 
 def evaluate(model, tok, eval_config: dict, data_dir: str | None, out: dict, save=lambda: None) -> dict:

@@ -104,7 +104,7 @@ def test_run_takes_a_typed_config_from_python():
 def test_contract_groups_exist():
     assert {"smollm2-135m", "tiny-llama", "tiny-gpt2", "gpt2", "llama-7b"} <= set(_options("model"))
     assert {"none", "recovery", "bias"} == set(_options("remedy"))
-    assert {"wikitext2", "ptb", "c4", "selfgen"} == set(_options("calibration"))
+    assert {"wikitext2", "ptb", "c4", "selfgen", "bookcorpus", "downstream", "paper"} == set(_options("calibration"))
     assert {"ppl", "quick", "full"} <= set(_options("eval"))
     assert {"wandb", "none"} == set(_options("logger"))
 

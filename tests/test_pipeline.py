@@ -204,7 +204,7 @@ def test_level1_moments_equal_the_quadratic_form_of_the_input_second_moment(mode
     adapter = adapter_for(model)
     model.set_attn_implementation("eager")
     pipe = Pipeline(model, adapter, metrics.build("second_moment"), PruneSettings(chunk_size=4), torch.device("cpu"))
-    chunks = pipe.capture_inputs(_calib())
+    chunks, _ = pipe.capture_inputs(_calib())
     block = adapter.layers(model)[0]
     view = adapter.mlp(block)
     stats = observe(block, view, adapter.attention_module(block), chunks, frozenset({"level1"}), {}, torch.float64,
@@ -218,10 +218,11 @@ def test_level1_moments_equal_the_quadratic_form_of_the_input_second_moment(mode
 
 
 @pytest.mark.parametrize("metric", ALL_METRICS)
-@pytest.mark.parametrize("remedy,allocation", [("none", "uniform"), ("bias", "adaptive")])
+@pytest.mark.parametrize("remedy,allocation", [("none", "uniform"), ("bias", "adaptive"), ("recovery", "uniform")])
 def test_sparsity_zero_leaves_the_logits_unchanged(model_type, metric, remedy, allocation):
     """Nothing removed: every statistic is observed and every remedy hook runs, and the model
-    computes exactly what it did (recovery is excluded: its ridge re-fit moves weights by design)."""
+    computes exactly what it did (recovery re-fits a module only once something upstream was
+    cut, METHOD.md section 5; its ridge fit would otherwise shrink the weights)."""
     model = random_model(model_type)
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -231,3 +232,39 @@ def test_sparsity_zero_leaves_the_logits_unchanged(model_type, metric, remedy, a
     assert report.params_after == report.params_before and not any(report.removed.values())
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)
+
+
+def test_the_recovery_set_reaches_only_the_recovery_fits(zoo, monkeypatch):
+    """Scoring statistics come from `input_ids`, recovery's least squares from `fit_ids`: a
+    recovery-only change of data changes the recovered weights and not the first module's
+    scores; a scoring-only change does change them; fit_ids equal to the scoring ids is
+    exactly fit_ids=None (one stream)."""
+    from harness.prune import Pipeline
+
+    model, _ = zoo("tiny-llama")
+    scoring, refit_on = _calib(n=8, s=32, vocab=4096, seed=0), _calib(n=6, s=24, vocab=4096, seed=5)
+    original = Pipeline.rank
+
+    def pruned(input_ids, fit_ids):
+        scores = {}
+
+        def rank(self, block, view, stream, layer):
+            ranking, stats = original(self, block, view, stream, layer)
+            scores.setdefault((layer, view.kind), ranking.scores.clone())
+            return ranking, stats
+
+        monkeypatch.setattr(Pipeline, "rank", rank)
+        m = copy.deepcopy(model)
+        prune(m, input_ids, metrics.build("wanda"), PruneSettings(sparsity=0.3, remedy="recovery", chunk_size=4),
+              fit_ids=fit_ids)
+        return m.state_dict(), scores
+
+    one_stream, first_scores = pruned(scoring, None)
+    same_again, same_scores = pruned(scoring, scoring.clone())
+    assert all(torch.equal(one_stream[k], same_again[k]) for k in one_stream)
+    own_set, own_scores = pruned(scoring, refit_on)
+    first = (0, "attention")
+    assert torch.equal(own_scores[first], first_scores[first])
+    assert any(one_stream[k].shape == own_set[k].shape and not torch.equal(one_stream[k], own_set[k]) for k in one_stream)
+    _, rescored = pruned(_calib(n=8, s=32, vocab=4096, seed=9), None)
+    assert not torch.equal(rescored[first], first_scores[first])

@@ -179,3 +179,24 @@ def test_eval_full_records_all_seven_tasks(tmp_path):
     assert set(zs) == set(TASKS) and all(v["n"] == 10 for v in zs.values())
     assert rec["eval"]["zeroshot_protocol"]["average_metrics"]["hellaswag"] == "acc_norm"
     assert 0 <= rec["eval"]["zeroshot_avg"] <= 1
+
+
+def test_recovery_on_its_own_set_is_recorded_and_labelled(gpt2_record, tmp_path, zoo):
+    """Both calibration sets go into the record (sources, splits, sequences, a hash of the token
+    ids that a fresh draw reproduces) and into the collected rows' labels."""
+    from harness.collect.frame import frame
+    from harness.data import calibration
+
+    shared, _ = gpt2_record
+    assert shared["pruning"]["remedy_calibration"] == {"same_as": "calibration"}
+    rec = run(_cfg(tmp_path, "model=tiny-gpt2", "remedy=recovery", "remedy.calibration.dataset=downstream",
+                   "remedy.calibration.n_samples=32"))
+    scoring, fitting = rec["pruning"]["calibration"], rec["pruning"]["remedy_calibration"]
+    (part,) = fitting["sources"]
+    assert part["source"] == "downstream" and sum(part["examples"].values()) == 32
+    assert set(part["splits"].values()) == {"validation"} and fitting["sequences"] == part["sequences"] > 0
+    _, tok = zoo("tiny-gpt2")
+    again = calibration.draw(tok, "downstream", 32, fitting["seqlen"], fitting["seed"])
+    assert fitting["sha256"] == again.describe()["sha256"] != scoring["sha256"]
+    assert scoring["sources"] == [{"source": "c4", "count": 8, "split": "train", "sequences": 8}]
+    assert list(frame([shared, rec])["remedy_data"]) == ["same", "downstream/32"]

@@ -15,11 +15,12 @@ METHOD = ["metric", "remedy", "allocation"]
 # Settings that change a result besides the method; where the records of a table differ in
 # one, it becomes an extra row level, so different configurations are never averaged
 # (only repeated seeds are).
-SETTINGS = ["metric_params", "remedy_params", "attention_unit", "calibration", "n_samples", "sparsity_mode", "modules",
-            "ppl_tokens", "bos"]
+SETTINGS = ["metric_params", "remedy_params", "remedy_data", "attention_unit", "calibration", "n_samples",
+            "sparsity_mode", "modules", "ppl_tokens", "bos"]
 # The method part a parameter setting belongs to: with that part as a table column, the
 # setting varies with the column, not within a row.
-OWNER = {"metric_params": "metric", "remedy_params": "remedy"}
+OWNER = {"metric_params": "metric", "remedy_params": "remedy", "remedy_data": "remedy"}
+_SAMPLING = ("dataset", "n_samples", "seqlen", "bos", "seed", "downstream_tasks", "downstream_split")
 
 
 def _params(d: dict, skip: tuple[str, ...] = ()) -> str:
@@ -49,6 +50,21 @@ def _remedy_params(remedy: dict) -> str:
     except ValueError:  # a remedy this version does not know: every key it was given
         reads = tuple(k for k in remedy if k != "name")
     return _params({k: v for k, v in remedy.items() if k in reads})
+
+
+def _remedy_data(config: dict) -> str:
+    """What a remedy that fits on data fitted on: `same` (the scoring calibration) or `dataset/n`."""
+    remedy = config["remedy"]
+    try:
+        fits = remedies.fits_on_data(remedy["name"])
+    except ValueError:
+        fits = "calibration" in remedy
+    own = remedy.get("calibration")
+    if not fits:
+        return "-"
+    if not own or all(own.get(k) == config["calibration"].get(k) for k in _SAMPLING):
+        return "same"
+    return f"{own['dataset']}/{own['n_samples']}"
 
 
 def ppl_columns(df: pd.DataFrame) -> list[str]:
@@ -92,6 +108,7 @@ def _row(r: dict) -> dict:
         "run_id": r["run_id"],
         "metric_params": _params(c["metric"].get("params") or {}),
         "remedy_params": _remedy_params(c["remedy"]),
+        "remedy_data": _remedy_data(c),
     }
     if "heads_before" in r["model"]:
         row["heads_pruned"] = r["model"]["heads_before"] - row["heads_kept"]

