@@ -79,8 +79,11 @@ def check_data(config: dict) -> None:
     if remedy_fits_on_data(config["remedy"]["name"]):
         used.append(("remedy.calibration", config["remedy"]["calibration"]))
     for key, cal in used:
-        calibration.check_available(cal["dataset"], cal["n_samples"], config["data_dir"], cal["downstream_tasks"],
-                                    cal["downstream_split"], key)
+        try:
+            calibration.check_available(cal["dataset"], cal["n_samples"], config["data_dir"], cal["downstream_tasks"],
+                                        cal["downstream_split"], key)
+        except ValueError as e:  # e.g. more downstream examples asked for than the splits hold
+            raise schema.ConfigError(str(e)) from e
 
 
 def _execute(run_config: schema.RunConfig, config: dict, record: dict, device, dtype, path: Path, tracker) -> dict:

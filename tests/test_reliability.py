@@ -67,6 +67,15 @@ BAD_VALUES = [  # override, the start of the message that must name it
     ("model.layers=[2,1]", "model.layers=[2, 1]; accepted: [start, end) with 0 <= start < end"),
     ("remedy=recovery remedy.toward=one", "remedy.toward='one' is not accepted; accepted: zero, weights"),
     ("sparsity_mode=layer", "sparsity_mode='layer' is not accepted; accepted: model, module"),
+    ("calibration.dataset=wiki", "calibration.dataset='wiki': unknown source 'wiki'; accepted: wikitext2, ptb, c4"),
+    ("remedy.calibration.n_samples=0", "remedy.calibration.n_samples=0; accepted: an integer >= 1"),
+    ("calibration.dataset=downstream calibration.downstream_split=dev",
+     "calibration.downstream_split='dev'; accepted: auto, train, validation, test"),
+    ("remedy=recovery remedy.calibration.dataset=downstream remedy.calibration.downstream_tasks=[arc_easy] "
+     "remedy.calibration.downstream_split=test", "calibration on arc_easy/test would train on evaluated data"),
+    ("remedy=recovery remedy.calibration.dataset=downstream remedy.calibration.n_samples=5000",
+     "remedy.calibration.n_samples asks for 5000 downstream examples; arc_easy/validation, arc_challenge/validation, "
+     "openbookqa/validation hold 1369"),
 ]
 if not torch.cuda.is_available():
     BAD_VALUES.append(("device=cuda", "device='cuda' but no CUDA device is available; accepted here: auto, cpu"))
