@@ -24,11 +24,13 @@ def tokenizer():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(zoo_module.MODELS))
 def test_build_command_reproduces_the_training_trajectory(name, tokenizer):
-    """Retrain the first steps with the committed spec: the losses match the manifest's."""
+    """Retrain the first steps with the committed spec: the losses match the manifest's (the
+    first five of its ten: each step costs about a second and five already pin the data
+    order, the initialisation and the optimiser)."""
     manifest = json.loads((zoo_module.COMMITTED_DIR / name / "manifest.json").read_text())
     spec = zoo_module.TrainSpec(**manifest["spec"])
-    _, losses = zoo_module.train(name, tokenizer, spec, steps=len(manifest["first_losses"]))
-    assert losses == pytest.approx(manifest["first_losses"], rel=1e-4)
+    _, losses = zoo_module.train(name, tokenizer, spec, steps=5)
+    assert losses == pytest.approx(manifest["first_losses"][:5], rel=1e-4)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
