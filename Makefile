@@ -39,6 +39,7 @@ test-fast: setup
 # results/bench/bench.{json,md} (about 10 minutes on 2 CPU cores; see bench/run.py).
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) -m bench.run
+	HF_HUB_OFFLINE=1 $(PY) -m bench.export_speed
 
 slurm-up:
 	scripts/slurm-local up

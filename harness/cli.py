@@ -1,4 +1,5 @@
-"""`harness [hydra overrides]` runs; `harness collect ...` builds tables (harness.collect)."""
+"""`harness [hydra overrides]` runs; `harness collect ...` builds tables (harness.collect);
+`harness export RUN` writes a run's pruned model as a transformers folder (harness.export_cli)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ def main() -> None:
 
         sys.argv = [f"{sys.argv[0]} collect", *sys.argv[2:]]
         collect_main()
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "export":
+        from harness.export_cli import main as export_main
+
+        export_main(sys.argv[2:])
         return
     from harness.run import main as run_main
 

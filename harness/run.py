@@ -101,15 +101,16 @@ def _execute(run_config: schema.RunConfig, config: dict, record: dict, device, d
         record.update(model=prior["model"], pruning=prior["pruning"], eval=prior.get("eval", {}),
                       attempts=prior.get("attempts", 1) + 1, progress_at_start=resume.progress(prior.get("eval", {})))
     else:
-        model, tok = _load_and_prune(run_config, config, record, device, dtype, path)
+        model, tok = _load_and_prune(run_config, config, record, device, dtype, lambda: records.write(path, record))
         if config["resume"]:
             resume.save_checkpoint(model, tok, checkpoint)
         record["eval"] = {}
     records.write(path, record)
 
     evaluate(model, tok, config["eval"], config["data_dir"], record["eval"], lambda: records.write(path, record))
-    if config["save_model"]:
-        record["saved_model"] = str(save_pruned(model, tok, path.parent / "model"))
+    if config["save_model"]:  # a transformers folder with a model card from the finished record
+        record["saved_model"] = str(path.parent / "model")
+        save_pruned(model, tok, path.parent / "model", {**record, "status": "complete", "finished_at": now()})
     record["status"], record["finished_at"] = "complete", now()
     record.pop("progress_at_start", None)
     records.write(path, record)
@@ -119,14 +120,15 @@ def _execute(run_config: schema.RunConfig, config: dict, record: dict, device, d
     return record
 
 
-def _load_and_prune(run_config: schema.RunConfig, config: dict, record: dict, device, dtype, path: Path):
+def _load_and_prune(run_config: schema.RunConfig, config: dict, record: dict, device, dtype, save=lambda: None):
+    """Load and prune as the config says, filling the record's model and pruning entries (`save` after loading)."""
     model_config, cal = config["model"], config["calibration"]
     metric = metrics.build(config["metric"]["name"], config["metric"]["params"])
     model, tok = loading.load(OmegaConf.create(model_config), device, dtype)
     schema.check_against_model(run_config, model)
     adapter = adapter_for(model)
     record["model"] = model_entry(model_config, model, adapter)
-    records.write(path, record)
+    save()
 
     start = time.perf_counter()
     scoring = _draw(tok, cal, model, config["data_dir"])

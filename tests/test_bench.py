@@ -22,3 +22,13 @@ def test_smoke_benchmark_writes_json_and_markdown(tmp_path):
     assert [s["sparsity"] for s in result["speed"]] == [0.0, 0.2, 0.5]
     assert result["speed"][2]["params"] < result["speed"][0]["params"]
     assert "## Scaling (ours)" in (tmp_path / "bench.md").read_text()
+
+
+def test_smoke_export_speed_measures_dense_and_pruned_in_plain_transformers(tmp_path):
+    from bench.export_speed import run as export_speed
+
+    rows = export_speed(smoke=True, out=tmp_path)["rows"]
+    assert [r["sparsity"] for r in rows] == [0.0, 0.2, 0.5] and rows[0]["route"] == "dense"
+    assert rows[2]["params"] < rows[1]["params"] < rows[0]["params"]
+    assert all(r["forward_tokens_per_s_batch8"] > 0 and r["generate_seconds"] > 0 for r in rows)
+    assert "| speed-up |" in (tmp_path / "export_speed.md").read_text()

@@ -17,29 +17,9 @@ from harness.models.base import (
     slice_inputs,
     slice_outputs,
 )
+from harness.models.modeling_pruned import LayerConfig
 
 MODEL_TYPES = ("phi3",)
-
-
-class LayerConfig:
-    """The model config as one block sees it: `own` values first, everything else (including
-    later changes such as the attention implementation) read from and written to the model's."""
-
-    def __init__(self, base, **own):
-        self.__dict__.update(_base=base, _own=own)
-
-    def __getattr__(self, name: str):
-        d = self.__dict__
-        if name.startswith("__") or "_base" not in d:  # copy/pickle probing an empty instance
-            raise AttributeError(name)
-        return d["_own"][name] if name in d["_own"] else getattr(d["_base"], name)
-
-    def __setattr__(self, name: str, value) -> None:
-        target = self.__dict__["_own"] if name in self.__dict__["_own"] else None
-        if target is None:
-            setattr(self.__dict__["_base"], name, value)
-        else:
-            target[name] = value
 
 
 def layers(model: nn.Module) -> nn.ModuleList:

@@ -1,0 +1,173 @@
+"""Export a pruned model as a folder that plain transformers loads (no harness import).
+
+Two routes, chosen by what a stock config can say:
+  stock   every block has the same shapes: the stock config with the new head counts, MLP
+          width and an explicit head_dim (plus the architecture's own bias flags where the
+          bias remedy added level-2 biases; the other biases those flags create are zeros);
+          `AutoModelForCausalLM.from_pretrained(folder)` builds it as is.
+  remote  anything else (per-layer shapes, biases no flag creates, GPT-2/OPT with heads
+          removed): the dense config plus the recorded per-module shapes and attributes and
+          `auto_map` to `modeling_pruned.py`, copied into the folder; load with
+          `trust_remote_code=True`.
+The route is decided by building the stock model from the candidate config on the meta
+device and comparing every parameter's name and shape with the pruned model's.
+The folder also holds a model card (README.md) and, when given, the run's record.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+PRUNING_KEY = "harness_pruning"  # per-layer shapes, for the model card and the reader
+_MODELING = Path(__file__).with_name("modeling_pruned.py")
+_LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+_COUNT_ATTRIBUTES = ("num_heads", "num_key_value_heads", "num_key_value_groups", "split_size", "embed_dim")
+
+
+def layer_shapes(model) -> list[dict]:
+    from harness.models import adapter_for
+
+    ad = adapter_for(model)
+    shapes = []
+    for block in ad.layers(model):
+        shape = ad.shape(block)
+        shape["level2_bias"] = [m.bias is not None for m in ad.level2_outputs(block)]
+        shapes.append(shape)
+    return shapes
+
+
+def _dense_config(model):
+    config = copy.deepcopy(model.config)
+    for key in (PRUNING_KEY, "pruned_modules", "pruned_attributes", "auto_map"):
+        config.__dict__.pop(key, None)
+    return config
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple]:
+    return {name: tuple(p.shape) for name, p in model.state_dict().items()}
+
+
+def _stock_model(config) -> nn.Module | None:
+    """The stock model a config builds (on the meta device), or None where the config is refused
+    (LLaMA: the width must be a multiple of the head count; GPT-2: heads x head_dim = width)."""
+    try:
+        config.validate()
+        with init_empty_weights():
+            return AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - any refusal of the candidate means: the remote route
+        return None
+
+
+def _stock_candidate(model, shapes: list[dict]):
+    """The stock config that would describe the pruned model if all blocks are alike, or None."""
+    first = {k: v for k, v in shapes[0].items()}
+    if any(s != first for s in shapes):
+        return None
+    config = _dense_config(model)
+    t = config.model_type
+    if t in _LLAMA_FAMILY or t == "phi3":
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        config.update({"num_attention_heads": first["heads"], "num_key_value_heads": first["kv_heads"],
+                       "intermediate_size": first["channels"], "head_dim": head_dim})
+        o_bias, down_bias = first["level2_bias"]
+        if o_bias and hasattr(config, "attention_bias"):
+            config.attention_bias = True
+        if down_bias and hasattr(config, "mlp_bias"):
+            config.mlp_bias = True
+    elif t == "gpt2":
+        config.update({"n_head": first["heads"], "n_inner": first["channels"]})
+    elif t == "opt":
+        config.update({"num_attention_heads": first["heads"], "ffn_dim": first["channels"]})
+    return config
+
+
+def _fits(stock: nn.Module | None, pruned: dict[str, tuple]) -> bool:
+    """Every pruned tensor is in the stock model with its shape; the stock model's extras are biases."""
+    if stock is None:
+        return False
+    have = _shapes(stock)
+    tied = set(getattr(stock, "_tied_weights_keys", None) or {})
+    if any(have.get(name) != shape for name, shape in pruned.items() if name not in tied):
+        return False
+    return all(name.endswith(".bias") for name in set(have) - set(pruned))
+
+
+def _module_diff(model: nn.Module, stock: nn.Module) -> tuple[dict, dict]:
+    """(modules whose parameters differ from the stock model's, attributes that differ)."""
+    modules, attributes = {}, {}
+    stock_modules = dict(stock.named_modules())
+    for name, module in model.named_modules():
+        ref = stock_modules.get(name)
+        if ref is None:
+            continue
+        w, w_ref = getattr(module, "weight", None), getattr(ref, "weight", None)
+        if isinstance(w, torch.Tensor) and isinstance(w_ref, torch.Tensor):
+            bias = getattr(module, "bias", None)
+            ref_bias = getattr(ref, "bias", None)
+            if w.shape != w_ref.shape or (bias is None) != (ref_bias is None) or (
+                    bias is not None and bias.shape != ref_bias.shape):
+                modules[name] = {"weight": list(w.shape), "bias": None if bias is None else list(bias.shape)}
+        changed = {k: getattr(module, k) for k in _COUNT_ATTRIBUTES
+                   if isinstance(getattr(module, k, None), int) and getattr(module, k) != getattr(ref, k, None)}
+        own = getattr(module, "config", None).__dict__.get("_own") if hasattr(module, "config") else None
+        if own:
+            changed["config"] = dict(own)
+        if changed:
+            attributes[name] = changed
+    return modules, attributes
+
+
+def _per_layer_config(shapes: list[dict]) -> dict[int, dict]:
+    return {i: {"num_attention_heads": s["heads"], "num_key_value_heads": s["kv_heads"],
+                "intermediate_size": s["channels"]} for i, s in enumerate(shapes)}
+
+
+def export(model, tokenizer, path: str | Path, record: dict | None = None) -> Path:
+    """Write `model` (pruned in memory) to `path` as a transformers folder; returns `path`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    shapes = layer_shapes(model)
+    pruned = _shapes(model)
+    config = _stock_candidate(model, shapes)
+    stock = _stock_model(config) if config is not None else None
+    route = "stock" if _fits(stock, pruned) else "remote"
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if route == "stock":
+        for name in set(_shapes(stock)) - set(pruned):  # the flag's other biases: zeros
+            state[name] = torch.zeros(_shapes(stock)[name], dtype=next(model.parameters()).dtype)
+    else:
+        config = _dense_config(model)
+        modules, attributes = _module_diff(model, _stock_model(config))
+        config.pruned_modules, config.pruned_attributes = modules, attributes
+        if config.model_type in _LLAMA_FAMILY:
+            # The globals stay the dense model's (modeling_pruned.py builds from them, then resizes).
+            config.allow_global_per_layer_attribute_access = True
+            config.per_layer_config = _per_layer_config(shapes)
+        config.auto_map = {"AutoModelForCausalLM": "modeling_pruned.PrunedForCausalLM"}
+        config.architectures = ["PrunedForCausalLM"]
+        source = _MODELING.read_text().replace('BASE_CLASS = "LlamaForCausalLM"',
+                                                f'BASE_CLASS = "{type(model).__name__}"', 1)
+        (path / "modeling_pruned.py").write_text(source)
+    setattr(config, PRUNING_KEY, {"layers": shapes, "route": route})
+    model.save_pretrained(path, state_dict=state)
+    config.save_pretrained(path)  # over the in-memory model's config
+    tokenizer.save_pretrained(path)
+    if record is not None:
+        from harness.models.card import model_card
+
+        (path / "record.json").write_text(json.dumps(record, indent=2, allow_nan=False))
+        (path / "README.md").write_text(model_card(record, route))
+    return path
+
+
+def load(path: str | Path, dtype: torch.dtype = torch.float32):
+    """An exported folder back in memory, through transformers as any user loads it."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True)
+    return model.eval()

@@ -1,0 +1,78 @@
+"""A structurally pruned causal LM, loadable by plain transformers (`trust_remote_code=True`).
+
+This file is copied into every exported folder that a stock config cannot describe (blocks
+of different widths, biases the architecture lacks, GPT-2/OPT with heads removed); it
+imports only torch and transformers. The stock model of `config.model_type` is built as
+usual, then every module listed in `config.pruned_modules` is given its recorded shapes
+(and biases), and the attributes in `config.pruned_attributes` (head counts, split sizes;
+`config` for a block that reads head counts from it) are set, so that the checkpoint's
+weights load exactly. `config.per_layer_config` carries the per-layer head counts and MLP
+widths in transformers' own heterogeneous-config format for the day its modeling reads it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import transformers
+from torch import nn
+
+BASE_CLASS = "LlamaForCausalLM"  # the stock class of this checkpoint, written by the export
+
+_Base = getattr(transformers, BASE_CLASS)
+
+
+class LayerConfig:
+    """The model config as one block sees it: `own` values first, everything else (including
+    later changes such as the attention implementation) read from and written to the model's."""
+
+    def __init__(self, base, **own):
+        self.__dict__.update(_base=base, _own=own)
+
+    def __getattr__(self, name: str):
+        d = self.__dict__
+        if name.startswith("__") or "_base" not in d:  # copy/pickle probing an empty instance
+            raise AttributeError(name)
+        return d["_own"][name] if name in d["_own"] else getattr(d["_base"], name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self.__dict__["_own"]:
+            self.__dict__["_own"][name] = value
+        else:
+            setattr(self.__dict__["_base"], name, value)
+
+    def __deepcopy__(self, memo):
+        return LayerConfig(copy.deepcopy(self.__dict__["_base"], memo), **copy.deepcopy(self.__dict__["_own"], memo))
+
+
+def resize(model: nn.Module, modules: dict[str, dict], attributes: dict[str, dict]) -> None:
+    """Give `model`'s modules the recorded shapes: `modules[name]` = {"weight": shape, "bias":
+    shape or None}; `attributes[name]` = {attribute: value}, with "config" a dict of the
+    config values that module reads differently from the model's."""
+    for name, shapes in modules.items():
+        module = model.get_submodule(name)
+        like = module.weight
+        module.weight = nn.Parameter(torch.empty(shapes["weight"], dtype=like.dtype, device=like.device))
+        if shapes.get("bias") is not None:
+            module.bias = nn.Parameter(torch.empty(shapes["bias"], dtype=like.dtype, device=like.device))
+        if hasattr(module, "nf"):  # GPT-2's Conv1D stores its weight as [in, out]
+            module.nf = shapes["weight"][1]
+        if hasattr(module, "out_features"):
+            module.out_features, module.in_features = shapes["weight"][0], shapes["weight"][1]
+    for name, values in attributes.items():
+        module = model.get_submodule(name)
+        for key, value in values.items():
+            if key == "config":
+                module.config = LayerConfig(model.config, **value)
+            else:
+                setattr(module, key, value)
+
+
+class PrunedForCausalLM(_Base):
+    def __init__(self, config, *args, **kwargs):
+        # The globals are the dense model's; the per-layer values are in `pruned_modules`.
+        if getattr(config, "is_heterogeneous", False):
+            config.allow_global_per_layer_attribute_access = True
+        super().__init__(config, *args, **kwargs)
+        resize(self, getattr(config, "pruned_modules", {}), getattr(config, "pruned_attributes", {}))

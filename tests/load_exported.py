@@ -1,0 +1,32 @@
+"""Load exported folders as a user without harness would (run as a script, in its own process).
+
+For each folder with an `expected.pt` (token ids and the in-memory pruned model's logits):
+`AutoModelForCausalLM.from_pretrained`, with `trust_remote_code` only where the folder ships
+modeling code, compare the logits, and `generate`. Prints one JSON line per folder; exits 1
+if harness was imported."""
+
+import json
+import pathlib
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM
+
+for folder in sorted(pathlib.Path(sys.argv[1]).iterdir()):
+    if not (folder / "expected.pt").exists():
+        continue
+    expected = torch.load(folder / "expected.pt")
+    remote = (folder / "modeling_pruned.py").exists()
+    result = {"folder": folder.name, "remote": remote}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, dtype=torch.float32).eval()
+        model.set_attn_implementation("eager")
+        with torch.no_grad():
+            got = model(input_ids=expected["ids"], use_cache=False).logits
+        out = model.generate(expected["ids"][:1, :8], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        result.update(error=(got - expected["logits"]).abs().max().item(), generated=out.shape[1] - 8,
+                      params=sum(p.numel() for p in model.parameters()))
+    except Exception as e:  # noqa: BLE001 - reported to the test, which fails on it
+        result["failure"] = f"{type(e).__name__}: {e}"
+    print(json.dumps(result), flush=True)
+sys.exit(1 if any(name == "harness" or name.startswith("harness.") for name in sys.modules) else 0)
