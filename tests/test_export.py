@@ -3,6 +3,7 @@ every supported model type, uniform and adaptive, with and without the bias reme
 logits equal the in-memory pruned model's and `generate` works."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +55,43 @@ def test_an_exported_folder_loads_in_plain_transformers_and_computes_the_same_lo
     assert row["remote"] == (not (allocation == "uniform" and remedy == "none" and model_type in STOCK))
     if row["remote"]:  # the stock route may add zero biases its flags create; the remote one adds nothing
         assert row["params"] == params[name]
+
+
+def test_save_model_and_harness_export_write_the_same_model_with_its_card(tmp_path):
+    """`save_model=true`, `harness export RUN` from that folder, and `harness export RUN` of a
+    run without a saved model (pruned again from the recorded config) give the same weights,
+    a model card naming the run and the complete record."""
+    import shutil
+
+    from harness.config import compose
+    from harness.export_cli import main as export_main
+    from harness.models.export import load
+    from harness.run import run
+
+    runs = tmp_path / "runs"
+    rec = run(compose("+debug=fast", "model=tiny-llama", "allocation=adaptive", "remedy=bias", "save_model=true",
+                      f"out_dir={runs}"))
+    saved = Path(rec["saved_model"])
+    export_main([rec["run_id"], "--out-dir", str(runs), "--out", str(tmp_path / "from-saved")])
+    shutil.rmtree(saved)
+    export_main([str(runs / rec["run_id"] / "result.json"), "--out", str(tmp_path / "pruned-again")])
+    x = ids(2, 16)
+    reference = None
+    for folder in (tmp_path / "from-saved", tmp_path / "pruned-again"):
+        model = load(folder)
+        assert n_params(model) == rec["model"]["params_after"]
+        out = logits(model, x)
+        reference = out if reference is None else reference
+        assert torch.equal(out, reference)
+        card = (folder / "README.md").read_text()
+        assert rec["run_id"] in card and f"{rec['model']['params_after']:,}" in card and "trust_remote_code=True" in card
+        assert json.loads((folder / "record.json").read_text())["status"] == "complete"
+    # lm-eval's own CLI on the exported folder (offline: our task copies as --include_path)
+    from harness.evaluate.zeroshot import offline_task_dir
+
+    cli = Path(sys.executable).with_name("lm_eval")
+    r = subprocess.run([str(cli), "--model", "hf", "--model_args", f"pretrained={tmp_path / 'from-saved'},trust_remote_code=True",
+                        "--tasks", "arc_easy", "--limit", "4", "--include_path", str(offline_task_dir(["arc_easy"])),
+                        "--output_path", str(tmp_path / "lm_eval")], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert r.returncode == 0 and "arc_easy" in r.stdout and "acc_norm" in r.stdout, r.stderr[-3000:]
