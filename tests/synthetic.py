@@ -28,9 +28,9 @@ def record(*overrides: str, ppl: dict[str, float] | None = None, zeroshot: dict[
                  for i in range(layers)]
     evaluation = {"ppl": {d: {"value": v, "dataset": d, "tokens": 1024} for d, v in ppl.items()}}
     if zeroshot is not None:
-        evaluation["zeroshot"] = {t: {"acc": zeroshot[t], "acc_norm": zeroshot[t]} for t in TASKS}
+        evaluation["zeroshot"] = {t: {"acc": zeroshot[t], "acc_norm": zeroshot[t]} for t in TASKS if t in zeroshot}
         evaluation["zeroshot_avg"] = sum(zeroshot.values()) / len(zeroshot)
-        evaluation["zeroshot_protocol"] = {"average_metrics": DEFAULT_AVERAGE_METRICS}
+        evaluation["zeroshot_protocol"] = {"average_metrics": {t: DEFAULT_AVERAGE_METRICS[t] for t in zeroshot}}
     run_id = f"{records.config_hash(config)[:8]}{next(_ids):04d}"
     return {"schema_version": records.SCHEMA_VERSION, "run_id": run_id, "status": "complete", "config": config,
             "model": {"name": config["model"]["name"], "params_before": 1000, "params_after": 800,

@@ -132,12 +132,24 @@ def test_table1_groups_rows_as_the_paper_in_percent_with_the_dense_model_first(t
     assert list(t.columns) == ["WikiText-2", "PTB", "BoolQ", "PIQA", "HellaSwag", "WinoGrande", "ARC-e", "ARC-c",
                                "OBQA", "Avg"]
     assert t.xs("ours", level="metric")["Avg"].item() == pytest.approx(60.0)  # percent
-    assert "acc for BoolQ, PIQA, WinoGrande, ARC-e; acc_norm for HellaSwag, ARC-c, OBQA" in t.attrs["caption"]
+    assert "mean of the seven accuracies (acc for BoolQ, PIQA, WinoGrande, ARC-e; acc_norm for HellaSwag, ARC-c, " \
+           "OBQA)" in t.attrs["caption"]
     md, tex, _ = collect.write_table(t, tmp_path, "t1")
     assert md.read_text().startswith("tiny-gpt2 at 20% sparsity")
     rows = {line.split(" & ")[1].strip(): line for line in tex.read_text().splitlines() if line.count(" & ") > 5}
     assert "\\textbf{60.00}" in rows["ours"] and "\\textbf" not in rows["random"]  # dense is never marked best
     assert "\\caption{" in tex.read_text()
+
+
+def test_table1_caption_names_only_the_tasks_evaluated():
+    arc = {"arc_easy": 0.5, "arc_challenge": 0.3, "openbookqa": 0.3}
+    recs = [synthetic.record("metric=ours", "remedy=recovery", "remedy.calibration.dataset=downstream", zeroshot=arc),
+            synthetic.record("metric=ours", "remedy=recovery", zeroshot=arc)]
+    (t,) = collect.table1(collect.frame(recs)).values()
+    assert list(t.columns) == ["WikiText-2", "PTB", "ARC-e", "ARC-c", "OBQA", "Avg"]
+    assert "mean of the 3 evaluated accuracies (acc for ARC-e; acc_norm for ARC-c, OBQA)" in t.attrs["caption"]
+    # the recovery set labels the rows it tells apart
+    assert t.index.get_level_values("remedy_data").tolist() == ["downstream/8", "same"]
 
 
 def test_perplexity_plot_colours_metrics_styles_remedies_and_draws_the_dense_line(tmp_path, monkeypatch):

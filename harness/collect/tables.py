@@ -64,12 +64,14 @@ def _paper_name(column: str) -> str:
 
 def _table1_caption(rows: pd.DataFrame, model: str, sparsity: float) -> str:
     averaged = rows["zs.average_metrics"].dropna().iloc[0] if "zs.average_metrics" in rows else {}
+    evaluated = [task for task in TASKS if f"zs.{task}" in rows and rows[f"zs.{task}"].notna().any()]
     by_metric: dict[str, list[str]] = {}
-    for task in TASKS:
+    for task in evaluated:
         by_metric.setdefault(averaged.get(task, DEFAULT_AVERAGE_METRICS[task]), []).append(PAPER_NAMES[task])
     convention = "; ".join(f"{metric} for {', '.join(tasks)}" for metric, tasks in by_metric.items())
+    count = "seven" if len(evaluated) == len(TASKS) else f"{len(evaluated)} evaluated"
     return (f"{model} at {sparsity:.0%} sparsity: WikiText-2 and PTB perplexity (lower is better) and zero-shot "
-            f"accuracy in % (higher is better). Avg is the mean of the seven accuracies ({convention}).")
+            f"accuracy in % (higher is better). Avg is the mean of the {count} accuracies ({convention}).")
 
 
 def table2(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
