@@ -152,6 +152,16 @@ def test_table1_caption_names_only_the_tasks_evaluated():
     assert t.index.get_level_values("remedy_data").tolist() == ["downstream/8", "same"]
 
 
+def test_latex_escapes_labels_and_caption_and_draws_no_cline_clutter(tmp_path):
+    recs = [synthetic.record("metric=second_moment", zeroshot=_accuracies(0.5)),
+            synthetic.record("metric=ours", zeroshot=_accuracies(0.6))]
+    (t,) = collect.table1(collect.frame(recs)).values()
+    _, tex, _ = collect.write_table(t, tmp_path, "t1")
+    text = tex.read_text()
+    assert "second\\_moment" in text and "20\\% sparsity" in text and "acc\\_norm" in text
+    assert "\\cline" not in text and "\\multirow" not in text and "\\textbf{60.00}" in text
+
+
 def test_perplexity_plot_colours_metrics_styles_remedies_and_draws_the_dense_line(tmp_path, monkeypatch):
     recs = [synthetic.record("sparsity=0", "metric=random", ppl={"wikitext2": 10.0, "ptb": 5.0})]
     recs += [synthetic.record(f"metric={m}", f"remedy={r}", f"sparsity={s}",

@@ -110,8 +110,26 @@ def to_latex(t: pd.DataFrame, lower_better: dict[str, bool], caption: str | None
             elif len(marks) > 1 and idx == marks[1]:
                 cell = f"\\underline{{{cell}}}"
             body.at[idx, c] = cell
-    return body.to_latex(escape=False, column_format="l" * t.index.nlevels + "r" * len(t.columns),
-                         caption=caption).strip() + "\n"
+    # Labels and caption are text (second_moment, acc_norm, 20%); the cells carry our markup.
+    body.index, body.columns = _tex_index(body.index), _tex_index(body.columns)
+    return body.to_latex(escape=False, multirow=False, column_format="l" * t.index.nlevels + "r" * len(t.columns),
+                         caption=None if caption is None else _tex(caption)).strip() + "\n"
+
+
+_TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def _tex_index(index: pd.Index) -> pd.Index:
+    names = [None if n is None else _tex(n) for n in index.names]
+    if isinstance(index, pd.MultiIndex):
+        return pd.MultiIndex.from_tuples([tuple(_tex(v) for v in key) for key in index], names=names)
+    return pd.Index([_tex(v) for v in index], name=names[0])
+
+
+def _tex(value) -> str:
+    """`value` as LaTeX text."""
+    return "".join(_TEX_SPECIAL.get(ch, ch) for ch in str(value))
 
 
 def _labels(index: pd.Index) -> pd.Index:
