@@ -104,10 +104,10 @@ def llama_shaped(hidden: int, depth: int, vocab: int = 1024):
 def named_model(name: str):
     from omegaconf import OmegaConf
 
+    from harness.config import CONFIG_DIR
     from harness.models import loading
 
-    with open(Path(loading.__file__).parent.parent / "conf" / "model" / f"{name}.yaml") as f:
-        cfg = OmegaConf.load(f)
+    cfg = OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml")
     model, _ = loading.load(cfg, torch.device("cpu"), torch.float32)
     with torch.no_grad():  # own the weights: a memory-mapped checkpoint would page in during pruning
         for p in model.parameters():
