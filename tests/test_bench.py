@@ -32,3 +32,9 @@ def test_smoke_export_speed_measures_dense_and_pruned_in_plain_transformers(tmp_
     assert rows[2]["params"] < rows[1]["params"] < rows[0]["params"]
     assert all(r["forward_tokens_per_s_batch8"] > 0 and r["generate_seconds"] > 0 for r in rows)
     assert "| speed-up |" in (tmp_path / "export_speed.md").read_text()
+
+
+def test_named_models_load_from_the_config_tree():
+    from bench.run import named_model
+
+    assert named_model("tiny-llama").config.model_type == "llama"
