@@ -11,7 +11,6 @@ forward tokens/s at batch 1 and 8 and prompt-then-generate latency.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench.run import calibration_ids, llama_shaped, named_model
+from bench.run import calibration_ids, cli, llama_shaped, named_model
 from harness import metrics
 from harness.models.export import export
 from harness.prune import PruneSettings, prune
@@ -81,12 +80,7 @@ def markdown(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", type=Path, default=Path("results/bench"))
-    a = ap.parse_args(argv)
-    run(a.smoke, a.out)
-    print((a.out / "export_speed.md").read_text())
+    cli(argv, __doc__, run, "export_speed.md")
 
 
 if __name__ == "__main__":

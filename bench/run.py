@@ -266,13 +266,18 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def cli(argv: list[str] | None, doc: str, measure, report: str) -> None:
+    """The command line every benchmark shares: --smoke, --out; prints the Markdown report."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes only (seconds); for tests")
     ap.add_argument("--out", type=Path, default=Path("results/bench"))
     a = ap.parse_args(argv)
-    run(a.smoke, a.out)
-    print((a.out / "bench.md").read_text())
+    measure(a.smoke, a.out)
+    print((a.out / report).read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli(argv, __doc__, run, "bench.md")
 
 
 if __name__ == "__main__":
