@@ -67,7 +67,7 @@ def _stock_model(config) -> nn.Module | None:
 
 def _stock_candidate(model, shapes: list[dict]):
     """The stock config that would describe the pruned model if all blocks are alike, or None."""
-    first = {k: v for k, v in shapes[0].items()}
+    first = shapes[0]
     if any(s != first for s in shapes):
         return None
     config = _dense_config(model)
@@ -140,8 +140,9 @@ def export(model, tokenizer, path: str | Path, record: dict | None = None) -> Pa
     route = "stock" if _fits(stock, pruned) else "remote"
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if route == "stock":
-        for name in set(_shapes(stock)) - set(pruned):  # the flag's other biases: zeros
-            state[name] = torch.zeros(_shapes(stock)[name], dtype=next(model.parameters()).dtype)
+        stock_shapes = _shapes(stock)
+        for name in set(stock_shapes) - set(pruned):  # the flag's other biases: zeros
+            state[name] = torch.zeros(stock_shapes[name], dtype=next(model.parameters()).dtype)
     else:
         config = _dense_config(model)
         modules, attributes = _module_diff(model, _stock_model(config))
