@@ -92,11 +92,16 @@ class MetricConfig:
     name: str = "ours"
     params: dict[str, Any] = field(default_factory=dict)  # the metric's own keyword arguments
 
-    def check(self) -> None:
-        from harness import metrics
+    def check(self, sparsity_type: str = "structured") -> None:
+        from harness import metrics, sparse
 
+        structured = sparsity_type == "structured"
+        accepted = metrics.names() if structured else sorted(sparse.METHODS)
+        if self.name not in accepted:
+            raise ConfigError(f"metric={self.name!r} is not accepted with sparsity_type={sparsity_type}; "
+                              f"accepted: {', '.join(accepted)}")
         try:
-            metrics.build(self.name, self.params)
+            (metrics.build if structured else sparse.build)(self.name, self.params)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"metric: {e}") from e
 
@@ -260,6 +265,9 @@ class RunConfig:
     collect: CollectConfig = field(default_factory=CollectConfig)
     sparsity: float = PruneSettings.sparsity  # fraction of parameters removed (see sparsity_mode)
     sparsity_mode: str = PruneSettings.sparsity_mode  # model: of the whole model; module: per-module ratio (LLM-Pruner)
+    # structured: heads and channels removed; unstructured / nm: weights of the linear layers masked in place
+    sparsity_type: str = PruneSettings.sparsity_type
+    nm: str = PruneSettings.nm  # sparsity_type=nm: N of every M consecutive input weights zeroed (2:4, 4:8)
     seed: int = PruneSettings.seed
     force: bool = False  # redo a run whose complete record exists
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps
@@ -273,7 +281,8 @@ class RunConfig:
         from harness.models.loading import DTYPES
 
         self.prune_settings()  # the pruning keys are checked where they are used (first: others interpolate seed)
-        for part in (self.model, self.metric, self.calibration, self.logger, self.eval.ppl, self.eval.zeroshot,
+        self.metric.check(self.sparsity_type)
+        for part in (self.model, self.calibration, self.logger, self.eval.ppl, self.eval.zeroshot,
                      self.eval.efficiency):
             if part is not None:
                 part.check()
@@ -299,7 +308,7 @@ class RunConfig:
             remedy=self.remedy.name, layers=tuple(self.model.layers) if self.model.layers else None,
             modules=tuple(self.prune.modules), damp=self.remedy.damp, ridge_toward=self.remedy.toward,
             chunk_size=self.prune.chunk_size, seed=self.seed, flap_faithful=self.prune.flap_faithful,
-            attention_unit=self.prune.attention_unit)
+            attention_unit=self.prune.attention_unit, sparsity_type=self.sparsity_type, nm=self.nm)
 
 
 def register() -> None:
@@ -369,6 +378,14 @@ def check_against_model(cfg: RunConfig, model) -> None:
             raise ConfigError(f"{key}={n} exceeds the model's context of {context} tokens; accepted: 2 .. {context}")
     settings = cfg.prune_settings()
     layer_range = prunable_layers(n_layers, settings.layers)
+    if settings.sparsity_type != "structured":
+        from harness.sparse.pipeline import check_widths
+
+        try:
+            check_widths(adapter, model, settings, settings.pattern)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        return
     shapes = module_shapes(adapter, model, layer_range, settings.modules, settings.attention_unit)
     try:
         allocation.budget(shapes, n_params(model), settings.sparsity, settings.sparsity_mode, settings.allocation,

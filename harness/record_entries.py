@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from harness.prune import PruneReport, PruneSettings, n_params
+from harness.sparse import SparseReport
+
+_CALIBRATION_KEYS = ("dataset", "n_samples", "seqlen", "bos", "seed", "sources", "sequences", "tokens", "sha256")
 
 
 def model_entry(model_config: dict, model, adapter) -> dict:
@@ -26,8 +29,21 @@ def pruning_entry(report: PruneReport, settings: PruneSettings, layer_range: ran
         "per_layer": per_layer,
         **({settings.remedy: report.remedy} if report.remedy else {}),  # e.g. recovery: its fits and fall-backs
         "seconds": report.seconds, "calibration_seconds": calibration_seconds, "stage_seconds": report.stage_seconds,
-        "calibration": {key: calibration[key] for key in ("dataset", "n_samples", "seqlen", "bos", "seed", "sources",
-                                                          "sequences", "tokens", "sha256") if key in calibration},
+        "calibration": {key: calibration[key] for key in _CALIBRATION_KEYS if key in calibration},
+    }
+
+
+def sparse_pruning_entry(report: SparseReport, settings: PruneSettings, layer_range: range, calibration: dict,
+                         calibration_seconds: float) -> dict:
+    """The unstructured / N:M track's entry: achieved sparsity over the pruned linear layers,
+    and per block each layer's fraction of zeros and relative output error on the calibration inputs."""
+    return {
+        "sparsity_type": settings.sparsity_type, "pattern": report.pattern, "sparsity_target": settings.sparsity,
+        "sparsity_achieved": report.sparsity_achieved, "pruned_weights": report.pruned_weights,
+        "zero_weights": report.zero_weights, "sparsity_of_model": report.zero_weights / report.params,
+        "layers": [layer_range.start, layer_range.stop], "per_layer": report.per_layer,
+        "seconds": report.seconds, "calibration_seconds": calibration_seconds, "stage_seconds": report.stage_seconds,
+        "calibration": {key: calibration[key] for key in _CALIBRATION_KEYS if key in calibration},
     }
 
 

@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from harness import config as schema
-from harness import metrics, records, resume, tracking
+from harness import metrics, records, resume, sparse, tracking
 from harness.data import calibration
 from harness.environment import environment, now
 from harness.evaluate import efficiency, perplexity
@@ -23,7 +23,7 @@ from harness.interrupts import is_interrupt, sigterm_marks
 from harness.models import adapter_for, loading
 from harness.models.pruned import save_pruned
 from harness.prune import prunable_layers, prune
-from harness.record_entries import model_entry, pruning_entry, scalars
+from harness.record_entries import model_entry, pruning_entry, scalars, sparse_pruning_entry
 from harness.remedy import fits_on_data as remedy_fits_on_data
 
 log = logging.getLogger("harness")
@@ -123,7 +123,9 @@ def _execute(run_config: schema.RunConfig, config: dict, record: dict, device, d
 def _load_and_prune(run_config: schema.RunConfig, config: dict, record: dict, device, dtype, save=lambda: None):
     """Load and prune as the config says, filling the record's model and pruning entries (`save` after loading)."""
     model_config, cal = config["model"], config["calibration"]
-    metric = metrics.build(config["metric"]["name"], config["metric"]["params"])
+    settings = run_config.prune_settings()
+    structured = settings.sparsity_type == "structured"
+    metric = (metrics.build if structured else sparse.build)(config["metric"]["name"], config["metric"]["params"])
     model, tok = loading.load(OmegaConf.create(model_config), device, dtype)
     schema.check_against_model(run_config, model)
     adapter = adapter_for(model)
@@ -137,11 +139,17 @@ def _load_and_prune(run_config: schema.RunConfig, config: dict, record: dict, de
     if remedy_fits_on_data(config["remedy"]["name"]) and run_config.remedy.calibration.sampling() != run_config.calibration.sampling():
         fitting = _draw(tok, config["remedy"]["calibration"], model, config["data_dir"])
     calibration_seconds = time.perf_counter() - start
-    settings = run_config.prune_settings()
+    layer_range = prunable_layers(len(adapter.layers(model)), settings.layers)
+    calibration_entry = {**cal, **scoring.describe()}
+    if not structured:
+        sparse_report = sparse.prune_sparse(model, scoring.ids, metric, settings, settings.pattern, device)
+        record["model"]["params_after"] = sparse_report.params
+        record["pruning"] = sparse_pruning_entry(sparse_report, settings, layer_range, calibration_entry,
+                                                 calibration_seconds)
+        return model, tok
     report = prune(model, scoring.ids, metric, settings, device, fit_ids=None if fitting is None else fitting.ids)
     record["model"]["params_after"] = report.params_after
-    layer_range = prunable_layers(len(adapter.layers(model)), settings.layers)
-    record["pruning"] = pruning_entry(report, settings, layer_range, {**cal, **scoring.describe()}, calibration_seconds)
+    record["pruning"] = pruning_entry(report, settings, layer_range, calibration_entry, calibration_seconds)
     if remedy_fits_on_data(config["remedy"]["name"]):
         record["pruning"]["remedy_calibration"] = ({"same_as": "calibration"} if fitting is None else
                                                    {**config["remedy"]["calibration"], **fitting.describe()})

@@ -125,6 +125,14 @@ def tracking(logger_cfg: dict, config: dict, run_id: str, group: str, out_dir: P
                 log.warning("wandb finish failed: %s", e)
 
 
+def _sparsity_line(p: dict) -> str:
+    if p.get("sparsity_type", "structured") != "structured":  # masked in place
+        return (f"sparsity   {p['sparsity_type']} {p['pattern']}  achieved {p['sparsity_achieved']:.3f} of the pruned "
+                f"linear layers ({p['sparsity_of_model']:.3f} of the model)  in {p['seconds']:.1f} s")
+    return (f"sparsity   target {p['sparsity_target']:.3f} ({p['sparsity_mode']})  achieved {p['sparsity_achieved']:.3f}"
+            f"  module ratio {p['module_ratio']}  in {p['seconds']:.1f} s")
+
+
 def summary_text(record: dict) -> str:
     m, p, ev = record["model"], record["pruning"], record["eval"]
     cfg = record["config"]
@@ -133,8 +141,7 @@ def summary_text(record: dict) -> str:
         f"model      {m['id']}  params {m['params_before']:,} -> {m['params_after']:,}",
         f"pruning    metric={cfg['metric']['name']} remedy={cfg['remedy']['name']} allocation={cfg['allocation']['name']} "
         f"calibration={cfg['calibration']['dataset']}x{cfg['calibration']['n_samples']}",
-        f"sparsity   target {p['sparsity_target']:.3f} ({p['sparsity_mode']})  achieved {p['sparsity_achieved']:.3f}"
-        f"  module ratio {p['module_ratio']}  in {p['seconds']:.1f} s",
+        _sparsity_line(p),
     ]
     for name, r in ev.get("ppl", {}).items():
         lines.append(f"ppl        {name:10s} {r['value']:10.3f}  ({r['split']}, seqlen {r['seqlen']}, {r['tokens']:,} tokens)")

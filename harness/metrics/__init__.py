@@ -65,6 +65,11 @@ class Metric:
         return self.needs_attention if kind == "attention" else self.needs_mlp
 
     @property
+    def label(self) -> str:
+        """How records and tables name the method (its registry name unless it says more)."""
+        return self.name
+
+    @property
     def family(self) -> str:
         """How the paper's Table 1 groups it: by what it needs to score."""
         needs = self.needs_attention | self.needs_mlp

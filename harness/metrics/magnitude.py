@@ -13,16 +13,19 @@ from harness.models.base import DepthTwo, weight
 from harness.prune.stats import ModuleStats
 
 
-def group_sum(view: DepthTwo, per_weight: Callable[[nn.Module], torch.Tensor]) -> torch.Tensor:
+def group_sum(view: DepthTwo, per_weight: Callable[[nn.Module], torch.Tensor],
+              line: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Sum a per-weight quantity ([out, in] like the weight) over every unit's weights:
-    its level-1 output rows and its level-2 input columns (the coupled group)."""
-    total = per_unit(per_weight(view.level2).to(torch.float64).sum(0), view)
+    its level-1 output rows and its level-2 input columns (the coupled group). `line`, when
+    given, maps each row's and column's sum before the rows and columns of a unit are added."""
+    line = line or (lambda x: x)
+    total = per_unit(line(per_weight(view.level2).to(torch.float64).sum(0)), view)
     if view.kind == "mlp":  # channel u of each factor is one row
         for part, (i, _) in enumerate(view.level1_parts):
-            total = total + view.level1_part(per_weight(view.level1[i]).to(torch.float64).sum(1), part)
+            total = total + view.level1_part(line(per_weight(view.level1[i]).to(torch.float64).sum(1)), part)
         return total
     for i, module in enumerate(view.level1):
-        row_mass = per_weight(module).to(torch.float64).sum(1)
+        row_mass = line(per_weight(module).to(torch.float64).sum(1))
         # channel lists are in layout order (GPT-2: all q, then k, then v): group per head
         total = total + torch.stack([row_mass[view.level1_channels(torch.tensor([u]))[i]].sum()
                                      for u in range(view.n_units)])

@@ -35,10 +35,9 @@ from harness.prune import allocation as alloc
 from harness.prune.observe import observe
 from harness.prune.settings import PruneReport, PruneSettings, n_params, prunable_layers
 from harness.prune.stats import ModuleStats, check_finite
-from harness.prune.stream import BlockCall, Chunk, capture, chunks_at
+from harness.prune.stream import BlockCall, Chunk, advance, capture, chunks_at
 
 log = logging.getLogger(__name__)
-_END = BlockCall((), {})  # past the last block nothing calls the stream again
 
 
 def module_view(adapter, block: nn.Module, kind: str, attention_unit: str = "kv_group") -> DepthTwo:
@@ -101,11 +100,6 @@ class Pipeline:
         hidden, calls = capture(self.model, self.blocks, input_ids, self.settings.chunk_size, self.device)
         return chunks_at(hidden, calls[0]), calls
 
-    def advance(self, block: nn.Module, k: int, stream: list[Chunk], calls: list[list[BlockCall]]) -> list[Chunk]:
-        """Block k's outputs, as the stream entering block k+1 (with block k+1's arguments)."""
-        out = [chunk.forward(block) for chunk in stream]
-        return chunks_at(out, calls[k + 1] if k + 1 < len(self.blocks) else [_END] * len(out))
-
     # ---- one module ----------------------------------------------------------------------
 
     def rank(self, block: nn.Module, view: DepthTwo, stream: list[Chunk],
@@ -114,6 +108,8 @@ class Pipeline:
         with self._timed("statistics"):
             stats = observe(block, view, self.adapter.attention_module(block), stream, needs, self.grads,
                             self.stats_dtype, self.device, self.settings.flap_faithful)
+        position, count = layer - self.layer_range.start, len(self.layer_range)
+        stats.depth = position / (count - 1) if count > 1 else 0.0
         if stats.js_sum is not None:
             self.divergence[layer] = stats.js.tolist()  # kept for the head-similarity figure
         with self._timed("scoring"):
@@ -160,7 +156,7 @@ class Pipeline:
                         ranking, _ = self.rank(block, view, stream, k)
                         scores.append(alloc.step_scores(ranking.for_allocation(), view.groups))
                 with torch.no_grad(), self._timed("forward"):
-                    stream = self.advance(block, k, stream, calls)
+                    stream = advance(block, k, stream, calls)
         return scores
 
     def run(self, input_ids: torch.Tensor, fit_ids: torch.Tensor | None = None) -> PruneReport:
@@ -196,11 +192,11 @@ class Pipeline:
                         fit = (fit_stream if separate else stream, dense_stream) if dense is not None else None
                         self.prune_module(block, dense, kind, plan[(k, kind)], stream, fit, k)
                 with torch.no_grad(), self._timed("forward"):
-                    stream = self.advance(block, k, stream, calls)
+                    stream = advance(block, k, stream, calls)
                     if separate:
-                        fit_stream = self.advance(block, k, fit_stream, fit_calls)
+                        fit_stream = advance(block, k, fit_stream, fit_calls)
                     if dense_stream is not None:
-                        dense_stream = self.advance(dense if dense is not None else block, k, dense_stream, fit_calls)
+                        dense_stream = advance(dense if dense is not None else block, k, dense_stream, fit_calls)
                 for chunk in stream:
                     check_finite(chunk.hidden, f"the output of block {k} after pruning")
         remedy_report = self.remedy.finish()

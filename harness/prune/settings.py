@@ -49,6 +49,8 @@ class PruneSettings:
     seed: int = 0
     flap_faithful: bool = False  # FLAP's per-sample reference statistics
     attention_unit: str = "kv_group"  # models.base.ATTENTION_UNITS
+    sparsity_type: str = "structured"  # structured (units removed), unstructured or nm (weights masked in place)
+    nm: str = "2:4"  # sparsity_type=nm: N zeros in every group of M input columns
 
     def __post_init__(self):
         sparsity = self.sparsity
@@ -68,6 +70,36 @@ class PruneSettings:
         integer("prune.chunk_size", self.chunk_size, 1)
         integer("seed", self.seed, 0)
         remedies.get(self.remedy).check(self)
+        self._check_sparsity_type()
+
+    def _check_sparsity_type(self) -> None:
+        from harness.sparse import SPARSITY_TYPES, parse_nm
+
+        one_of("sparsity_type", self.sparsity_type, SPARSITY_TYPES)
+        if self.sparsity_type == "structured":
+            return
+        # Masking keeps every shape: the structured track's remedies and allocations do not apply.
+        if self.remedy != "none":
+            raise SettingsError(f"remedy={self.remedy!r} acts on removed units; with sparsity_type="
+                                f"{self.sparsity_type} accepted: none")
+        if self.allocation != "uniform":
+            raise SettingsError(f"allocation={self.allocation!r} is structured-only; with sparsity_type="
+                                f"{self.sparsity_type} accepted: uniform (every layer loses the same fraction)")
+        if self.sparsity_type == "nm":
+            n, m = parse_nm(self.nm)
+            if abs(self.sparsity - n / m) > 1e-9:
+                raise SettingsError(f"sparsity={self.sparsity!r} does not match nm={self.nm} (which removes "
+                                    f"{n / m:g}); accepted: sparsity={n / m:g}")
+
+    @property
+    def pattern(self):
+        """What each masked layer loses (the unstructured / N:M track)."""
+        from harness.sparse import Pattern, parse_nm
+
+        if self.sparsity_type == "nm":
+            n, m = parse_nm(self.nm)
+            return Pattern(n / m, n, m)
+        return Pattern(self.sparsity)
 
 
 @dataclass

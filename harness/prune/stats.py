@@ -109,6 +109,7 @@ class ModuleStats:
     js_sum: torch.Tensor | None = None  # [heads, heads] sum of JS distances
     js_rows: int = 0
     extra: dict = field(default_factory=dict)
+    depth: float = 0.0  # the block's place among the pruned blocks: 0 the first, 1 the last
 
     @property
     def level1_moments(self) -> list[torch.Tensor]:

@@ -125,3 +125,12 @@ def capture(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, ch
 def chunks_at(hidden: list[torch.Tensor], calls: list[BlockCall]) -> list[Chunk]:
     """The stream at one block: each chunk's hidden states with that block's own arguments."""
     return [Chunk(h, c) for h, c in zip(hidden, calls, strict=True)]
+
+
+_END = BlockCall((), {})  # past the last block nothing calls the stream again
+
+
+def advance(block: nn.Module, k: int, stream: list[Chunk], calls: list[list[BlockCall]]) -> list[Chunk]:
+    """Block k's outputs, as the stream entering block k+1 (with block k+1's arguments)."""
+    out = [chunk.forward(block) for chunk in stream]
+    return chunks_at(out, calls[k + 1] if k + 1 < len(calls) else [_END] * len(out))
