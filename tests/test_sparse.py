@@ -7,8 +7,16 @@ import torch
 
 from harness.sparse import masks
 from harness.sparse.masks import Pattern
-from harness.sparse.methods import (METHODS, build, hessian, inverse, mrp_mask, solve_m, solve_s,
-                                    sparsegpt)
+from harness.sparse.methods import (
+    METHODS,
+    build,
+    hessian,
+    inverse,
+    mrp_mask,
+    solve_m,
+    solve_s,
+    sparsegpt,
+)
 
 DTYPE = torch.float64
 
