@@ -165,6 +165,45 @@ class RemedyConfig:
 
 
 @dataclass
+class FinetuneDataConfig(CalibrationConfig):
+    """The sequences LoRA trains on (drawn like calibration data; LLM-Pruner's alpaca is not offline)."""
+
+    n_samples: int = 256
+
+
+@dataclass
+class FinetuneConfig:
+    """finetune=lora: LoRA adapters trained after pruning and merged before evaluation (harness/finetune.py)."""
+
+    name: str = "none"  # none, lora
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: list[str] | None = None  # last name parts, e.g. [q_proj, v_proj]; null = every linear layer of the blocks
+    steps: int = 64  # optimizer steps (batches)
+    batch_size: int = 4
+    lr: float = 1e-4  # AdamW, constant
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+
+    def check(self) -> None:
+        from harness.finetune import METHODS
+
+        one_of("finetune", self.name, METHODS)
+        integer("finetune.rank", self.rank, 1)
+        integer("finetune.steps", self.steps, 1)
+        integer("finetune.batch_size", self.batch_size, 1)
+        for key, value, ok, accepted in (("alpha", self.alpha, self.alpha > 0, "a number > 0"),
+                                         ("lr", self.lr, self.lr > 0, "a number > 0"),
+                                         ("dropout", self.dropout, 0 <= self.dropout < 1, "0 <= dropout < 1")):
+            if not ok:
+                raise ConfigError(f"finetune.{key}={value!r} is out of range; accepted: {accepted}")
+        if self.targets is not None and not self.targets:
+            raise ConfigError("finetune.targets=[] adapts nothing; accepted: null (every linear layer) or layer names")
+        if self.name != "none":
+            self.data.check("finetune.data")
+
+
+@dataclass
 class PerplexityConfig:
     datasets: list[str] = field(default_factory=lambda: ["wikitext2", "ptb"])
     protocol: str = "llmpruner"  # llmpruner (PTB validation, "\n\n"), gptq (PTB test, " ")
@@ -258,6 +297,7 @@ class RunConfig:
     metric: MetricConfig = field(default_factory=MetricConfig)
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
     remedy: RemedyConfig = field(default_factory=RemedyConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -287,6 +327,10 @@ class RunConfig:
             if part is not None:
                 part.check()
         self.remedy.calibration.check("remedy.calibration")
+        self.finetune.check()
+        if self.finetune.name != "none" and self.sparsity_type != "structured":
+            raise ConfigError(f"finetune={self.finetune.name} would make the masked weights dense again when its "
+                              f"adapters merge; with sparsity_type={self.sparsity_type} accepted: finetune=none")
         one_of("dtype", self.dtype, ("auto", *DTYPES))
         if not DEVICE.fullmatch(str(self.device)):
             raise ConfigError(f"device={self.device!r} is not accepted; accepted: auto, cpu, cuda, cuda:N, mps")
@@ -373,9 +417,18 @@ def check_against_model(cfg: RunConfig, model) -> None:
     lengths = {"calibration.seqlen": cfg.calibration.seqlen, "remedy.calibration.seqlen": cfg.remedy.calibration.seqlen}
     if cfg.eval.ppl is not None:
         lengths["eval.ppl.seqlen"] = cfg.eval.ppl.seqlen
+    if cfg.finetune.name != "none":
+        lengths["finetune.data.seqlen"] = cfg.finetune.data.seqlen
     for key, n in lengths.items():
         if context and n > context:
             raise ConfigError(f"{key}={n} exceeds the model's context of {context} tokens; accepted: 2 .. {context}")
+    if cfg.finetune.name != "none":
+        from harness.finetune import lora_targets
+
+        try:
+            lora_targets(model, adapter.layers(model), cfg.finetune.targets)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
     settings = cfg.prune_settings()
     layer_range = prunable_layers(n_layers, settings.layers)
     if settings.sparsity_type != "structured":

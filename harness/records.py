@@ -33,6 +33,14 @@ NON_SEMANTIC = ("force", "out_dir", "logger", "launcher", "data_dir", "save_mode
 
 def config_hash(config: dict) -> str:
     semantic = {k: v for k, v in config.items() if k not in NON_SEMANTIC}
+    # Keys added after records existed are left out where they keep the earlier behaviour (or
+    # are not read by this run), so a config from before they existed keeps its run id.
+    if semantic.get("sparsity_type", "structured") == "structured":
+        semantic.pop("sparsity_type", None)
+    if semantic.get("sparsity_type") != "nm":
+        semantic.pop("nm", None)
+    if (semantic.get("finetune") or {}).get("name", "none") == "none":
+        semantic.pop("finetune", None)
     blob = json.dumps(semantic, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

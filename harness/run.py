@@ -78,6 +78,8 @@ def check_data(config: dict) -> None:
     used = [("calibration", config["calibration"])]
     if remedy_fits_on_data(config["remedy"]["name"]):
         used.append(("remedy.calibration", config["remedy"]["calibration"]))
+    if config["finetune"]["name"] != "none":
+        used.append(("finetune.data", config["finetune"]["data"]))
     for key, cal in used:
         try:
             calibration.check_available(cal["dataset"], cal["n_samples"], config["data_dir"], cal["downstream_tasks"],
@@ -100,6 +102,8 @@ def _execute(run_config: schema.RunConfig, config: dict, record: dict, device, d
         model.to(device).eval()
         record.update(model=prior["model"], pruning=prior["pruning"], eval=prior.get("eval", {}),
                       attempts=prior.get("attempts", 1) + 1, progress_at_start=resume.progress(prior.get("eval", {})))
+        if "finetune" in prior:
+            record["finetune"] = prior["finetune"]
     else:
         model, tok = _load_and_prune(run_config, config, record, device, dtype, lambda: records.write(path, record))
         if config["resume"]:
@@ -150,10 +154,26 @@ def _load_and_prune(run_config: schema.RunConfig, config: dict, record: dict, de
     report = prune(model, scoring.ids, metric, settings, device, fit_ids=None if fitting is None else fitting.ids)
     record["model"]["params_after"] = report.params_after
     record["pruning"] = pruning_entry(report, settings, layer_range, calibration_entry, calibration_seconds)
+    record["pruning"]["method"] = metric.label
     if remedy_fits_on_data(config["remedy"]["name"]):
         record["pruning"]["remedy_calibration"] = ({"same_as": "calibration"} if fitting is None else
                                                    {**config["remedy"]["calibration"], **fitting.describe()})
+    if config["finetune"]["name"] != "none":
+        model = _finetune(config, model, tok, adapter, record, device)
     return model, tok
+
+
+def _finetune(config: dict, model, tok, adapter, record: dict, device):
+    """LoRA after pruning, merged: the record's `finetune` entry says on what, how long, with what loss."""
+    from harness.finetune import lora_finetune
+
+    ft = config["finetune"]
+    data = _draw(tok, ft["data"], model, config["data_dir"])
+    model, entry = lora_finetune(model, adapter.layers(model), data.ids, rank=ft["rank"], alpha=ft["alpha"],
+                                 dropout=ft["dropout"], targets=ft["targets"], steps=ft["steps"], lr=ft["lr"],
+                                 batch_size=ft["batch_size"], seed=config["seed"], device=device)
+    record["finetune"] = {**entry, "data": {**ft["data"], **data.describe()}}
+    return model
 
 
 def _draw(tok, cal: dict, model, data_dir: str | None) -> calibration.CalibrationSet:
@@ -195,6 +215,8 @@ def _track(record: dict, path: Path, tracker) -> None:
                                                                   if not isinstance(v, list | dict)}})
     tracker.table("per_layer", [{k: v for k, v in row.items() if k != "head_divergence"}
                                 for row in record["pruning"]["per_layer"]])
+    if "finetune" in record:
+        tracker.table("finetune_loss", [{"step": i + 1, "loss": loss} for i, loss in enumerate(record["finetune"]["losses"])])
     tracker.save_record(path)
     print(tracking.summary_text(record), flush=True)
 

@@ -139,10 +139,15 @@ def summary_text(record: dict) -> str:
     lines = [
         f"run {record['run_id']}  [{record['status']}]",
         f"model      {m['id']}  params {m['params_before']:,} -> {m['params_after']:,}",
-        f"pruning    metric={cfg['metric']['name']} remedy={cfg['remedy']['name']} allocation={cfg['allocation']['name']} "
+        f"pruning    metric={p.get('method', cfg['metric']['name'])} remedy={cfg['remedy']['name']} allocation={cfg['allocation']['name']} "
         f"calibration={cfg['calibration']['dataset']}x{cfg['calibration']['n_samples']}",
         _sparsity_line(p),
     ]
+    ft = record.get("finetune")
+    if ft:
+        lines.append(f"finetune   {ft['method']} rank {ft['rank']}, {ft['steps']} steps x {ft['batch_size']} on "
+                     f"{ft['data']['dataset']} ({ft['tokens']:,} tokens, {ft['seconds']:.0f} s), "
+                     f"loss {ft['loss_first']:.3f} -> {ft['loss_last']:.3f}, merged")
     for name, r in ev.get("ppl", {}).items():
         lines.append(f"ppl        {name:10s} {r['value']:10.3f}  ({r['split']}, seqlen {r['seqlen']}, {r['tokens']:,} tokens)")
     for task, r in ev.get("zeroshot", {}).items():

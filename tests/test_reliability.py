@@ -76,6 +76,25 @@ BAD_VALUES = [  # override, the start of the message that must name it
     ("remedy=recovery remedy.calibration.dataset=downstream remedy.calibration.n_samples=5000",
      "remedy.calibration.n_samples asks for 5000 downstream examples; arc_easy/validation, arc_challenge/validation, "
      "openbookqa/validation hold 1369"),
+    # the unstructured / N:M track
+    ("sparsity_type=blocky", "sparsity_type='blocky' is not accepted; accepted: structured, unstructured, nm"),
+    ("sparsity_type=nm sparsity=0.5 metric=similarity",
+     "metric='similarity' is not accepted with sparsity_type=nm; accepted: magnitude, mrp_m, mrp_s, sparsegpt, wanda"),
+    ("sparsity_type=unstructured metric=sparsegpt remedy=recovery",
+     "remedy='recovery' acts on removed units; with sparsity_type=unstructured accepted: none"),
+    ("sparsity_type=nm nm=2:4 sparsity=0.2 metric=wanda", "sparsity=0.2 does not match nm=2:4"),
+    ("sparsity_type=nm nm=4:2 sparsity=0.5 metric=wanda", "nm='4:2'"),
+    ("sparsity_type=unstructured metric=wanda allocation=adaptive", "allocation='adaptive' is structured-only"),
+    ("metric=sparsegpt", "metric='sparsegpt' is not accepted with sparsity_type=structured; accepted:"),
+    # HyWIA and LoRA
+    ("metric=hywia metric.params.policy=cosine", "metric: unknown hywia policy 'cosine'; accepted: fixed, depth, softmax"),
+    ("metric=hywia metric.params.alpha=2", "metric: hywia alpha=2 is out of range; accepted: 0 <= alpha <= 1"),
+    ("finetune=lora finetune.rank=0", "finetune.rank=0; accepted: an integer >= 1"),
+    ("finetune=lora finetune.lr=0", "finetune.lr=0.0 is out of range; accepted: a number > 0"),
+    ("finetune=lora finetune.dropout=1", "finetune.dropout=1.0 is out of range; accepted: 0 <= dropout < 1"),
+    ("finetune=lora finetune.data.n_samples=0", "finetune.data.n_samples=0; accepted: an integer >= 1"),
+    ("finetune=lora sparsity_type=unstructured metric=wanda",
+     "finetune=lora would make the masked weights dense again"),
 ]
 if not torch.cuda.is_available():
     BAD_VALUES.append(("device=cuda", "device='cuda' but no CUDA device is available; accepted here: auto, cpu"))

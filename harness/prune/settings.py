@@ -86,7 +86,10 @@ class PruneSettings:
             raise SettingsError(f"allocation={self.allocation!r} is structured-only; with sparsity_type="
                                 f"{self.sparsity_type} accepted: uniform (every layer loses the same fraction)")
         if self.sparsity_type == "nm":
-            n, m = parse_nm(self.nm)
+            try:
+                n, m = parse_nm(self.nm)
+            except ValueError as e:
+                raise SettingsError(str(e)) from e
             if abs(self.sparsity - n / m) > 1e-9:
                 raise SettingsError(f"sparsity={self.sparsity!r} does not match nm={self.nm} (which removes "
                                     f"{n / m:g}); accepted: sparsity={n / m:g}")
