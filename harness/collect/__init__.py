@@ -5,7 +5,15 @@ project), cli.py (`harness collect`), callbacks.py (collect when a sweep ends)."
 from harness.collect.cli import collect, main
 from harness.collect.frame import frame, rows_of, where
 from harness.collect.plots import plot_head_graph, plot_ppl_vs
-from harness.collect.tables import pivot, table1, table2, table3, to_latex, write_table
+from harness.collect.tables import (
+           pivot,
+           table1,
+           table2,
+           table3,
+           table_sparse,
+           to_latex,
+           write_table,
+)
 
 __all__ = ["collect", "frame", "main", "pivot", "plot_head_graph", "plot_ppl_vs", "rows_of", "table1", "table2",
-           "table3", "to_latex", "where", "write_table"]
+           "table3", "table_sparse", "to_latex", "where", "write_table"]

@@ -24,7 +24,15 @@ from harness import records
 from harness.collect import sources
 from harness.collect.frame import frame, where
 from harness.collect.plots import figure3_records, plot_head_graph, plot_ppl_vs
-from harness.collect.tables import is_lower_better, pivot, table1, table2, table3, write_table
+from harness.collect.tables import (
+    is_lower_better,
+    pivot,
+    table1,
+    table2,
+    table3,
+    table_sparse,
+    write_table,
+)
 
 
 def collect(runs: Path, out: Path, rows: list[str] | None = None, cols: list[str] | None = None,
@@ -51,6 +59,8 @@ def collect(runs: Path, out: Path, rows: list[str] | None = None, cols: list[str
         written += write_table(t, tables, f"table1_{key}")
     for model, t in table2(df).items():
         written += write_table(t, tables, f"table2_{model}")
+    for model, t in table_sparse(df).items():
+        written += write_table(t, tables, f"sparse_{model}")
     plots = out / "plots"
     written += plot_ppl_vs(df, plots, "sparsity", ["modules", "calibration", "n_samples"], "ppl_vs_sparsity")
     written += plot_ppl_vs(df, plots, "n_samples", ["modules", "calibration", "sparsity"], "ppl_vs_calibration")

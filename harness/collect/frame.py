@@ -15,8 +15,8 @@ METHOD = ["metric", "remedy", "allocation"]
 # Settings that change a result besides the method; where the records of a table differ in
 # one, it becomes an extra row level, so different configurations are never averaged
 # (only repeated seeds are).
-SETTINGS = ["metric_params", "remedy_params", "remedy_data", "attention_unit", "calibration", "n_samples",
-            "sparsity_mode", "modules", "ppl_tokens", "bos"]
+SETTINGS = ["sparsity_type", "finetune", "metric_params", "remedy_params", "remedy_data", "attention_unit",
+            "calibration", "n_samples", "sparsity_mode", "modules", "ppl_tokens", "bos"]
 # The method part a parameter setting belongs to: with that part as a table column, the
 # setting varies with the column, not within a row.
 OWNER = {"metric_params": "metric", "remedy_params": "remedy", "remedy_data": "remedy"}
@@ -38,9 +38,36 @@ def family(config: dict) -> str:
     if (config.get("finetune") or {}).get("name", "none") != "none":
         return "retraining"
     try:
-        return metrics.build(config["metric"]["name"], config["metric"].get("params")).family
+        return _method(config).family
     except (ValueError, TypeError):  # a metric this version does not know
         return "other"
+
+
+def _method(config: dict):
+    """The run's metric (structured track) or masking method (unstructured / N:M track)."""
+    from harness import sparse
+
+    build = metrics.build if config.get("sparsity_type", "structured") == "structured" else sparse.build
+    return build(config["metric"]["name"], config["metric"].get("params"))
+
+
+def _label(config: dict) -> str:
+    """How tables name the method (HyWIA: "HyWIA-like (<policy>)"); the metric's name when unknown."""
+    try:
+        return getattr(_method(config), "label", config["metric"]["name"])
+    except (ValueError, TypeError):
+        return config["metric"]["name"]
+
+
+def _sparsity_type(config: dict) -> str:
+    """structured, unstructured, or the N:M pattern itself (2:4)."""
+    kind = config.get("sparsity_type", "structured")
+    return config["nm"] if kind == "nm" else kind
+
+
+def _finetune(config: dict) -> str:
+    ft = config.get("finetune") or {"name": "none"}
+    return "none" if ft["name"] == "none" else f"{ft['name']}(r={ft['rank']},steps={ft['steps']})"
 
 
 def _remedy_params(remedy: dict) -> str:
@@ -99,19 +126,22 @@ def frame(recs: list[dict]) -> pd.DataFrame:
 def _row(r: dict) -> dict:
     c, ev, p = r["config"], r.get("eval", {}), r["pruning"]
     row = {
-        "model": c["model"]["name"], "family": family(c), "metric": c["metric"]["name"], "remedy": c["remedy"]["name"],
+        "model": c["model"]["name"], "family": family(c), "metric": _label(c), "remedy": c["remedy"]["name"],
+        "sparsity_type": _sparsity_type(c), "finetune": _finetune(c),
         "allocation": c["allocation"]["name"], "calibration": c["calibration"]["dataset"],
         "n_samples": c["calibration"]["n_samples"], "sparsity": c["sparsity"], "sparsity_mode": c["sparsity_mode"],
         "sparsity_achieved": round(p["sparsity_achieved"], 4), "seed": c["seed"], "modules": "+".join(c["prune"]["modules"]),
         "attention_unit": c["prune"].get("attention_unit", "kv_group"), "bos": c["model"].get("bos", "stream"),
-        "heads_kept": sum(layer["heads_kept"] for layer in p["per_layer"]), "params": r["model"]["params_after"], "prune_seconds": p["seconds"],
+        "params": r["model"]["params_after"], "prune_seconds": p["seconds"],
         "run_id": r["run_id"],
         "metric_params": _params(c["metric"].get("params") or {}),
         "remedy_params": _remedy_params(c["remedy"]),
         "remedy_data": _remedy_data(c),
     }
-    if "heads_before" in r["model"]:
-        row["heads_pruned"] = r["model"]["heads_before"] - row["heads_kept"]
+    if all("heads_kept" in layer for layer in p["per_layer"]):  # the structured track: units removed
+        row["heads_kept"] = sum(layer["heads_kept"] for layer in p["per_layer"])
+        if "heads_before" in r["model"]:
+            row["heads_pruned"] = r["model"]["heads_before"] - row["heads_kept"]
     for name, v in ev.get("ppl", {}).items():
         row[f"ppl.{name}"] = v["value"]
         row[f"ppl.{name}.tokens"] = v["tokens"]

@@ -30,6 +30,34 @@ def table3(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return out
 
 
+def table_sparse(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per model, the unstructured / N:M track (as in the SparseGPT and MRP papers): methods x
+    (pattern, dataset) perplexities, with the model's dense runs as the first row."""
+    if "sparsity_type" not in df:
+        return {}
+    masked = df[df["sparsity_type"] != "structured"]
+    ppl_cols = ppl_columns(masked)
+    out = {}
+    for model, sub in masked.groupby("model"):
+        sub = sub.assign(pattern=[f"{s:.0%}" if kind == "unstructured" else kind
+                                  for kind, s in zip(sub["sparsity_type"], sub["sparsity"], strict=True)])
+        t = sub.pivot_table(index=rows_of(sub, ["metric"], exclude=("sparsity_type", "sparsity", "pattern")),
+                            columns="pattern", values=ppl_cols, aggfunc="mean")
+        t.columns = [f"{pattern} {c.removeprefix('ppl.')}" for c, pattern in t.columns]
+        t = t[sorted(t.columns, key=lambda c: (":" in c, c))]  # unstructured first, then N:M
+        dense = df[(df["model"] == model) & (df["sparsity"] == 0)]
+        if not dense.empty:
+            row = {c: dense[f"ppl.{c.split(' ', 1)[1]}"].mean() for c in t.columns}
+            key = ("dense",) + ("",) * (t.index.nlevels - 1) if t.index.nlevels > 1 else "dense"
+            t = pd.concat([pd.DataFrame([row], index=pd.Index([key]) if t.index.nlevels == 1
+                                        else pd.MultiIndex.from_tuples([key], names=t.index.names)), t])
+        t.attrs["caption"] = (f"{model}, weights masked in place (unstructured: every linear layer of the pruned "
+                              "blocks loses that fraction per output row; N:M: N zeros in every M consecutive inputs): "
+                              "perplexity, lower is better.")
+        out[model] = t
+    return out
+
+
 def table1(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Per (model, sparsity): the paper's Table 1. Rows grouped as the paper groups them
     (dense, data-free, training-aware, inference-aware, retraining; frame.FAMILIES), columns
