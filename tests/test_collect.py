@@ -179,3 +179,31 @@ def test_perplexity_plot_colours_metrics_styles_remedies_and_draws_the_dense_lin
     dense = [line for line in ax.get_lines() if list(line.get_ydata()) == [10.0, 10.0]]
     assert len(dense) == 1
     assert "dense 10.00" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_sparse_table_puts_patterns_side_by_side_under_the_dense_row(tmp_path):
+    masked = ["sparsity=0.5", "eval.efficiency=null"]
+    recs = [synthetic.record("sparsity=0", "metric=random", ppl={"wikitext2": 20.0, "ptb": 30.0}),
+            synthetic.record(*masked, "sparsity_type=unstructured", "metric=sparsegpt", ppl={"wikitext2": 40.0, "ptb": 50.0}),
+            synthetic.record(*masked, "sparsity_type=nm", "nm=2:4", "metric=sparsegpt", ppl={"wikitext2": 60.0, "ptb": 70.0}),
+            synthetic.record(*masked, "sparsity_type=nm", "nm=2:4", "metric=mrp_m", ppl={"wikitext2": 55.0, "ptb": 65.0}),
+            synthetic.record("sparsity=0.5", "metric=ours", ppl={"wikitext2": 900.0, "ptb": 900.0})]  # structured: not here
+    df = collect.frame(recs)
+    assert sorted(set(df["sparsity_type"])) == ["2:4", "structured", "unstructured"]
+    assert set(df.loc[df["metric"] == "sparsegpt", "family"]) == {"inference-aware"}
+    (name, t), = collect.table_sparse(df).items()
+    assert list(t.columns) == ["50% ptb", "50% wikitext2", "2:4 ptb", "2:4 wikitext2"]
+    assert list(t.index) == ["dense", "mrp_m", "sparsegpt"]
+    assert t.loc["dense", "2:4 wikitext2"] == 20.0 and t.loc["sparsegpt", "50% ptb"] == 50.0
+    assert t.loc["mrp_m", "2:4 ptb"] == 65.0 and t.isna().sum().sum() == 2  # mrp_m ran 2:4 only
+    paths = collect.collect(synthetic.write(tmp_path / "runs", recs), tmp_path)
+    assert tmp_path / "tables" / f"sparse_{name}.md" in paths
+
+
+def test_hywia_rows_are_labelled_with_their_policy_and_lora_rows_are_retraining():
+    recs = [synthetic.record("metric=hywia", "metric.params.policy=softmax"),
+            synthetic.record("metric=taylor_mix", "finetune=lora")]
+    df = collect.frame(recs)
+    assert list(df["metric"]) == ["HyWIA-like (softmax)", "taylor"]
+    assert list(df["family"]) == ["training-aware", "retraining"]
+    assert list(df["finetune"]) == ["none", "lora(r=8,steps=64)"]

@@ -56,3 +56,22 @@ def test_masked_weights_equal_those_from_the_models_own_forward(model_type, meth
         torch.testing.assert_close(got[name].double(), w.double(), rtol=1e-4, atol=1e-5, msg=name)
     # SparseGPT zeroes the columns of inputs that are always 0 (OPT's ReLU), as its reference does
     assert report.sparsity_achieved == pytest.approx(0.5) if method == "wanda" else report.sparsity_achieved >= 0.5
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_a_masked_model_saves_and_loads_in_stock_transformers_with_its_zeros(model_type, tmp_path):
+    import transformers as tf
+
+    from harness.models.pruned import save_pruned
+    from tests.test_adapters import _tokenizer, logits
+
+    model = build(model_type)
+    settings = PruneSettings(sparsity=0.5, sparsity_type="unstructured")
+    sparse.prune_sparse(model, ids(4), sparse.build("sparsegpt"), settings, settings.pattern)
+    save_pruned(model, tf.PreTrainedTokenizerFast(tokenizer_object=_tokenizer()), tmp_path / "m")
+    back = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)  # no harness code
+    back.set_attn_implementation(model.config._attn_implementation)
+    block = adapter_for(back).layers(back)[0]
+    mlp_down = next(m for n, m in block.named_modules() if n.endswith(("down_proj", "c_proj")) and "mlp" in n)
+    assert (weight(mlp_down) == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+    torch.testing.assert_close(logits(back, ids()), logits(model, ids()), rtol=0, atol=0)
