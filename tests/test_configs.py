@@ -11,16 +11,16 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from harness import metrics
+from harness import metrics, sparse
 from harness import remedy as remedies
 from harness.config import CONFIG_DIR, ConfigError, RunConfig, compose, typed
 from harness.prune import allocation
 from harness.prune.observe import NEEDS
 
-GROUPS = ["model", "metric", "allocation", "remedy", "calibration", "eval", "logger", "launcher", "debug"]
+GROUPS = ["model", "metric", "allocation", "remedy", "finetune", "calibration", "eval", "logger", "launcher", "debug"]
 # The key whose value says which option of a group was chosen.
 CHOSEN_BY = {"model": "model.name", "metric": "metric.name", "allocation": "allocation.name",
-             "remedy": "remedy.name", "calibration": "calibration.dataset", "logger": "logger.name"}
+             "remedy": "remedy.name", "finetune": "finetune.name", "calibration": "calibration.dataset", "logger": "logger.name"}
 
 
 def _options(group):
@@ -35,6 +35,8 @@ def _names(group):
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
 def test_every_group_option_composes_into_a_checked_run_config(group, option):
     overrides = [f"+{group}={option}"] if group == "debug" else [f"{group}={option}"]
+    if group == "metric" and option in sparse.METHODS and option not in metrics.names():
+        overrides.append("sparsity_type=unstructured")  # a method of the masking track only
     run_config = OmegaConf.structured(typed(compose(*overrides)))
     if group in CHOSEN_BY:
         key = CHOSEN_BY[group]
@@ -43,7 +45,7 @@ def test_every_group_option_composes_into_a_checked_run_config(group, option):
 
 
 def test_every_registered_method_has_its_config_and_every_config_a_method():
-    assert _names("metric") == set(metrics.names())
+    assert _names("metric") == set(metrics.names()) | set(sparse.METHODS)
     assert _names("remedy") == set(remedies.names())
     assert _names("allocation") == set(allocation.POLICIES)
 
@@ -144,7 +146,7 @@ def test_every_experiment_composes_and_validates(experiment):
             for key, value in zip(keys, point, strict=True):
                 OmegaConf.update(cfg, key, yaml.safe_load(value), merge=False)
             typed(cfg)
-    assert experiment.startswith(("table", "fig", "compare", "architectures"))
+    assert experiment.startswith(("table", "fig", "compare", "architectures", "unstructured", "hywia"))
 
 
 def test_the_top_level_experiments_folder_is_the_experiment_group():
