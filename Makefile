@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 SHARED_DATA := $(wildcard ../shared/data)
 export HARNESS_DATA_DIR ?= $(if $(SHARED_DATA),$(abspath $(SHARED_DATA)),)
 
-.PHONY: setup demo test test-fast bench lint slurm-up slurm-down clean
+.PHONY: setup demo test test-fast bench bench-gpu lint slurm-up slurm-down clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,13 @@ test-fast: setup
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) -m bench.run
 	HF_HUB_OFFLINE=1 $(PY) -m bench.export_speed
+
+# The prepared GPU check (bench/gpu.py): a random LLaMA-7B-shaped model pruned on one GPU,
+# resident and block-wise, and CPU-vs-GPU parity -> results/bench/gpu.{json,md}. It needs
+# only torch and transformers, so on a lent GPU machine run it with that machine's python:
+#   python3 -m bench.gpu --out $$OUT
+bench-gpu:
+	HF_HUB_OFFLINE=1 $(PY) -m bench.gpu
 
 slurm-up:
 	scripts/slurm-local up

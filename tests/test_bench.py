@@ -38,3 +38,17 @@ def test_named_models_load_from_the_config_tree():
     from bench.run import named_model
 
     assert named_model("tiny-llama").config.model_type == "llama"
+
+
+def test_the_prepared_gpu_check_runs_end_to_end_in_smoke_mode(tmp_path):
+    """bench/gpu.py on tiny sizes (a CPU here): every stage, both files; parity compares a
+    device with itself, so it must find the same units (the real check runs on a lent GPU)."""
+    from bench.gpu import main as gpu_check
+
+    gpu_check(["--smoke", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert [(r["metric"], r["remedy"]) for r in result["resident"]] == [
+        ("ours", "none"), ("ours", "recovery"), ("flap", "none"), ("wanda", "none"), ("taylor", "none")]
+    assert result["blockwise"]["placement"] == "blockwise" and result["blockwise"]["seconds"] > 0
+    assert [r["same_removed_units"] for r in result["parity"]] == [True] * 4
+    assert "| blockwise | ours | none |" in (tmp_path / "gpu.md").read_text()
