@@ -14,6 +14,7 @@ from harness.models import ADAPTERS, adapter_for
 from harness.models.base import ATTENTION_UNITS, weight
 from harness.models.pruned import load_pruned, save_pruned
 from harness.prune import Pipeline, PruneSettings, prune
+from harness.prune.stream import advance
 
 VOCAB, SEQ, WINDOW = 128, 32, 8
 _IDS = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -103,7 +104,7 @@ def test_block_by_block_propagation_equals_the_models_forward(model_type):
     h, calls = pipe.capture_inputs(x)
     with torch.no_grad():
         for k, block in enumerate(blocks):
-            h = pipe.advance(block, k, h, calls)
+            h = advance(block, k, h, calls)
             ours = torch.cat([c.hidden for c in h])
             err = ((ours - own[k]).norm(dim=-1) / own[k].norm(dim=-1)).max().item()  # every position
             assert err < 1e-5, f"block {k}: relative error {err:.2e} at the worst position"
