@@ -207,3 +207,10 @@ def test_hywia_rows_are_labelled_with_their_policy_and_lora_rows_are_retraining(
     assert list(df["metric"]) == ["HyWIA-like (softmax)", "taylor"]
     assert list(df["family"]) == ["training-aware", "retraining"]
     assert list(df["finetune"]) == ["none", "lora(r=8,steps=64)"]
+
+
+def test_a_dense_run_on_the_masking_track_is_the_dense_row_not_a_method():
+    recs = [synthetic.record("sparsity=0", "sparsity_type=unstructured", "metric=magnitude", ppl={"wikitext2": 20.0}),
+            synthetic.record("sparsity=0.5", "sparsity_type=unstructured", "metric=wanda", ppl={"wikitext2": 40.0})]
+    (t,) = collect.table_sparse(collect.frame(recs)).values()
+    assert list(t.index) == ["dense", "wanda"] and list(t.columns) == ["50% wikitext2"] and t.index.name == "method"

@@ -35,7 +35,7 @@ def table_sparse(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     (pattern, dataset) perplexities, with the model's dense runs as the first row."""
     if "sparsity_type" not in df:
         return {}
-    masked = df[df["sparsity_type"] != "structured"]
+    masked = df[(df["sparsity_type"] != "structured") & (df["sparsity"] > 0)]  # a dense run masks nothing
     ppl_cols = ppl_columns(masked)
     out = {}
     for model, sub in masked.groupby("model"):
@@ -44,12 +44,13 @@ def table_sparse(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
         t = sub.pivot_table(index=rows_of(sub, ["metric"], exclude=("sparsity_type", "sparsity", "pattern")),
                             columns="pattern", values=ppl_cols, aggfunc="mean")
         t.columns = [f"{pattern} {c.removeprefix('ppl.')}" for c, pattern in t.columns]
+        t = t.rename_axis(index={"metric": "method"})
         t = t[sorted(t.columns, key=lambda c: (":" in c, c))]  # unstructured first, then N:M
         dense = df[(df["model"] == model) & (df["sparsity"] == 0)]
         if not dense.empty:
             row = {c: dense[f"ppl.{c.split(' ', 1)[1]}"].mean() for c in t.columns}
             key = ("dense",) + ("",) * (t.index.nlevels - 1) if t.index.nlevels > 1 else "dense"
-            t = pd.concat([pd.DataFrame([row], index=pd.Index([key]) if t.index.nlevels == 1
+            t = pd.concat([pd.DataFrame([row], index=pd.Index([key], name=t.index.name) if t.index.nlevels == 1
                                         else pd.MultiIndex.from_tuples([key], names=t.index.names)), t])
         t.attrs["caption"] = (f"{model}, weights masked in place (unstructured: every linear layer of the pruned "
                               "blocks loses that fraction per output row; N:M: N zeros in every M consecutive inputs): "
