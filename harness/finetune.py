@@ -50,7 +50,8 @@ def lora_finetune(model: nn.Module, blocks: list[nn.Module], ids: torch.Tensor, 
     from peft import LoraConfig, get_peft_model
 
     names = lora_targets(model, blocks, targets)
-    conv1d = any(is_conv1d(m) for n, m in model.named_modules() if n in set(names))
+    targeted = set(names)
+    conv1d = any(is_conv1d(m) for n, m in model.named_modules() if n in targeted)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none",
                         fan_in_fan_out=conv1d)  # GPT-2's Conv1D stores [in, out]
     frozen_state = {p: p.requires_grad for p in model.parameters()}
