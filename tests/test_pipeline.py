@@ -248,8 +248,8 @@ def test_the_recovery_set_reaches_only_the_recovery_fits(zoo, monkeypatch):
     def pruned(input_ids, fit_ids):
         scores = {}
 
-        def rank(self, block, view, stream, layer):
-            ranking, stats = original(self, block, view, stream, layer)
+        def rank(self, block, view, stream, layer, record=False):
+            ranking, stats = original(self, block, view, stream, layer, record)
             scores.setdefault((layer, view.kind), ranking.scores.clone())
             return ranking, stats
 

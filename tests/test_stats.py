@@ -2,18 +2,26 @@
 
 import math
 
+import pytest
 import torch
 
 from harness.prune.stats import ChannelMoments, FlapSampleMoments, js_distance_sums
 
 
-def test_js_matrix_matches_brute_force_and_is_symmetric():
+MASKS = {"causal": lambda s: torch.tril(torch.ones(s, s, dtype=torch.bool)),
+         "sliding window 3": lambda s: torch.tril(torch.ones(s, s, dtype=torch.bool)).triu(-2),
+         "bidirectional": lambda s: torch.ones(s, s, dtype=torch.bool)}
+
+
+@pytest.mark.parametrize("mask", MASKS)
+def test_js_matrix_matches_brute_force_and_is_symmetric(mask):
     torch.manual_seed(0)
     b, h, s = 2, 4, 6
     logits = torch.randn(b, h, s, s)
-    causal = torch.tril(torch.ones(s, s, dtype=torch.bool))
-    probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)
-    got, rows = js_distance_sums(probs)
+    allowed = MASKS[mask](s)
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1)
+    probs[:, 3] = probs[:, 1]  # two identical heads: distance exactly 0
+    got, rows = js_distance_sums(probs, row_block=4)  # blocks that end inside the sequence
     assert rows == b * s
     ref = torch.zeros(h, h, dtype=torch.float64)
     for i in range(h):
@@ -28,6 +36,7 @@ def test_js_matrix_matches_brute_force_and_is_symmetric():
             ref[i, j] = total
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
     assert torch.equal(got, got.T) and torch.all(got.diagonal() == 0)
+    assert got[1, 3] == 0
 
 
 def test_channel_moments_match_full_data():

@@ -22,8 +22,8 @@ SCORES = ("ifv", "wifv", "wifn")
 
 @register("flap")
 class Flap(Metric):
-    needs_attention = frozenset({"level2"})
-    needs_mlp = frozenset({"level2"})
+    needs_attention = frozenset({"level2", "centered"})
+    needs_mlp = frozenset({"level2", "centered"})
 
     def __init__(self, score: str = "wifv"):
         if score not in SCORES:

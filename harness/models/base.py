@@ -16,7 +16,10 @@ The adapter contract. An architecture adapter is a module of `harness/models/` w
     shape(block) -> {heads, kv_heads, channels}
     reshape(block, heads, kv_heads, channels)   give a fresh block a pruned block's shapes
     attention_module(block)             returns (output, attention probabilities) in eager mode
+    mlp_module(block)                   the module computing the MLP (returns its output), or None
     level2_outputs(block)               (attention output map, MLP output map)
+The attention module's output (first element) and the MLP module's output must be exactly the
+level-2 map applied to its input: the pipeline replays them from that input (stream.Replay).
 and is listed in `harness.models.ADAPTERS`. How a block is *called* is not part of the
 contract: the pipeline records each block's own arguments from the model's forward
 (harness/prune/stream.py). A model type is supported only when `tests/test_adapters.py` passes for

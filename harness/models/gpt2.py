@@ -66,5 +66,9 @@ def attention_module(block: nn.Module) -> nn.Module:
     return block.attn
 
 
+def mlp_module(block: nn.Module) -> nn.Module:
+    return block.mlp
+
+
 def level2_outputs(block: nn.Module) -> tuple[nn.Module, nn.Module]:
     return block.attn.c_proj, block.mlp.c_proj

@@ -63,5 +63,9 @@ def attention_module(block: nn.Module) -> nn.Module:
     return block.self_attn
 
 
+def mlp_module(block: nn.Module) -> None:
+    return None  # fc1/fc2 sit in the decoder layer itself: no module to replay
+
+
 def level2_outputs(block: nn.Module) -> tuple[nn.Module, nn.Module]:
     return block.self_attn.out_proj, block.fc2

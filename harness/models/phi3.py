@@ -127,5 +127,9 @@ def attention_module(block: nn.Module) -> nn.Module:
     return block.self_attn
 
 
+def mlp_module(block: nn.Module) -> nn.Module:
+    return block.mlp
+
+
 def level2_outputs(block: nn.Module) -> tuple[nn.Module, nn.Module]:
     return block.self_attn.o_proj, block.mlp.down_proj

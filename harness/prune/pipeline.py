@@ -35,7 +35,7 @@ from harness.prune import allocation as alloc
 from harness.prune.observe import observe
 from harness.prune.settings import PruneReport, PruneSettings, n_params, prunable_layers
 from harness.prune.stats import ModuleStats, check_finite
-from harness.prune.stream import BlockCall, Chunk, advance, capture, chunks_at
+from harness.prune.stream import BlockCall, Chunk, Replay, advance, capture, chunks_at
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +102,12 @@ class Pipeline:
 
     # ---- one module ----------------------------------------------------------------------
 
-    def rank(self, block: nn.Module, view: DepthTwo, stream: list[Chunk],
-             layer: int) -> tuple[metrics_registry.Ranking, ModuleStats]:
+    def rank(self, block: nn.Module, view: DepthTwo, stream: list[Chunk], layer: int,
+             record: bool = False) -> tuple[metrics_registry.Ranking, ModuleStats]:
         needs = frozenset(self.metric.needs(view.kind)) | self.remedy.needs
         with self._timed("statistics"):
             stats = observe(block, view, self.adapter.attention_module(block), stream, needs, self.grads,
-                            self.stats_dtype, self.device, self.settings.flap_faithful)
+                            self.stats_dtype, self.device, self.settings.flap_faithful, record)
         position, count = layer - self.layer_range.start, len(self.layer_range)
         stats.depth = position / (count - 1) if count > 1 else 0.0
         if stats.js_sum is not None:
@@ -118,8 +118,10 @@ class Pipeline:
         return ranking, stats
 
     def prune_module(self, block: nn.Module, dense: nn.Module | None, kind: str, n_remove: int,
-                     stream: list[Chunk], fit: tuple[list[Chunk], list[Chunk]] | None, layer: int) -> None:
-        """`fit`: the (pruned, dense) streams the remedy fits on, when it keeps a dense reference."""
+                     stream: list[Chunk], fit: tuple[list[Chunk], list[Chunk]] | None, layer: int) -> list[Chunk]:
+        """`fit`: the (pruned, dense) streams the remedy fits on, when it keeps a dense reference.
+        Returns the stream with this module replayed from the level-2 inputs its statistics
+        pass saw (stream.Replay), where the architecture allows and a pass ran."""
         view = self.view(block, kind)
         if dense is not None and not self.cut_upstream:
             self.unchanged_inputs += 1
@@ -127,21 +129,29 @@ class Pipeline:
             with self._timed(self.remedy.name), torch.no_grad():
                 self.remedy.before_scoring(block, dense, view, self.view(dense, kind), *fit,
                                            f"block {layer} {kind}", self.stats_dtype, self.device)
-        ranking, stats = self.rank(block, view, stream, layer)
-        if n_remove == 0:
-            return
-        self.cut_upstream = True
-        with self._timed("cut"), torch.no_grad():
-            removed = alloc.first_per_group(ranking.removal_order(), view.groups, view.per_group, n_remove)
-            self.removed[(layer, kind)] = sorted(removed.tolist())
-            mask = torch.ones(view.n_units, dtype=torch.bool)
-            mask[removed] = False
-            keep = view.all_units()[mask]
-            self.remedy.after_selection(view, keep, stats)
-            if kind == "attention":
-                self.adapter.prune_attention(block, keep, self.settings.attention_unit)
-            else:
-                self.adapter.prune_mlp(block, keep)
+        module = self.adapter.attention_module(block) if kind == "attention" else self.adapter.mlp_module(block)
+        ranking, stats = self.rank(block, view, stream, layer, record=module is not None)
+        columns = None
+        if n_remove:
+            self.cut_upstream = True
+            with self._timed("cut"), torch.no_grad():
+                removed = alloc.first_per_group(ranking.removal_order(), view.groups, view.per_group, n_remove)
+                self.removed[(layer, kind)] = sorted(removed.tolist())
+                mask = torch.ones(view.n_units, dtype=torch.bool)
+                mask[removed] = False
+                keep = view.all_units()[mask]
+                columns = view.level2_channels(keep)
+                self.remedy.after_selection(view, keep, stats)
+                if kind == "attention":
+                    self.adapter.prune_attention(block, keep, self.settings.attention_unit)
+                else:
+                    self.adapter.prune_mlp(block, keep)
+        if not stats.level2_inputs:
+            return stream
+        inputs, stats.level2_inputs = stats.level2_inputs, []
+        with self._timed("forward"), torch.no_grad():
+            outputs = [view.level2(x if columns is None else x.index_select(-1, columns.to(x.device))) for x in inputs]
+        return [chunk.replaying(Replay(module, out, stats.arity)) for chunk, out in zip(stream, outputs, strict=True)]
 
     # ---- the passes ----------------------------------------------------------------------
 
@@ -187,12 +197,13 @@ class Pipeline:
             with on_device(self.blocks[k], self.device) as block:
                 pruned_here = k in self.layer_range
                 dense = copy.deepcopy(block) if dense_stream is not None and pruned_here else None
+                in_block = stream  # gains a replay per module whose level-2 inputs were seen
                 if pruned_here:
                     for kind in settings.modules:
-                        fit = (fit_stream if separate else stream, dense_stream) if dense is not None else None
-                        self.prune_module(block, dense, kind, plan[(k, kind)], stream, fit, k)
+                        fit = (fit_stream if separate else in_block, dense_stream) if dense is not None else None
+                        in_block = self.prune_module(block, dense, kind, plan[(k, kind)], in_block, fit, k)
                 with torch.no_grad(), self._timed("forward"):
-                    stream = advance(block, k, stream, calls)
+                    stream = advance(block, k, in_block, calls)
                     if separate:
                         fit_stream = advance(block, k, fit_stream, fit_calls)
                     if dense_stream is not None:

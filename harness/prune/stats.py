@@ -14,24 +14,32 @@ import torch
 
 
 class ChannelMoments:
-    """Per-channel mean, second moment and variance over tokens (Chan/Welford merge)."""
+    """Per-channel second moment over tokens and, when `centered`, mean and variance
+    (Chan/Welford merge of per-chunk centered moments)."""
 
-    def __init__(self, width: int, dtype: torch.dtype, device: torch.device):
-        self.n = 0
-        self.mean = torch.zeros(width, dtype=dtype, device=device)
-        self.m2 = torch.zeros(width, dtype=dtype, device=device)  # sum of squared deviations
+    def __init__(self, width: int, dtype: torch.dtype, device: torch.device, centered: bool = True):
+        self.n, self.centered = 0, centered
         self.sq = torch.zeros(width, dtype=dtype, device=device)  # sum of squares
+        if centered:
+            self._mean = torch.zeros(width, dtype=dtype, device=device)
+            self.m2 = torch.zeros(width, dtype=dtype, device=device)  # sum of squared deviations
 
     def update(self, x: torch.Tensor) -> None:
-        # chunk moments in (at least) float32, merged in the accumulator's precision
+        # chunk moments in (at least) float32, merged in the accumulator's precision; sums over
+        # tokens as matrix-vector products (var_mean along dim 0 is several times slower on a CPU)
         x = x.reshape(-1, x.shape[-1])
         x = x.float() if x.element_size() < 4 else x
         nb = x.shape[0]
-        var_b, mean_b = torch.var_mean(x, 0, correction=0)
-        mb, m2b = mean_b.to(self.mean.dtype), var_b.to(self.mean.dtype) * nb
-        delta = mb - self.mean
+        ones = x.new_ones(nb)
+        if not self.centered:
+            self.sq += (ones @ x.square()).to(self.sq.dtype)
+            self.n += nb
+            return
+        mean_b = (ones @ x) / nb
+        mb, m2b = mean_b.to(self.sq.dtype), (ones @ (x - mean_b).square_()).to(self.sq.dtype)
+        delta = mb - self._mean
         total = self.n + nb
-        self.mean += delta * nb / total
+        self._mean += delta * nb / total
         self.m2 += m2b + delta**2 * self.n * nb / total
         self.sq += (m2b + mb**2 * nb)
         self.n = total
@@ -40,8 +48,18 @@ class ChannelMoments:
     def second_moment(self) -> torch.Tensor:
         return self.sq / max(self.n, 1)
 
+    def _need_centered(self) -> None:
+        if not self.centered:
+            raise RuntimeError("these moments were accumulated without the mean (declare the need 'centered')")
+
+    @property
+    def mean(self) -> torch.Tensor:
+        self._need_centered()
+        return self._mean
+
     @property
     def variance(self) -> torch.Tensor:
+        self._need_centered()
         return self.m2 / max(self.n - 1, 1)
 
 
@@ -78,26 +96,37 @@ class FlapSampleMoments:
         return self.var
 
 
-def js_distance_sums(probs: torch.Tensor, eps: float = 1e-10) -> tuple[torch.Tensor, int]:
+def js_distance_sums(probs: torch.Tensor, eps: float = 1e-10, row_block: int = 32) -> tuple[torch.Tensor, int]:
     """Sum over query rows of sqrt(JS(P_i || P_j)) for every head pair, and the row count.
 
-    probs: [batch, heads, q, k] attention probabilities (causal: masked keys are exactly 0,
-    so they add nothing). Returns an [heads, heads] symmetric matrix with zero diagonal.
+    probs: [batch, heads, q, k] attention probabilities. Returns an [heads, heads] symmetric
+    matrix with zero diagonal. JS = (A_i + A_j) / 2 - sum_k m log(m + eps), m = (P_i + P_j) / 2,
+    A_i = sum_k p_i log(p_i + eps): the per-head terms once, one logarithm per pair and key.
+    Queries go in blocks of `row_block` rows, each over the keys up to its last non-zero
+    column only (causal attention: a block of early queries reads few keys), and the per-head
+    terms are reduced over exactly those columns, so identical heads give exactly 0.
     """
     p = probs.to(torch.float32)
     b, h, q, _ = p.shape
-    logp = torch.log(p + eps)  # once per head, not once per pair
-    out = torch.zeros(h, h, dtype=torch.float64, device=p.device)
-    for i in range(h - 1):
-        pi, pj = p[:, i : i + 1], p[:, i + 1 :]
-        log_m = torch.log(0.5 * (pi + pj) + eps)
-        kl_i = (pi * (logp[:, i : i + 1] - log_m)).sum(-1)
-        kl_j = (pj * (logp[:, i + 1 :] - log_m)).sum(-1)
-        js = (0.5 * (kl_i + kl_j)).clamp_min(0.0)
-        d = js.sqrt().sum(dim=(0, 2)).to(torch.float64)
-        out[i, i + 1 :] = d
-        out[i + 1 :, i] = d
-    return out, b * q
+    first, second = torch.triu_indices(h, h, 1, device=p.device)  # pairs i < j, by i then j
+    starts = [0, *torch.arange(h - 1, 0, -1).cumsum(0).tolist()]  # where each i's pairs begin
+    sums = torch.zeros(first.numel(), dtype=torch.float64, device=p.device)
+    for r0 in range(0, q, row_block):
+        rows = p[:, :, r0 : r0 + row_block]
+        used = rows.ne(0).flatten(0, 2).any(0).nonzero()
+        if used.numel() == 0:
+            continue
+        rows = rows[..., : int(used[-1]) + 1]
+        own = torch.linalg.vecdot(rows, torch.log(rows + eps))  # [b, h, rows]
+        mix = own.new_empty(b, first.numel(), rows.shape[2])  # sum_k m log(m + eps) per pair
+        for i in range(h - 1):
+            m = torch.lerp(rows[:, i : i + 1], rows[:, i + 1 :], 0.5)  # one fused pass; exact when P_i = P_j
+            torch.linalg.vecdot(m, (m + eps).log_(), out=mix[:, starts[i] : starts[i + 1]])
+        js = (own[:, first] + own[:, second]).mul_(0.5).sub_(mix)
+        sums += js.clamp_min_(0.0).sqrt_().sum(dim=(0, 2)).to(torch.float64)
+    pair_sums = torch.zeros(h, h, dtype=torch.float64, device=p.device)
+    pair_sums[first, second] = sums
+    return pair_sums + pair_sums.T, b * q
 
 
 @dataclass
@@ -109,6 +138,8 @@ class ModuleStats:
     js_sum: torch.Tensor | None = None  # [heads, heads] sum of JS distances
     js_rows: int = 0
     extra: dict = field(default_factory=dict)
+    level2_inputs: list[torch.Tensor] = field(default_factory=list)  # per chunk, when recorded
+    arity: int = 0  # attention: the length of the module's output tuple
     depth: float = 0.0  # the block's place among the pruned blocks: 0 the first, 1 the last
 
     @property

@@ -45,15 +45,51 @@ class BlockCall:
         return out[0] if isinstance(out, tuple) else out
 
 
+@dataclass(frozen=True)
+class Replay:
+    """A module of the block whose output for this chunk is already known: every later pass
+    over the same block and chunk (the MLP's statistics, a remedy's probes, the propagation
+    to the next block) returns it instead of running the module.
+
+    A depth-2 module's output is its level-2 map applied to its level-2 input, and the pass
+    that observed the module's statistics saw that input: once the module is cut (its
+    level-2 map final), output = level2(x[..., kept columns]). Exact: a unit's removal drops
+    its columns of x and nothing the kept units read."""
+
+    module: nn.Module  # the block's attention or MLP module (adapter.attention_module / mlp_module)
+    output: torch.Tensor
+    arity: int = 0  # the module returns a tuple of this length (first the output), 0: a tensor
+
+    def __call__(self, *_args, **_kwargs):
+        return (self.output, *[None] * (self.arity - 1)) if self.arity else self.output
+
+
 @dataclass
 class Chunk:
-    """One calibration chunk at one block: the hidden states entering it and how it is called."""
+    """One calibration chunk at one block: the hidden states entering it, how it is called, and
+    the modules of the block already computed for it (`replays`)."""
 
     hidden: torch.Tensor
     call: BlockCall
+    replays: tuple[Replay, ...] = ()
 
     def forward(self, block: nn.Module) -> torch.Tensor:
-        return self.call(block, self.hidden)
+        if not self.replays:
+            return self.call(block, self.hidden)
+        own = [r.module.__dict__.get("forward") for r in self.replays]
+        for replay in self.replays:
+            replay.module.forward = replay
+        try:
+            return self.call(block, self.hidden)
+        finally:
+            for replay, forward in zip(self.replays, own, strict=True):
+                if forward is None:
+                    del replay.module.forward
+                else:
+                    replay.module.forward = forward
+
+    def replaying(self, replay: Replay) -> Chunk:
+        return Chunk(self.hidden, self.call, (*self.replays, replay))
 
 
 def _to(value, device: torch.device, memo: dict):

@@ -31,7 +31,7 @@ def compensate(view: DepthTwo, keep_units: torch.Tensor, level2_mean: torch.Tens
 
 @register("bias")
 class Bias(Remedy):
-    needs = frozenset({"level2"})
+    needs = frozenset({"level2", "centered"})
 
     def after_selection(self, view: DepthTwo, keep: torch.Tensor, stats: ModuleStats) -> None:
         compensate(view, keep, stats.level2.mean)
