@@ -14,7 +14,7 @@ from harness.models import ADAPTERS, adapter_for
 from harness.models.base import ATTENTION_UNITS, weight
 from harness.models.pruned import load_pruned, save_pruned
 from harness.prune import Pipeline, PruneSettings, prune
-from harness.prune.stream import advance
+from harness.prune.stream import Chunk, advance
 
 VOCAB, SEQ, WINDOW = 128, 32, 8
 _IDS = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -181,6 +181,32 @@ def test_every_metric_prunes_every_model_type(model_type, metric, unit):
         if unit == "query_head" and b["heads"] > b["kv_heads"]:
             assert a["kv_heads"] == b["kv_heads"]
     assert torch.isfinite(logits(model, ids())).all()
+
+
+@pytest.mark.parametrize(("metric", "remedy"), [("ours", "recovery"), ("flap", "bias")])
+@pytest.mark.parametrize("model_type", TYPES)
+def test_replaying_modules_from_their_level2_inputs_equals_running_them(model_type, metric, remedy, monkeypatch):
+    """The pipeline computes a module once per block and replays it (stream.Replay); running
+    every module in every pass instead must remove the same units and give the same model."""
+    def pruned():
+        model = build(model_type)
+        ad = adapter_for(model)
+        mlp_runs = []
+        for block in ad.layers(model):  # a replayed module's level-1 maps do not run
+            if ad.mlp_module(block) is not None:
+                ad.mlp(block).level1[0].register_forward_pre_hook(lambda *_: mlp_runs.append(1))
+        report = prune(model, ids(8, seed=1), metrics.build(metric),
+                       PruneSettings(sparsity=0.3, remedy=remedy, chunk_size=4))
+        return model, report, len(mlp_runs)
+
+    replayed, replayed_report, replayed_runs = pruned()
+    with monkeypatch.context() as m:
+        m.setattr(Chunk, "replaying", lambda chunk, _replay: chunk)
+        run, run_report, runs = pruned()
+    assert replayed_report.removed == run_report.removed
+    torch.testing.assert_close(logits(replayed, ids()), logits(run, ids()), atol=1e-5, rtol=1e-5)
+    if runs:  # and the replays happened: the propagation to the next block never runs the MLP
+        assert replayed_runs < runs
 
 
 @pytest.mark.parametrize("unit", ATTENTION_UNITS)
