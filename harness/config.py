@@ -230,7 +230,7 @@ class ZeroShotConfig:
     tasks: list[str] = field(default_factory=lambda: ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy",
                                                       "arc_challenge", "openbookqa"])
     limit: int | None = None  # examples per task; null = all
-    batch_size: int = 8
+    batch_size: int | None = None  # null: the largest that fits the device's free memory (zeroshot.py)
     bos: str = II("model.bos")  # window: lm-eval adds BOS to every request (Gemma); stream: none
     source: str = "auto"  # auto: lm-eval's hub tasks when online, the offline copies otherwise
     average_metrics: dict[str, str] = field(default_factory=dict)  # per-task override of the averaged metric
@@ -243,7 +243,7 @@ class ZeroShotConfig:
             one_of("eval.zeroshot.tasks item", task, TASKS)
         one_of("eval.zeroshot.bos", self.bos, BOS_PLACEMENTS)
         integer("eval.zeroshot.limit", self.limit, 1, none="every example")
-        integer("eval.zeroshot.batch_size", self.batch_size, 1)
+        integer("eval.zeroshot.batch_size", self.batch_size, 1, none="the largest that fits the device")
 
 
 @dataclass

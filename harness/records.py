@@ -41,6 +41,9 @@ def config_hash(config: dict) -> str:
         semantic.pop("nm", None)
     if (semantic.get("finetune") or {}).get("name", "none") == "none":
         semantic.pop("finetune", None)
+    zeroshot = (semantic.get("eval") or {}).get("zeroshot") or {}
+    if "batch_size" in zeroshot and zeroshot["batch_size"] is None:  # batch size does not change a score
+        semantic["eval"] = {**semantic["eval"], "zeroshot": {k: v for k, v in zeroshot.items() if k != "batch_size"}}
     blob = json.dumps(semantic, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -162,10 +162,24 @@ def test_lm_eval_scores_every_task_on_a_few_examples(zoo):
     from harness.evaluate.zeroshot import TASKS
     from harness.evaluate.zeroshot import evaluate as zs_evaluate
 
+    from harness.evaluate.zeroshot import fitting_batch_size
+
     model, tok = zoo("tiny-llama")
-    r = zs_evaluate(model, tok, {"tasks": list(TASKS), "limit": 4, "batch_size": 8})
+    r = zs_evaluate(model, tok, {"tasks": list(TASKS), "limit": 4, "batch_size": None})  # sized to the device
     assert set(r["zeroshot"]) == set(TASKS)
     for task, v in r["zeroshot"].items():
         assert v["n"] == 4 and 0 <= v["acc"] <= 1, task
+        assert v["batch_size"] == fitting_batch_size(model) and v["tokens_per_second"] > 0, task
     assert r["zeroshot_protocol"]["source"] == "offline"
     assert 0 <= r["zeroshot_avg"] <= 1
+
+
+def test_zero_shot_batch_fits_half_the_free_memory(zoo):
+    from harness.evaluate.zeroshot import MAX_BATCH, REQUEST_TOKENS, fitting_batch_size
+
+    model, _ = zoo("tiny-llama")
+    cfg = model.config
+    per_sample = (3 * cfg.vocab_size + 4 * max(cfg.intermediate_size, 4 * cfg.hidden_size)) * 4 * REQUEST_TOKENS
+    assert fitting_batch_size(model, free_bytes=2 * 5 * per_sample + 1) == 5
+    assert fitting_batch_size(model, free_bytes=per_sample) == 1  # never below one
+    assert fitting_batch_size(model, free_bytes=10**15) == MAX_BATCH

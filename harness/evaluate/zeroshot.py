@@ -87,6 +87,59 @@ def offline_task_dir(tasks: list[str]) -> Path:
     return target
 
 
+# What one request of the seven tasks costs in memory, per token: logits and their log-softmax
+# (lm-eval keeps both, in the model's dtype, plus a margin for one more copy), and the block's
+# widest activations. lm-eval batches the longest requests first; the longest of the seven
+# tasks is BoolQ's (1292 tokens with SmolLM2's tokenizer), so a batch is sized for 2048.
+REQUEST_TOKENS = 2048
+MAX_BATCH = 64  # lm-eval's own cap for batch_size=auto
+
+
+def fitting_batch_size(model, free_bytes: int | None = None) -> int:
+    """The largest zero-shot batch whose logits and activations take at most half the free
+    memory of the model's device (CUDA: mem_get_info; CPU: MemAvailable), within [1, MAX_BATCH]."""
+    import torch
+
+    param = next(model.parameters())
+    if free_bytes is None:
+        if param.device.type == "cuda":
+            free_bytes = torch.cuda.mem_get_info(param.device)[0]
+        else:
+            with open("/proc/meminfo") as f:
+                free_bytes = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    cfg = model.config
+    width = max(getattr(cfg, "intermediate_size", 0) or 0, 4 * cfg.hidden_size)
+    per_token = (3 * cfg.vocab_size + 4 * width) * param.element_size()
+    return max(1, min(MAX_BATCH, free_bytes // 2 // (per_token * REQUEST_TOKENS)))
+
+
+class ModelCallThroughput:
+    """Tokens per second of the model's forwards inside lm-eval (padding included: what the
+    device computed), timed around HFLM._model_call."""
+
+    def __init__(self, lm):
+        import time
+
+        self.tokens, self.seconds = 0, 0.0
+        call = lm._model_call
+
+        def timed(inps, *args, **kwargs):
+            start = time.perf_counter()
+            out = call(inps, *args, **kwargs)
+            self.seconds += time.perf_counter() - start
+            self.tokens += inps.numel()
+            return out
+
+        lm._model_call = timed
+
+    def reset(self) -> None:
+        self.tokens, self.seconds = 0, 0.0
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        return self.tokens / self.seconds if self.seconds else None
+
+
 def evaluate(model, tokenizer, cfg: dict, out: dict | None = None, save=lambda: None) -> dict:
     """Fill `out` with {'zeroshot': {task: {acc, acc_norm, n}}, 'zeroshot_avg', 'zeroshot_protocol'}.
 
@@ -109,13 +162,17 @@ def evaluate(model, tokenizer, cfg: dict, out: dict | None = None, save=lambda: 
     else:
         manager, source = TaskManager(), "lm-eval"
     bos = cfg.get("bos", "stream") == "window"  # lm-eval prepends BOS to every request
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.get("batch_size", 8), add_bos_token=bos)
+    batch_size = cfg.get("batch_size") or fitting_batch_size(model)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=bos)
+    throughput = ModelCallThroughput(lm)
     for task in [t for t in tasks if t not in results]:
+        throughput.reset()
         r = lm_eval.simple_evaluate(model=lm, tasks=[task], num_fewshot=0, task_manager=manager,
                                     limit=cfg.get("limit"), bootstrap_iters=0, log_samples=False)
         scores = r["results"][task]
         results[task] = {"acc": scores.get("acc,none"), "acc_norm": scores.get("acc_norm,none"),
-                         "n": r["n-samples"][task]["effective"]}
+                         "n": r["n-samples"][task]["effective"], "batch_size": batch_size,
+                         "tokens_per_second": throughput.tokens_per_second}
         save()
     average_metrics = {**DEFAULT_AVERAGE_METRICS, **(cfg.get("average_metrics") or {})}
     scored = [results[t][average_metrics[t]] if results[t][average_metrics[t]] is not None else results[t]["acc"] for t in tasks]
