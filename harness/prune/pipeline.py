@@ -17,12 +17,14 @@ module's scores first (adaptive) gets them from one extra scoring pass over the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -66,10 +68,22 @@ def on_device(block: nn.Module, device: torch.device) -> Iterator[nn.Module]:
         block.to(home)
 
 
+@contextmanager
+def from_store(store, k: int, block: nn.Module, device: torch.device, out: Path | None) -> Iterator[nn.Module]:
+    """A lazily built model (models/lazy.py): block k is read from the checkpoint onto the
+    compute device, and freed afterwards (written first to `out`, when given, i.e. pruned)."""
+    store.load_block(k, block, device)
+    try:
+        yield block
+    finally:
+        store.release_block(k, block, out)
+
+
 class Pipeline:
     def __init__(self, model: nn.Module, adapter, metric: metrics_registry.Metric, settings: PruneSettings,
-                 device: torch.device):
+                 device: torch.device, store=None, out: Path | None = None):
         self.model, self.adapter, self.metric, self.settings, self.device = model, adapter, metric, settings, device
+        self.store, self.out = store, out  # a LazyCheckpoint, and where its pruned blocks go
         self.remedy = remedies.get(settings.remedy)(settings)
         self.policy = alloc.POLICIES[settings.allocation]
         self.stats_dtype = torch.float64 if device.type == "cpu" else torch.float32
@@ -97,8 +111,20 @@ class Pipeline:
 
     def capture_inputs(self, input_ids: torch.Tensor) -> tuple[list[Chunk], list[list[BlockCall]]]:
         """The stream entering block 0, and every block's own arguments for it ([block][chunk])."""
-        hidden, calls = capture(self.model, self.blocks, input_ids, self.settings.chunk_size, self.device)
+        if self.store is not None:
+            self.store.load_outside_blocks(self.device)
+        try:
+            hidden, calls = capture(self.model, self.blocks, input_ids, self.settings.chunk_size, self.device)
+        finally:
+            if self.store is not None:
+                self.store.release_outside_blocks()
         return chunks_at(hidden, calls[0]), calls
+
+    def visit(self, k: int, pruning: bool) -> contextlib.AbstractContextManager[nn.Module]:
+        """Block k on the compute device for the duration (from the checkpoint, for a lazy model)."""
+        if self.store is None:
+            return on_device(self.blocks[k], self.device)
+        return from_store(self.store, k, self.blocks[k], self.device, self.out if pruning else None)
 
     # ---- one module ----------------------------------------------------------------------
 
@@ -159,7 +185,7 @@ class Pipeline:
         """Every module's allocation scores on the dense model (for `adaptive`)."""
         scores = []
         for k in tqdm(range(self.layer_range.stop), desc="scoring (dense pass)", disable=None):
-            with on_device(self.blocks[k], self.device) as block:
+            with self.visit(k, pruning=False) as block:
                 if k in self.layer_range:
                     for kind in self.settings.modules:
                         view = self.view(block, kind)
@@ -194,7 +220,7 @@ class Pipeline:
 
         dense_stream = fit_stream if self.remedy.dense_reference else None
         for k in tqdm(range(self.layer_range.stop), desc=f"pruning ({self.metric.name})", disable=None):
-            with on_device(self.blocks[k], self.device) as block:
+            with self.visit(k, pruning=True) as block:
                 pruned_here = k in self.layer_range
                 dense = copy.deepcopy(block) if dense_stream is not None and pruned_here else None
                 in_block = stream  # gains a replay per module whose level-2 inputs were seen
@@ -219,16 +245,24 @@ class Pipeline:
 
 
 def prune(model: nn.Module, input_ids: torch.Tensor, metric: metrics_registry.Metric, settings: PruneSettings,
-          device: torch.device | None = None, fit_ids: torch.Tensor | None = None) -> PruneReport:
+          device: torch.device | None = None, fit_ids: torch.Tensor | None = None, store=None,
+          out: Path | None = None) -> PruneReport:
     """Prune `model` in place on calibration `input_ids` [N, seqlen]; a remedy that fits
-    weights fits on `fit_ids` [M, seqlen'] when given (else on `input_ids`). See the module doc."""
+    weights fits on `fit_ids` [M, seqlen'] when given (else on `input_ids`). See the module doc.
+    `store`: the LazyCheckpoint `model` is the skeleton of (models/lazy.py); the pruned
+    blocks are then written to `out`/blocks and the model stays on the meta device."""
     from harness.models import adapter_for
 
-    device = device or next(model.parameters()).device
+    if store is not None and out is None:
+        raise ValueError("a lazily loaded model needs `out`, the folder its pruned blocks are written to")
+    if store is not None and any("grad" in metric.needs(kind) for kind in settings.modules):
+        raise ValueError(f"metric {metric.name!r} needs gradients of the whole model, which a lazily loaded model "
+                         "never holds; accepted with lazy loading: metrics without gradients (not taylor, hywia)")
+    device = device or (torch.device("cpu") if store is not None else next(model.parameters()).device)
     adapter = adapter_for(model)
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")  # attention probabilities for the similarity statistics
     try:
-        return Pipeline(model, adapter, metric, settings, device).run(input_ids, fit_ids)
+        return Pipeline(model, adapter, metric, settings, device, store, out).run(input_ids, fit_ids)
     finally:
         model.set_attn_implementation(previous)

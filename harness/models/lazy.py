@@ -1,0 +1,108 @@
+"""Models larger than host memory: built on the meta device, one block's weights at a time.
+
+`LazyCheckpoint(folder)` reads a transformers folder of safetensors (one file or an index of
+shards). `skeleton()` builds the model with every parameter on the meta device (buffers,
+such as rotary tables, are real and small). The pruning pipeline, given the checkpoint as
+its block store, loads the embeddings for the calibration capture and then each block just
+before it is pruned, and writes the pruned block to `out/blocks/<k>.safetensors` before
+freeing it; nothing else of the model is ever in memory. Peak host memory is therefore
+about the non-block weights during the capture, then two blocks (the block and, with
+recovery, its dense copy) plus the calibration activations (README, "Models larger than
+memory").
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+
+class LazyCheckpoint:
+    def __init__(self, folder: str | Path, dtype: torch.dtype = torch.float32):
+        self.folder, self.dtype = Path(folder), dtype
+        index = self.folder / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: self.folder / file for name, file in weight_map.items()}
+        elif (self.folder / "model.safetensors").exists():
+            single = self.folder / "model.safetensors"
+            with safe_open(str(single), "pt") as f:
+                self.files = dict.fromkeys(f.keys(), single)
+        else:
+            raise FileNotFoundError(f"model.lazy needs safetensors weights; {self.folder} has neither "
+                                    "model.safetensors nor model.safetensors.index.json")
+        self.model: nn.Module | None = None
+        self.prefix = ""  # the name of the blocks' ModuleList in the model, with a trailing dot
+
+    def skeleton(self) -> nn.Module:
+        from harness.models import adapter_for
+
+        config = AutoConfig.from_pretrained(self.folder)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+        model.tie_weights()  # from_pretrained would; from_config on the meta device does not
+        blocks = adapter_for(model).layers(model)
+        self.prefix = next(name for name, m in model.named_modules() if m is blocks) + "."
+        self.model = model.eval()
+        return self.model
+
+    def _key(self, name: str) -> str:
+        if name in self.files:
+            return name
+        base = getattr(self.model, "base_model_prefix", "")
+        if base and name.startswith(base + ".") and name[len(base) + 1:] in self.files:
+            return name[len(base) + 1:]  # hub GPT-2 checkpoints drop "transformer."
+        raise KeyError(f"{name} is not in the checkpoint {self.folder}")
+
+    def _load(self, module: nn.Module, prefix: str, device: torch.device) -> None:
+        by_file = defaultdict(list)
+        for name, _ in module.named_parameters():
+            key = self._key(prefix + name)
+            by_file[self.files[key]].append((name, key))
+        for file, names in by_file.items():
+            with safe_open(str(file), "pt") as f:
+                for name, key in names:
+                    set_module_tensor_to_device(module, name, device, value=f.get_tensor(key).to(self.dtype))
+
+    # ---- what the pipeline calls ---------------------------------------------------------
+
+    def load_outside_blocks(self, device: torch.device) -> None:
+        """The weights outside the blocks that the calibration capture runs (embeddings, norms;
+        not the output head, which it never reaches)."""
+        for name, module in self._outside_blocks():
+            self._load(module, name + ".", device)
+        self.model.tie_weights()  # a loaded embedding is a new tensor: the tied head follows it
+
+    def release_outside_blocks(self) -> None:
+        for _, module in self._outside_blocks():
+            module.to("meta")
+        self.model.tie_weights()
+
+    def _outside_blocks(self) -> list[tuple[str, nn.Module]]:
+        head = self.model.get_output_embeddings()
+        return [(name, module) for name, module in self.model.named_modules()
+                if not name.startswith(self.prefix) and module is not head and list(module.parameters(recurse=False))]
+
+    def load_block(self, k: int, block: nn.Module, device: torch.device) -> None:
+        self._load(block, f"{self.prefix}{k}.", device)
+
+    def release_block(self, k: int, block: nn.Module, out: Path | None) -> None:
+        """Free block k; with `out`, first write it (pruned) to out/blocks/<k>.safetensors."""
+        if out is not None:
+            (out / "blocks").mkdir(parents=True, exist_ok=True)
+            state = {name: t.detach().contiguous().cpu() for name, t in block.state_dict().items()}
+            save_file(state, str(out / "blocks" / f"{k}.safetensors"))
+        block.to("meta")
+
+
+def block_bytes(block: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in block.parameters())
