@@ -36,10 +36,11 @@ test-fast: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slurm and not slow"
 
 # Pruning cost per stage and block, scaling with depth/width, pruned-model speed:
-# results/bench/bench.{json,md} (about 10 minutes on 2 CPU cores; see bench/run.py).
+# results/bench/bench.{json,md}, export_speed.*, lazy_memory.* (about 15 minutes on 2 CPU cores).
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) -m bench.run
 	HF_HUB_OFFLINE=1 $(PY) -m bench.export_speed
+	HF_HUB_OFFLINE=1 $(PY) -m bench.lazy_memory
 
 # The prepared GPU check (bench/gpu.py): a random LLaMA-7B-shaped model pruned on one GPU,
 # resident and block-wise, and CPU-vs-GPU parity -> results/bench/gpu.{json,md}. It needs

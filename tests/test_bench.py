@@ -52,3 +52,12 @@ def test_the_prepared_gpu_check_runs_end_to_end_in_smoke_mode(tmp_path):
     assert result["blockwise"]["placement"] == "blockwise" and result["blockwise"]["seconds"] > 0
     assert [r["same_removed_units"] for r in result["parity"]] == [True] * 4
     assert "| blockwise | ours | none |" in (tmp_path / "gpu.md").read_text()
+
+
+def test_smoke_lazy_memory_prunes_a_sharded_checkpoint_in_a_fresh_process(tmp_path):
+    from bench.lazy_memory import run as lazy_memory
+
+    r = lazy_memory(smoke=True, out=tmp_path)
+    assert r["params_after"] < r["params_before"] and r["peak_rss"] >= r["baseline_rss"] > 0
+    assert r["bytes"]["checkpoint"] == r["bytes"]["block"] * r["shape"]["num_hidden_layers"] + r["bytes"]["outside"] + r["bytes"]["head"]
+    assert "peak RSS while pruning" in (tmp_path / "lazy_memory.md").read_text()

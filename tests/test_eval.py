@@ -159,10 +159,8 @@ def test_task_by_task_equals_one_lm_eval_call_and_resumes(zoo, monkeypatch):
 
 
 def test_lm_eval_scores_every_task_on_a_few_examples(zoo):
-    from harness.evaluate.zeroshot import TASKS
+    from harness.evaluate.zeroshot import TASKS, fitting_batch_size
     from harness.evaluate.zeroshot import evaluate as zs_evaluate
-
-    from harness.evaluate.zeroshot import fitting_batch_size
 
     model, tok = zoo("tiny-llama")
     r = zs_evaluate(model, tok, {"tasks": list(TASKS), "limit": 4, "batch_size": None})  # sized to the device

@@ -7,7 +7,6 @@ import torch
 
 from harness.prune.stats import ChannelMoments, FlapSampleMoments, js_distance_sums
 
-
 MASKS = {"causal": lambda s: torch.tril(torch.ones(s, s, dtype=torch.bool)),
          "sliding window 3": lambda s: torch.tril(torch.ones(s, s, dtype=torch.bool)).triu(-2),
          "bidirectional": lambda s: torch.ones(s, s, dtype=torch.bool)}
