@@ -57,6 +57,13 @@ def windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None = None, bos_i
     return w if bos_id is None else torch.cat([torch.full((n, 1), bos_id, dtype=w.dtype), w], 1)
 
 
+def window_nll(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """Summed NLL of every window's next tokens. The last position has no target: it is
+    ignored rather than sliced off, so the logits are read in place, never copied."""
+    targets = torch.cat([batch[:, 1:], torch.full_like(batch[:, :1], -100)], 1)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum")
+
+
 @torch.no_grad()
 def perplexity_of(model, ids: torch.Tensor, seqlen: int, batch_size: int = 8, max_tokens: int | None = None,
                   desc: str = "perplexity", bos_id: int | None = None, progress: dict | None = None,
@@ -78,8 +85,7 @@ def perplexity_of(model, ids: torch.Tensor, seqlen: int, batch_size: int = 8, ma
     for batch in tqdm(w[first:].split(batch_size), desc=desc, disable=None, initial=first // batch_size,
                       total=-(-len(w) // batch_size)):
         batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        loss = window_nll(model(input_ids=batch, use_cache=False).logits, batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss in {desc}")
         # One update call, so a signal arriving between batches never sees half a step.
