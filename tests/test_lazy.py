@@ -26,11 +26,42 @@ def test_lazy_pruning_equals_pruning_in_memory(zoo, tmp_path, name, metric, reme
     lazy = prune(skeleton, ids, metrics.build(metric), settings, store=store, out=tmp_path / "pruned")
     assert lazy.removed == in_memory.removed and lazy.params_after == in_memory.params_after
     assert all(p.device.type == "meta" for p in skeleton.parameters())  # nothing stayed in memory
+    prefix = store.prefix
     for k, block in enumerate(adapter_for(model).layers(model)):
         written = load_file(str(tmp_path / "pruned" / "blocks" / f"{k}.safetensors"))
-        assert written.keys() == block.state_dict().keys()
+        assert written.keys() == {f"{prefix}{k}.{n}" for n in block.state_dict()}
         for key, value in block.state_dict().items():
-            torch.testing.assert_close(written[key], value, rtol=0, atol=0)
+            torch.testing.assert_close(written[f"{prefix}{k}.{key}"], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_lazy_export_loads_in_transformers_and_its_blockwise_perplexity_is_the_models(zoo, tmp_path, name):
+    from harness.evaluate.blockwise import blockwise_perplexity_of
+    from harness.evaluate.perplexity import perplexity_of
+    from harness.models.export import load
+
+    model, tok = zoo(name)
+    model.save_pretrained(tmp_path / "dense", max_shard_size="300KB")
+    ids = torch.randint(0, model.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
+    settings = PruneSettings(sparsity=0.3, remedy="bias", allocation="adaptive", chunk_size=4)  # per-layer shapes
+    prune(model, ids, metrics.build("flap"), settings)
+    store = LazyCheckpoint(tmp_path / "dense")
+    prune(store.skeleton(), ids, metrics.build("flap"), settings, store=store, out=tmp_path / "pruned")
+    store.export(tok, tmp_path / "pruned", tmp_path / "model")
+
+    back = load(tmp_path / "model")  # plain transformers (the remote route: per-layer shapes)
+    text = torch.randint(0, model.config.vocab_size, (600,), generator=torch.Generator().manual_seed(1))
+    model.set_attn_implementation(back.config._attn_implementation)
+    with torch.no_grad():
+        torch.testing.assert_close(back(text[None, :64]).logits, model(text[None, :64]).logits, rtol=1e-5, atol=1e-5)
+    expected, n, _ = perplexity_of(model, text, 32, batch_size=4)
+    lazy = LazyCheckpoint(tmp_path / "model")
+    lazy.skeleton()
+    progress = {}
+    got, n_lazy, tps = blockwise_perplexity_of(lazy, text, 32, batch_size=4, progress=progress,
+                                               free_bytes=4 * 2 * 32 * model.config.hidden_size * 4 * 8)  # groups of 8
+    assert n_lazy == n and tps > 0 and progress["group"] == 8
+    assert got == pytest.approx(expected, rel=1e-5)
 
 
 def test_lazy_loading_refuses_gradient_metrics_and_a_missing_output(zoo, tmp_path):

@@ -133,16 +133,27 @@ def export(model, tokenizer, path: str | Path, record: dict | None = None) -> Pa
     """Write `model` (pruned in memory) to `path` as a transformers folder; returns `path`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    config, route, zeros = export_config(model, path)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    dtype = next(model.parameters()).dtype
+    state.update({name: torch.zeros(shape, dtype=dtype) for name, shape in zeros.items()})
+    model.save_pretrained(path, state_dict=state)
+    finish(config, tokenizer, path, route, record)
+    return path
+
+
+def export_config(model, path: Path):
+    """(the config to save, the route, {name: shape} of the zero biases the stock route adds);
+    writes modeling_pruned.py into `path` on the remote route. `model` may be on the meta device."""
     shapes = layer_shapes(model)
     pruned = _shapes(model)
     config = _stock_candidate(model, shapes)
     stock = _stock_model(config) if config is not None else None
     route = "stock" if _fits(stock, pruned) else "remote"
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    zeros = {}
     if route == "stock":
         stock_shapes = _shapes(stock)
-        for name in set(stock_shapes) - set(pruned):  # the flag's other biases: zeros
-            state[name] = torch.zeros(stock_shapes[name], dtype=next(model.parameters()).dtype)
+        zeros = {name: stock_shapes[name] for name in set(stock_shapes) - set(pruned)}  # the flag's other biases
     else:
         config = _dense_config(model)
         modules, attributes = _module_diff(model, _stock_model(config))
@@ -157,15 +168,18 @@ def export(model, tokenizer, path: str | Path, record: dict | None = None) -> Pa
                                                 f'BASE_CLASS = "{type(model).__name__}"', 1)
         (path / "modeling_pruned.py").write_text(source)
     setattr(config, PRUNING_KEY, {"layers": shapes, "route": route})
-    model.save_pretrained(path, state_dict=state)
-    config.save_pretrained(path)  # over the in-memory model's config
+    return config, route, zeros
+
+
+def finish(config, tokenizer, path: Path, route: str, record: dict | None) -> None:
+    """The config (over whatever the weights' writer put there), tokenizer, record and card."""
+    config.save_pretrained(path)
     tokenizer.save_pretrained(path)
     if record is not None:
         from harness.models.card import model_card
 
         (path / "record.json").write_text(json.dumps(record, indent=2, allow_nan=False))
         (path / "README.md").write_text(model_card(record, route))
-    return path
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32):

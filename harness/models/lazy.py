@@ -46,9 +46,9 @@ class LazyCheckpoint:
     def skeleton(self) -> nn.Module:
         from harness.models import adapter_for
 
-        config = AutoConfig.from_pretrained(self.folder)
+        config = AutoConfig.from_pretrained(self.folder, trust_remote_code=True)  # an exported pruned folder too
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype, trust_remote_code=True)
         model.tie_weights()  # from_pretrained would; from_config on the meta device does not
         blocks = adapter_for(model).layers(model)
         self.prefix = next(name for name, m in model.named_modules() if m is blocks) + "."
@@ -75,33 +75,85 @@ class LazyCheckpoint:
 
     # ---- what the pipeline calls ---------------------------------------------------------
 
-    def load_outside_blocks(self, device: torch.device) -> None:
-        """The weights outside the blocks that the calibration capture runs (embeddings, norms;
-        not the output head, which it never reaches)."""
-        for name, module in self._outside_blocks():
-            self._load(module, name + ".", device)
+    def load_outside_blocks(self, device: torch.device, head: bool = False) -> None:
+        """The weights outside the blocks: what the calibration capture runs (embeddings,
+        norms), and with `head` the output head too (for logits)."""
+        tied_head = self.model.get_output_embeddings() if self.tied else None  # before loading unties it
+        for name, module in self._outside_blocks(head):
+            if module is not tied_head:
+                self._load(module, name + ".", device)
         self.model.tie_weights()  # a loaded embedding is a new tensor: the tied head follows it
 
     def release_outside_blocks(self) -> None:
-        for _, module in self._outside_blocks():
+        for _, module in self._outside_blocks(head=True):
             module.to("meta")
         self.model.tie_weights()
 
-    def _outside_blocks(self) -> list[tuple[str, nn.Module]]:
-        head = self.model.get_output_embeddings()
+    @property
+    def tied(self) -> bool:
+        return self.model.get_output_embeddings().weight is self.model.get_input_embeddings().weight
+
+    def _outside_blocks(self, head: bool) -> list[tuple[str, nn.Module]]:
+        out_head = None if head else self.model.get_output_embeddings()
         return [(name, module) for name, module in self.model.named_modules()
-                if not name.startswith(self.prefix) and module is not head and list(module.parameters(recurse=False))]
+                if not name.startswith(self.prefix) and module is not out_head and list(module.parameters(recurse=False))]
 
     def load_block(self, k: int, block: nn.Module, device: torch.device) -> None:
         self._load(block, f"{self.prefix}{k}.", device)
 
     def release_block(self, k: int, block: nn.Module, out: Path | None) -> None:
-        """Free block k; with `out`, first write it (pruned) to out/blocks/<k>.safetensors."""
+        """Free block k; with `out`, first write it (pruned) to out/blocks/<k>.safetensors
+        under the model's own parameter names (a shard of the exported checkpoint)."""
         if out is not None:
             (out / "blocks").mkdir(parents=True, exist_ok=True)
-            state = {name: t.detach().contiguous().cpu() for name, t in block.state_dict().items()}
+            state = {f"{self.prefix}{k}.{name}": t.detach().contiguous().cpu() for name, t in block.state_dict().items()}
             save_file(state, str(out / "blocks" / f"{k}.safetensors"))
         block.to("meta")
+
+    def _tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        by_file = defaultdict(list)
+        for name in names:
+            by_file[self.files[self._key(name)]].append(name)
+        out = {}
+        for file, group in by_file.items():
+            with safe_open(str(file), "pt") as f:
+                out.update({name: f.get_tensor(self._key(name)).to(self.dtype) for name in group})
+        return out
+
+    def export(self, tokenizer, pruned: Path, path: Path, record: dict | None = None) -> Path:
+        """The pruned model (this skeleton, blocks written under `pruned`/blocks) as a
+        transformers folder at `path`, shard by shard: blocks never pruned (outside the layer
+        range) and the weights outside the blocks come from the original checkpoint."""
+        from harness.models import adapter_for
+        from harness.models.export import export_config, finish
+
+        path.mkdir(parents=True, exist_ok=True)
+        config, route, zeros = export_config(self.model, path)
+        weight_map: dict[str, str] = {}
+        seen, outside = set(), []
+        for name, tensor in self.model.state_dict(keep_vars=True).items():
+            if id(tensor) not in seen and not name.startswith(self.prefix):
+                outside.append(name)  # tied weights once, under their first name
+            seen.add(id(tensor))
+
+        def shard(file: str, tensors: dict[str, torch.Tensor]) -> None:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / file))
+            weight_map.update(dict.fromkeys(tensors, file))
+
+        for k, block in enumerate(adapter_for(self.model).layers(self.model)):
+            written = pruned / "blocks" / f"{k}.safetensors"
+            if written.exists():
+                written.replace(path / f"block-{k:05d}.safetensors")
+                with safe_open(str(path / f"block-{k:05d}.safetensors"), "pt") as f:
+                    weight_map.update(dict.fromkeys(f.keys(), f"block-{k:05d}.safetensors"))
+            else:
+                shard(f"block-{k:05d}.safetensors", self._tensors([f"{self.prefix}{k}.{n}" for n in block.state_dict()]))
+        shard("outside.safetensors", self._tensors(outside))
+        if zeros:
+            shard("zeros.safetensors", {name: torch.zeros(shape, dtype=self.dtype) for name, shape in zeros.items()})
+        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+        finish(config, tokenizer, path, route, record)
+        return path
 
 
 def block_bytes(block: nn.Module) -> int:

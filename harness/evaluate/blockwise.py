@@ -1,0 +1,102 @@
+"""Perplexity of a model larger than memory (`model.lazy=true`), one block at a time.
+
+The same windows, targets and float64 NLL sum as perplexity.py, but the windows go through
+the model in groups: a group's hidden states pass block by block (each block read from the
+checkpoint, run over the group in batches, freed), and the model's own forward then turns
+the last block's outputs into logits (every block's forward replaced by the known result, so
+only the embeddings, the final norm and the head run). A group is as many windows as fit a
+quarter of the free host memory (two copies of the hidden states in float32); every group
+reads the whole checkpoint once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from harness.evaluate.perplexity import windows, window_nll
+from harness.prune.stream import advance, capture, chunks_at
+
+
+def free_host_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def group_windows(hidden_size: int, seqlen: int, batch_size: int, free_bytes: int | None = None) -> int:
+    free_bytes = free_host_bytes() if free_bytes is None else free_bytes
+    per_window = 2 * seqlen * hidden_size * 4
+    return max(batch_size, free_bytes // 4 // per_window // batch_size * batch_size)
+
+
+@contextmanager
+def known_outputs(blocks: nn.ModuleList, last: torch.Tensor) -> Iterator[None]:
+    """Every block passes its input through, the last returns `last`: the model's forward
+    then computes only what lies outside the blocks."""
+    own = [block.__dict__.get("forward") for block in blocks]
+    for k, block in enumerate(blocks):
+        block.forward = (lambda *a, **kw: last) if k == len(blocks) - 1 else (
+            lambda *a, **kw: a[0] if a else kw["hidden_states"])
+    try:
+        yield
+    finally:
+        for block, forward in zip(blocks, own, strict=True):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
+
+
+@torch.no_grad()
+def blockwise_perplexity_of(store, ids: torch.Tensor, seqlen: int, batch_size: int = 8, max_tokens: int | None = None,
+                            bos_id: int | None = None, progress: dict | None = None, save=lambda: None,
+                            device: torch.device | None = None,
+                            free_bytes: int | None = None) -> tuple[float, int, float]:
+    """(ppl, windows, tokens/s) as perplexity_of, for a LazyCheckpoint's skeleton; resumable
+    by group through `progress` like perplexity_of."""
+    from harness.models import adapter_for
+
+    model, device = store.model, device or torch.device("cpu")
+    blocks = adapter_for(model).layers(model)
+    w = windows(ids, seqlen, max_tokens, bos_id)
+    group = group_windows(model.config.hidden_size, seqlen, batch_size, free_bytes)
+    state = progress if progress is not None else {}
+    if state.get("windows_total") != len(w) or state.get("group") != group:
+        state.update({"windows_total": len(w), "group": group, "windows_done": 0, "nll": 0.0, "tokens": 0})
+    first = state["resumed_from"] = state["windows_done"]
+    start = time.perf_counter()
+    for part in w[first:].split(group):
+        store.load_outside_blocks(device)
+        try:
+            hidden, calls = capture(model, blocks, part, batch_size, device)
+        finally:
+            store.release_outside_blocks()
+        stream = chunks_at(hidden, calls[0])
+        for k, block in enumerate(blocks):
+            store.load_block(k, block, device)
+            try:
+                stream = advance(block, k, stream, calls)
+            finally:
+                store.release_block(k, block, None)
+        nll = 0.0
+        store.load_outside_blocks(device, head=True)
+        try:
+            for batch, chunk in zip(part.split(batch_size), stream, strict=True):
+                batch = batch.to(device)
+                with known_outputs(blocks, chunk.hidden):
+                    loss = window_nll(model(input_ids=batch, use_cache=False).logits, batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError("non-finite loss in the block-wise perplexity")
+                nll += loss.item()
+        finally:
+            store.release_outside_blocks()
+        state.update({"windows_done": state["windows_done"] + len(part), "nll": state["nll"] + nll,
+                      "tokens": state["tokens"] + part[:, 1:].numel()})
+        save()
+    value = math.exp(state["nll"] / state["tokens"])
+    return value, len(w), (len(w) - first) * seqlen / max(time.perf_counter() - start, 1e-9)
