@@ -74,6 +74,7 @@ class ModelConfig:
     layers: list[int] | None = None  # [start, end) of prunable blocks; null = all
     seqlen: int = 128  # the protocol's context for calibration and perplexity
     bos: str = "stream"  # stream: BOS once at the stream start (the papers); window: BOS starts every sequence
+    lazy: bool = False  # models larger than memory: built on the meta device, one block at a time (models/lazy.py)
 
     def check(self) -> None:
         from harness.evaluate.perplexity import BOS_PLACEMENTS
@@ -331,6 +332,8 @@ class RunConfig:
         if self.finetune.name != "none" and self.sparsity_type != "structured":
             raise ConfigError(f"finetune={self.finetune.name} would make the masked weights dense again when its "
                               f"adapters merge; with sparsity_type={self.sparsity_type} accepted: finetune=none")
+        if self.model.lazy:
+            self._check_lazy()
         one_of("dtype", self.dtype, ("auto", *DTYPES))
         if not DEVICE.fullmatch(str(self.device)):
             raise ConfigError(f"device={self.device!r} is not accepted; accepted: auto, cpu, cuda, cuda:N, mps")
@@ -344,6 +347,26 @@ class RunConfig:
                 raise ConfigError(f"device={self.device!r}: this machine has {torch.cuda.device_count()} CUDA "
                                   f"devices; accepted: cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
         _writable_dir("out_dir", self.out_dir)
+
+    def _check_lazy(self) -> None:
+        """What a model that is never whole in memory cannot do, refused before anything loads."""
+        from harness import metrics
+
+        refused = {"sparsity_type": (self.sparsity_type, "structured"), "finetune": (self.finetune.name, "none"),
+                   "eval.zeroshot": (None if self.eval.zeroshot is None else "on", None),
+                   "eval.efficiency": (None if self.eval.efficiency is None else "on", None)}
+        for key, cal in (("calibration", self.calibration), ("remedy.calibration", self.remedy.calibration)):
+            if "selfgen" in (cal.dataset if isinstance(cal.dataset, str) else list(cal.dataset)):
+                raise ConfigError(f"{key}.dataset={cal.dataset} samples text from the whole model, which "
+                                  "model.lazy=true never holds; accepted: a text dataset (c4, wikitext2, ...)")
+        for key, (value, accepted) in refused.items():
+            if value != accepted:
+                raise ConfigError(f"{key}={value} is not accepted with model.lazy=true (the model is never whole in "
+                                  f"memory); accepted: {key}={accepted if accepted is not None else 'null'}")
+        metric = metrics.build(self.metric.name, self.metric.params)
+        if any("grad" in metric.needs(kind) for kind in self.prune.modules):
+            raise ConfigError(f"metric={self.metric.name} needs whole-model gradients, which model.lazy=true never "
+                              "holds; accepted: a metric without gradients (not taylor, hywia)")
 
     def prune_settings(self) -> PruneSettings:
         """What the pruning pipeline reads, from the keys where a user sets it."""

@@ -41,6 +41,8 @@ def config_hash(config: dict) -> str:
         semantic.pop("nm", None)
     if (semantic.get("finetune") or {}).get("name", "none") == "none":
         semantic.pop("finetune", None)
+    if "lazy" in (semantic.get("model") or {}):  # how the weights are held, not what is computed
+        semantic["model"] = {k: v for k, v in semantic["model"].items() if k != "lazy"}
     zeroshot = (semantic.get("eval") or {}).get("zeroshot") or {}
     if "batch_size" in zeroshot and zeroshot["batch_size"] is None:  # batch size does not change a score
         semantic["eval"] = {**semantic["eval"], "zeroshot": {k: v for k, v in zeroshot.items() if k != "batch_size"}}

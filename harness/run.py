@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+from transformers import AutoTokenizer
 
 from harness import config as schema
 from harness import metrics, records, resume, sparse, tracking
@@ -89,6 +91,8 @@ def check_data(config: dict) -> None:
 
 
 def _execute(run_config: schema.RunConfig, config: dict, record: dict, device, dtype, path: Path, tracker) -> dict:
+    if config["model"]["lazy"]:
+        return _execute_lazy(run_config, config, record, device, dtype, path, tracker)
     checkpoint = path.parent / "checkpoint"
     prior = records.read(path) or {}
     resumed = None
@@ -115,22 +119,79 @@ def _execute(run_config: schema.RunConfig, config: dict, record: dict, device, d
     if config["save_model"]:  # a transformers folder with a model card from the finished record
         record["saved_model"] = str(path.parent / "model")
         save_pruned(model, tok, path.parent / "model", {**record, "status": "complete", "finished_at": now()})
+    _complete(record, path, tracker)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    return record
+
+
+def _complete(record: dict, path: Path, tracker) -> None:
     record["status"], record["finished_at"] = "complete", now()
     record.pop("progress_at_start", None)
     records.write(path, record)
-    shutil.rmtree(checkpoint, ignore_errors=True)
     path.with_name("result.replaced.json").unlink(missing_ok=True)
     _track(record, path, tracker)
+
+
+def _execute_lazy(run_config: schema.RunConfig, config: dict, record: dict, device, dtype, path: Path, tracker) -> dict:
+    """model.lazy=true: pruned block by block from the checkpoint into `checkpoint/` (the
+    exported folder, always written: it is the only place the pruned model exists), then
+    evaluated block by block from there. A re-run resumes from a complete `checkpoint/`."""
+    from harness.models.lazy import LazyCheckpoint
+
+    checkpoint = path.parent / "checkpoint"
+    prior = records.read(path) or {}
+    if (config["resume"] and not config["force"] and "pruning" in prior
+            and (checkpoint / resume.CHECKPOINT_DONE).exists()):
+        resume.refuse_a_stalled_requeue(prior, config["eval"])
+        record.update(model=prior["model"], pruning=prior["pruning"], eval=prior.get("eval", {}),
+                      attempts=prior.get("attempts", 1) + 1, progress_at_start=resume.progress(prior.get("eval", {})))
+    else:
+        store, tok = loading.load_lazy(OmegaConf.create(config["model"]), dtype)
+        blocks = path.parent / "pruned_blocks"
+        _prune_loaded(run_config, config, record, store.model, tok, device, lambda: records.write(path, record),
+                      store=store, out=blocks)
+        partial = checkpoint.with_name("checkpoint.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        store.export(tok, blocks, partial)
+        (partial / resume.CHECKPOINT_DONE).touch()
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        partial.replace(checkpoint)
+        shutil.rmtree(blocks, ignore_errors=True)
+        record["eval"] = {}
+    records.write(path, record)
+    pruned = LazyCheckpoint(checkpoint, dtype)
+    pruned.skeleton()
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    evaluate(pruned.model, tok, config["eval"], config["data_dir"], record["eval"], lambda: records.write(path, record),
+             store=pruned, device=device)
+    if config["save_model"]:
+        from harness.models.card import model_card
+
+        record["saved_model"] = str(path.parent / "model")
+        final = {**record, "status": "complete", "finished_at": now()}
+        (checkpoint / "record.json").write_text(json.dumps(final, indent=2, allow_nan=False))
+        (checkpoint / "README.md").write_text(model_card(final, pruned.model.config.harness_pruning["route"]))
+        (checkpoint / resume.CHECKPOINT_DONE).unlink()
+        shutil.rmtree(path.parent / "model", ignore_errors=True)
+        checkpoint.replace(path.parent / "model")
+    _complete(record, path, tracker)
+    shutil.rmtree(checkpoint, ignore_errors=True)
     return record
 
 
 def _load_and_prune(run_config: schema.RunConfig, config: dict, record: dict, device, dtype, save=lambda: None):
     """Load and prune as the config says, filling the record's model and pruning entries (`save` after loading)."""
+    model, tok = loading.load(OmegaConf.create(config["model"]), device, dtype)
+    return _prune_loaded(run_config, config, record, model, tok, device, save)
+
+
+def _prune_loaded(run_config: schema.RunConfig, config: dict, record: dict, model, tok, device, save=lambda: None,
+                  store=None, out: Path | None = None):
+    """Calibrate and prune a loaded model (a lazy skeleton with its `store`: pruned blocks to `out`)."""
     model_config, cal = config["model"], config["calibration"]
     settings = run_config.prune_settings()
     structured = settings.sparsity_type == "structured"
     metric = (metrics.build if structured else sparse.build)(config["metric"]["name"], config["metric"]["params"])
-    model, tok = loading.load(OmegaConf.create(model_config), device, dtype)
     schema.check_against_model(run_config, model)
     adapter = adapter_for(model)
     record["model"] = model_entry(model_config, model, adapter)
@@ -151,7 +212,8 @@ def _load_and_prune(run_config: schema.RunConfig, config: dict, record: dict, de
         record["pruning"] = sparse_pruning_entry(sparse_report, settings, layer_range, calibration_entry,
                                                  calibration_seconds)
         return model, tok
-    report = prune(model, scoring.ids, metric, settings, device, fit_ids=None if fitting is None else fitting.ids)
+    report = prune(model, scoring.ids, metric, settings, device, fit_ids=None if fitting is None else fitting.ids,
+                   store=store, out=out)
     record["model"]["params_after"] = report.params_after
     record["pruning"] = pruning_entry(report, settings, layer_range, calibration_entry, calibration_seconds)
     record["pruning"]["method"] = metric.label
@@ -182,8 +244,10 @@ def _draw(tok, cal: dict, model, data_dir: str | None) -> calibration.Calibratio
                             downstream_split=cal["downstream_split"])
 
 
-def evaluate(model, tok, eval_config: dict, data_dir: str | None, out: dict, save=lambda: None) -> dict:
-    """Fill `out` with what `eval_config` asks for, skipping parts already there; `save` after each part."""
+def evaluate(model, tok, eval_config: dict, data_dir: str | None, out: dict, save=lambda: None, store=None,
+             device=None) -> dict:
+    """Fill `out` with what `eval_config` asks for, skipping parts already there; `save` after each
+    part (`store`: a lazily loaded model's LazyCheckpoint, evaluated block by block on `device`)."""
     if eval_config.get("ppl"):
         ppl = eval_config["ppl"]
         done = out.setdefault("ppl", {})
@@ -193,7 +257,8 @@ def evaluate(model, tok, eval_config: dict, data_dir: str | None, out: dict, sav
                 progress = out.setdefault("partial", {}).setdefault(f"ppl.{dataset}", {})
                 done[dataset] = perplexity.evaluate(model, tok, dataset, ppl["protocol"], ppl["seqlen"],
                                                     ppl["batch_size"], ppl.get("max_tokens"), data_dir,
-                                                    ppl.get("bos", "stream"), progress, save).as_dict()
+                                                    ppl.get("bos", "stream"), progress, save, store,
+                                                    device).as_dict()
                 del out["partial"][f"ppl.{dataset}"]
                 if not out["partial"]:
                     del out["partial"]

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from harness.evaluate.perplexity import windows, window_nll
+from harness.evaluate.perplexity import window_nll, windows
 from harness.prune.stream import advance, capture, chunks_at
 
 

@@ -112,12 +112,20 @@ def bos_token_id(tokenizer, bos: str) -> int | None:
 
 def evaluate(model, tokenizer, dataset: str, protocol: str, seqlen: int, batch_size: int = 8,
              max_tokens: int | None = None, data_dir: str | None = None, bos: str = "stream",
-             progress: dict | None = None, save=lambda: None) -> Perplexity:
+             progress: dict | None = None, save=lambda: None, store=None, device=None) -> Perplexity:
+    """`store`: the LazyCheckpoint of a model larger than memory (`model` is then its
+    skeleton), evaluated block by block on `device` (evaluate/blockwise.py)."""
     text, split = evaluation_text(dataset, protocol, data_dir)
     bos_id = bos_token_id(tokenizer, bos)
     ids = token_ids(tokenizer, text, add_special_tokens=bos_id is None)
     progress = {} if progress is None else progress
-    value, n, tps = perplexity_of(model, ids, seqlen, batch_size, max_tokens, desc=f"ppl {dataset}", bos_id=bos_id,
-                                  progress=progress, save=save)
+    if store is not None:
+        from harness.evaluate.blockwise import blockwise_perplexity_of
+
+        value, n, tps = blockwise_perplexity_of(store, ids, seqlen, batch_size, max_tokens, bos_id, progress, save,
+                                                device)
+    else:
+        value, n, tps = perplexity_of(model, ids, seqlen, batch_size, max_tokens, desc=f"ppl {dataset}",
+                                      bos_id=bos_id, progress=progress, save=save)
     return Perplexity(value, dataset, split, protocol, seqlen, n, n * seqlen, len(ids), tps, bos,
                       progress["resumed_from"])

@@ -139,6 +139,25 @@ def unreadable_weights(folder: str | Path) -> list[tuple[Path, str]]:
     return broken
 
 
+def load_lazy(cfg, dtype: torch.dtype):
+    """(LazyCheckpoint with its meta-device skeleton built, tokenizer) for `model.lazy=true`:
+    nothing but the config and the tokenizer is read (models/lazy.py)."""
+    from harness.models.lazy import LazyCheckpoint
+
+    where = model_dir(cfg)
+    if not Path(where).is_dir():  # a hub id: the safetensors snapshot, fetched file by file
+        from huggingface_hub import snapshot_download
+
+        where = snapshot_download(where, revision=cfg.get("revision"),
+                                  allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py"])
+    tok = AutoTokenizer.from_pretrained(where)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    store = LazyCheckpoint(where, dtype)
+    store.skeleton()
+    return store, tok
+
+
 def load(cfg, device: torch.device, dtype: torch.dtype):
     """(model in eval mode on `device`, tokenizer) for a model config."""
     where = model_dir(cfg)
