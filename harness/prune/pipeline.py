@@ -18,7 +18,6 @@ module's scores first (adaptive) gets them from one extra scoring pass over the 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import time
 from collections import defaultdict
@@ -34,7 +33,7 @@ from harness import metrics as metrics_registry
 from harness import remedy as remedies
 from harness.models.base import DepthTwo
 from harness.prune import allocation as alloc
-from harness.prune.observe import observe
+from harness.prune.observe import hooks, observe
 from harness.prune.settings import PruneReport, PruneSettings, n_params, prunable_layers
 from harness.prune.stats import ModuleStats, check_finite
 from harness.prune.stream import BlockCall, Chunk, Replay, advance, capture, chunks_at
@@ -143,18 +142,17 @@ class Pipeline:
         check_finite(ranking.scores, f"{self.metric.name} scores of block {layer} {view.kind}")
         return ranking, stats
 
-    def prune_module(self, block: nn.Module, dense: nn.Module | None, kind: str, n_remove: int,
-                     stream: list[Chunk], fit: tuple[list[Chunk], list[Chunk]] | None, layer: int) -> list[Chunk]:
-        """`fit`: the (pruned, dense) streams the remedy fits on, when it keeps a dense reference.
-        Returns the stream with this module replayed from the level-2 inputs its statistics
-        pass saw (stream.Replay), where the architecture allows and a pass ran."""
+    def prune_module(self, block: nn.Module, kind: str, n_remove: int, stream: list[Chunk],
+                     fit: tuple[list[Chunk], tuple[list, list]] | None, layer: int) -> list[Chunk]:
+        """`fit`: the pruned stream the remedy fits on and what the dense module saw (dense_pass),
+        when it keeps a dense reference. Returns the stream with this module replayed from the
+        level-2 inputs its statistics pass saw (stream.Replay), where the architecture allows."""
         view = self.view(block, kind)
-        if dense is not None and not self.cut_upstream:
+        if fit is not None and not self.cut_upstream:
             self.unchanged_inputs += 1
-        elif dense is not None:
+        elif fit is not None:
             with self._timed(self.remedy.name), torch.no_grad():
-                self.remedy.before_scoring(block, dense, view, self.view(dense, kind), *fit,
-                                           f"block {layer} {kind}", self.stats_dtype, self.device)
+                self.remedy.before_scoring(block, view, *fit, f"block {layer} {kind}", self.stats_dtype, self.device)
         module = self.adapter.attention_module(block) if kind == "attention" else self.adapter.mlp_module(block)
         ranking, stats = self.rank(block, view, stream, layer, record=module is not None)
         columns = None
@@ -180,6 +178,20 @@ class Pipeline:
         return [chunk.replaying(Replay(module, out, stats.arity)) for chunk, out in zip(stream, outputs, strict=True)]
 
     # ---- the passes ----------------------------------------------------------------------
+
+    def dense_pass(self, block: nn.Module, k: int, stream: list[Chunk],
+                   calls: list[list[BlockCall]]) -> tuple[dict[str, tuple[list, list]], list[Chunk]]:
+        """One forward of block k, still dense, over the dense stream: each module's level-1 input
+        and level-2 output per chunk (what a remedy fits to), and the dense stream entering block k+1."""
+        inputs: dict[str, tuple[list, list]] = {kind: ([], []) for kind in self.settings.modules}
+        handles = []
+        for kind, (level1, level2) in inputs.items():
+            view = self.view(block, kind)
+            handles += [view.module_input.register_forward_pre_hook(lambda _m, a, seen=level1: seen.append(a[0].detach())),
+                        view.level2.register_forward_hook(lambda _m, _a, out, seen=level2: seen.append(out.detach()))]
+        with hooks(handles):
+            out = advance(block, k, stream, calls)
+        return inputs, out
 
     def dense_allocation_scores(self, stream: list[Chunk], calls: list[list[BlockCall]]) -> list[torch.Tensor]:
         """Every module's allocation scores on the dense model (for `adaptive`)."""
@@ -222,18 +234,19 @@ class Pipeline:
         for k in tqdm(range(self.layer_range.stop), desc=f"pruning ({self.metric.name})", disable=None):
             with self.visit(k, pruning=True) as block:
                 pruned_here = k in self.layer_range
-                dense = copy.deepcopy(block) if dense_stream is not None and pruned_here else None
+                dense_inputs = None
+                if dense_stream is not None:  # the block is still dense: its pass over the dense stream first
+                    with torch.no_grad(), self._timed("forward"):
+                        dense_inputs, dense_stream = self.dense_pass(block, k, dense_stream, fit_calls)
                 in_block = stream  # gains a replay per module whose level-2 inputs were seen
                 if pruned_here:
                     for kind in settings.modules:
-                        fit = (fit_stream if separate else in_block, dense_stream) if dense is not None else None
-                        in_block = self.prune_module(block, dense, kind, plan[(k, kind)], in_block, fit, k)
+                        fit = None if dense_inputs is None else (fit_stream if separate else in_block, dense_inputs[kind])
+                        in_block = self.prune_module(block, kind, plan[(k, kind)], in_block, fit, k)
                 with torch.no_grad(), self._timed("forward"):
                     stream = advance(block, k, in_block, calls)
                     if separate:
                         fit_stream = advance(block, k, fit_stream, fit_calls)
-                    if dense_stream is not None:
-                        dense_stream = advance(dense if dense is not None else block, k, dense_stream, fit_calls)
                 for chunk in stream:
                     check_finite(chunk.hidden, f"the output of block {k} after pruning")
         remedy_report = self.remedy.finish()

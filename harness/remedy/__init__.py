@@ -2,7 +2,7 @@
 under conf/remedy/).
 
 A remedy declares what it needs and hooks into the pipeline at two points of each module:
-  before_scoring   the module as pruned so far, with the dense block and stream at hand
+  before_scoring   the module as pruned so far, with the dense module's inputs at hand
                    (recovery re-fits it to the dense outputs, paper Algorithms 2-4)
   after_selection  the units to keep are chosen, the cut has not happened
                    (bias folds the removed channels' mean into the bias, FLAP)
@@ -37,10 +37,12 @@ class Remedy:
     def check(cls, settings: PruneSettings) -> None:
         """Refuse settings this remedy cannot honour (at construction, before any work)."""
 
-    def before_scoring(self, block: nn.Module, dense: nn.Module, view: DepthTwo, dense_view: DepthTwo,
-                       stream: list[Chunk], dense_stream: list[Chunk], where: str, dtype: torch.dtype,
+    def before_scoring(self, block: nn.Module, view: DepthTwo, stream: list[Chunk],
+                       dense_inputs: tuple[list[torch.Tensor], list[torch.Tensor]], where: str, dtype: torch.dtype,
                        device: torch.device) -> None:
-        """Called before `view` (the module as pruned so far) is observed and scored, only when `dense_reference`."""
+        """Called before `view` (the module as pruned so far) is observed and scored, only when
+        `dense_reference`; `dense_inputs`: the dense module's level-1 inputs and level-2 outputs
+        per chunk of the dense stream (from one forward of the dense block)."""
 
     def after_selection(self, view: DepthTwo, keep: torch.Tensor, stats: ModuleStats) -> None:
         """Called with the units to keep, before they are cut."""

@@ -2,10 +2,13 @@
 
 Before module m is scored and cut, its input X_hat differs from the dense model's input X
 because earlier modules were pruned. Each level is re-fitted to the dense outputs by ridge
-regression, keeping only X_hat^T X_hat and X_hat^T X (the dense targets are X W, so
-X_hat^T Y = (X_hat^T X) W):
+regression, keeping only X_hat^T X_hat and X_hat^T Y, Y = X W the dense outputs:
 
-    W_bar = (X_hat^T X_hat + lambda I)^{-1} (X_hat^T X) W,    lambda = damp * mean(diag(X_hat^T X_hat))
+    W_bar = (X_hat^T X_hat + lambda I)^{-1} X_hat^T Y,    lambda = damp * mean(diag(X_hat^T X_hat))
+
+Level 1 (q/k/v, gate/up: narrow input, wide outputs) keeps X_hat^T X and forms
+X_hat^T Y = (X_hat^T X) W; level 2 (o_proj, down_proj: wide input) accumulates X_hat^T Y
+from the dense outputs directly. The modules of a level share one factorisation.
 
 (ridge toward zero, METHOD.md; the default). `toward="weights"` pulls toward the current
 weights instead, argmin ||X_hat W' - X W||^2 + lambda ||W' - W||^2, which is exactly the
@@ -31,13 +34,16 @@ log = logging.getLogger(__name__)
 
 class CrossMoments:
     """Running `gram` = X_hat^T X_hat and `cross` = X_hat^T X over tokens (X_hat: this module's
-    input in the model pruned so far, X: the dense model's), optionally augmented by a 1 column."""
+    input in the model pruned so far, X: the dense model's), optionally augmented by a 1 column.
+    With `targets` (the level-2 map's output width), the dense side is the dense module's
+    *output* Y instead and `cross` is X_hat^T Y, the right-hand side itself: for an MLP's
+    down_proj (input f, output d) that is f x d products instead of f x f, and no (f x f) W^T."""
 
-    def __init__(self, width: int, augment: bool, dtype: torch.dtype, device: torch.device):
+    def __init__(self, width: int, augment: bool, dtype: torch.dtype, device: torch.device, targets: int | None = None):
         n = width + int(augment)
-        self.augment = augment
+        self.augment, self.targets = augment, targets is not None
         self.gram = torch.zeros(n, n, dtype=dtype, device=device)
-        self.cross = torch.zeros(n, n, dtype=dtype, device=device)
+        self.cross = torch.zeros(n, targets if self.targets else n, dtype=dtype, device=device)
 
     def _augmented(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(-1, x.shape[-1])
@@ -47,7 +53,8 @@ class CrossMoments:
         return x
 
     def update(self, current: torch.Tensor, dense: torch.Tensor) -> None:
-        current, dense = self._augmented(current), self._augmented(dense)
+        current = self._augmented(current)
+        dense = dense.reshape(-1, dense.shape[-1]).to(current.dtype) if self.targets else self._augmented(dense)
         self.gram += (current.T @ current).to(self.gram.dtype)
         self.cross += (current.T @ dense).to(self.cross.dtype)
 
@@ -80,26 +87,32 @@ TOWARD = ("zero", "weights")
 
 def refit(modules: list[torch.nn.Module], moments: CrossMoments, damp: float, where: str, toward: str = "zero") -> list[bool]:
     """Re-fit every module reading the same input to reproduce its dense outputs; per module,
-    whether it was re-fitted (False: the solve fell back and its weights are unchanged)."""
-    fitted = []
+    whether it was re-fitted (False: the solve fell back and its weights are unchanged).
+    Modules alike in having a bias share one factorisation: their targets are solved together."""
+    fitted = dict.fromkeys(modules, False)
     width = moments.gram.shape[0] - int(moments.augment)
-    for module in modules:
-        w = weight(module).to(moments.gram.dtype)  # [out, in]
-        has_bias = module.bias is not None and moments.augment
+    for has_bias in (True, False):
+        group = [m for m in modules if (m.bias is not None and moments.augment) == has_bias]
+        if not group:
+            continue
+        ws = [weight(m).to(moments.gram.dtype) for m in group]  # [out, in] each
         if has_bias:
-            w_aug = torch.cat([w, module.bias.detach().to(w.dtype)[:, None]], 1)  # [out, in+1]
-            sol = ridge_solve(moments.gram, moments.cross @ w_aug.T, damp, where, prior=w_aug.T if toward == "weights" else None)
+            ws = [torch.cat([w, m.bias.detach().to(w.dtype)[:, None]], 1) for w, m in zip(ws, group, strict=True)]
+            gram, cross = moments.gram, moments.cross
         else:
-            sol = ridge_solve(moments.gram[:width, :width], moments.cross[:width, :width] @ w.T, damp, where,
-                              prior=w.T if toward == "weights" else None)
-        fitted.append(sol is not None)
+            gram, cross = moments.gram[:width, :width], moments.cross[:width, :width]
+        w_all = torch.cat(ws, 0)  # [sum of outs, in(+1)]
+        rhs = moments.cross[: gram.shape[0]] if moments.targets else cross @ w_all.T
+        sol = ridge_solve(gram, rhs, damp, where, prior=w_all.T if toward == "weights" else None)
         if sol is None:
             continue
-        with torch.no_grad():
-            weight(module).copy_(sol[:width].T.to(module.weight.dtype))
-            if has_bias:
-                module.bias.copy_(sol[width].to(module.bias.dtype))
-    return fitted
+        for module, part in zip(group, sol.split([w.shape[0] for w in ws], dim=1), strict=True):
+            with torch.no_grad():
+                weight(module).copy_(part[:width].T.to(module.weight.dtype))
+                if has_bias:
+                    module.bias.copy_(part[width].to(module.bias.dtype))
+            fitted[module] = True
+    return [fitted[m] for m in modules]
 
 
 @register("recovery")
@@ -119,17 +132,19 @@ class Recovery(Remedy):
         if settings.ridge_toward not in TOWARD:
             raise SettingsError(f"remedy.toward={settings.ridge_toward!r} is not accepted; accepted: {', '.join(TOWARD)}")
 
-    def before_scoring(self, block, dense, view, dense_view, stream, dense_stream, where, dtype, device) -> None:
-        """Each level, in forward order, re-fitted to what the dense block's level computes on the dense stream."""
+    def before_scoring(self, block, view, stream, dense_inputs, where, dtype, device) -> None:
+        """Each level, in forward order, re-fitted to what the dense block's level computes on the
+        dense stream (`dense_inputs`: the dense level-1 inputs and level-2 outputs per chunk)."""
         for level in (1, 2):
             modules = view.level1 if level == 1 else [view.level2]
-            probe, dense_probe = (view.module_input, dense_view.module_input) if level == 1 else (view.level2, dense_view.level2)
+            probe = view.module_input if level == 1 else view.level2
             moments = None
-            for chunk, dense_chunk in zip(stream, dense_stream, strict=True):
-                x, x_dense = module_input(block, probe, chunk), module_input(dense, dense_probe, dense_chunk)
+            for chunk, dense_seen in zip(stream, dense_inputs[level - 1], strict=True):
+                x = module_input(block, probe, chunk)
                 if moments is None:
-                    moments = CrossMoments(x.shape[-1], any(m.bias is not None for m in modules), dtype, device)
-                moments.update(x, x_dense)
+                    moments = CrossMoments(x.shape[-1], any(m.bias is not None for m in modules), dtype, device,
+                                           targets=dense_seen.shape[-1] if level == 2 else None)
+                moments.update(x, dense_seen)
             at = f"{where} level {level}"
             fitted = refit(modules, moments, self.settings.damp, at, self.settings.ridge_toward)
             self.fits += sum(fitted)
