@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench.run import calibration_ids, cli, llama_shaped, named_model
+from bench.run import calibration_ids, cli, llama_shaped, named_model, report
 from harness import metrics
 from harness.models.export import export
 from harness.prune import PruneSettings, prune
@@ -61,10 +61,7 @@ def run(smoke: bool, out: Path) -> dict:
         row["generate_speedup"] = rows[0]["generate_seconds"] / row["generate_seconds"]
     result = {"device": "cuda" if torch.cuda.is_available() else "cpu", "torch_threads": torch.get_num_threads(),
               "seqlen": seqlen, "new_tokens": new_tokens, "rows": rows}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "export_speed.json").write_text(json.dumps(result, indent=2))
-    (out / "export_speed.md").write_text(markdown(result))
-    return result
+    return report(out, "export_speed", result, markdown)
 
 
 def markdown(r: dict) -> str:

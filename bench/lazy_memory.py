@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from bench.run import cli
+from bench.run import cli, report
 
 FULL = {"hidden_size": 2048, "intermediate_size": 5504, "num_hidden_layers": 30, "num_attention_heads": 32,
         "num_key_value_heads": 32, "vocab_size": 32000}
@@ -114,10 +114,7 @@ def run(smoke: bool, out: Path) -> dict:
               "checkpoint_write_seconds": written, **measured, "activations_bytes": activations,
               "in_block_bytes": in_block, "bound_rss": bound, "within_bound": measured["peak_rss"] <= bound,
               "issue_bound_rss": 2 * sizes["block"] + activations + 2**30}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "lazy_memory.json").write_text(json.dumps(result, indent=2))
-    (out / "lazy_memory.md").write_text(markdown(result))
-    return result
+    return report(out, "lazy_memory", result, markdown)
 
 
 def _gb(b: float) -> str:

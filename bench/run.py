@@ -270,9 +270,14 @@ def run(smoke: bool, out: Path) -> dict:
         result["speed"] += speed(model.cpu(), label, calibration_ids(model.config.vocab_size, n, seqlen), device,
                                  batch=8, seqlen=seqlen)
     result["seconds"] = time.perf_counter() - t0
+    return report(out, "bench", result, markdown)
+
+
+def report(out: Path, name: str, result: dict, markdown) -> dict:
+    """`result` as out/<name>.json and, through `markdown`, out/<name>.md; returns it."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(result, indent=2))
-    (out / "bench.md").write_text(markdown(result))
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{name}.md").write_text(markdown(result))
     return result
 
 
