@@ -8,6 +8,7 @@ calibration chunk's activations inside the block.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -111,6 +112,8 @@ def js_distance_sums(probs: torch.Tensor, eps: float = 1e-10, row_block: int = 3
     first, second = torch.triu_indices(h, h, 1, device=p.device)  # pairs i < j, by i then j
     starts = [0, *torch.arange(h - 1, 0, -1).cumsum(0).tolist()]  # where each i's pairs begin
     sums = torch.zeros(first.numel(), dtype=torch.float64, device=p.device)
+    # Two work buffers for the largest pair set, reused (the loop is allocation-bound otherwise)
+    m_buf, log_buf = (p.new_empty(b * (h - 1) * min(row_block, q) * p.shape[-1]) for _ in range(2))
     for r0 in range(0, q, row_block):
         rows = p[:, :, r0 : r0 + row_block]
         used = rows.ne(0).flatten(0, 2).any(0).nonzero()
@@ -120,8 +123,12 @@ def js_distance_sums(probs: torch.Tensor, eps: float = 1e-10, row_block: int = 3
         own = torch.linalg.vecdot(rows, torch.log(rows + eps))  # [b, h, rows]
         mix = own.new_empty(b, first.numel(), rows.shape[2])  # sum_k m log(m + eps) per pair
         for i in range(h - 1):
-            m = torch.lerp(rows[:, i : i + 1], rows[:, i + 1 :], 0.5)  # one fused pass; exact when P_i = P_j
-            torch.linalg.vecdot(m, (m + eps).log_(), out=mix[:, starts[i] : starts[i + 1]])
+            shape = (b, h - 1 - i, *rows.shape[2:])
+            m = m_buf[: math.prod(shape)].view(shape)
+            log_m = log_buf[: math.prod(shape)].view(shape)
+            torch.lerp(rows[:, i : i + 1], rows[:, i + 1 :], 0.5, out=m)  # one fused pass; exact when P_i = P_j
+            torch.add(m, eps, out=log_m).log_()
+            torch.linalg.vecdot(m, log_m, out=mix[:, starts[i] : starts[i + 1]])
         js = (own[:, first] + own[:, second]).mul_(0.5).sub_(mix)
         sums += js.clamp_min_(0.0).sqrt_().sum(dim=(0, 2)).to(torch.float64)
     pair_sums = torch.zeros(h, h, dtype=torch.float64, device=p.device)
