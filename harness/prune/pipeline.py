@@ -7,9 +7,13 @@ range, module by module in forward order (attention, then MLP):
   [remedy before scoring] -> statistics (observe.py) -> scores -> units to remove
   -> [remedy after selection] -> physical cut
 then the pruned block's outputs become block k+1's inputs. Only block k is on the compute
-device and only its statistics exist at a time. A remedy that fits weights (recovery) sees
-the stream of the model pruned so far and the dense model's stream, on its own calibration
-set where one is given (`fit_ids`; the paper recovers on downstream examples, scores on
+device and only its statistics exist at a time (with a LazyCheckpoint as `store`, only block
+k is in memory at all: models/lazy.py). Each module is computed once per block: once cut, it
+is replayed from the level-2 inputs its statistics pass recorded (stream.Replay) in the
+later passes over the block. A remedy that fits weights (recovery) sees the stream of the
+model pruned so far and what the dense block computes on the dense model's stream (one pass
+of block k before anything in it is cut: `dense_pass`), on its own calibration set where one
+is given (`fit_ids`; the paper recovers on downstream examples, scores on
 WikiText-2/BookCorpus), and only once something upstream was cut: before that the module's
 input is the dense input and there is nothing to recover. An allocation policy that needs every
 module's scores first (adaptive) gets them from one extra scoring pass over the dense model.
