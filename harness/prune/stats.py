@@ -1,9 +1,9 @@
 """Streaming statistics from forward hooks: nothing is kept per token.
 
-Memory per module: three vectors (float64 on CPU, float32 on GPU) over each level-1 output
-and over the level-2 input channels, one h x h divergence matrix per block, and for
-recovery two d x d cross products. Peak = those plus one
-calibration chunk's activations inside the block.
+Memory per module: one vector (float64 on CPU, float32 on GPU) over each level-1 output and
+over the level-2 input channels (three where the mean and variance are needed), one h x h
+divergence matrix per block, and for recovery a Gram matrix and a cross product per level.
+Peak = those plus one calibration chunk's activations inside the block.
 """
 
 from __future__ import annotations
