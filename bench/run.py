@@ -34,6 +34,7 @@ EVERY_METRIC = [("ours", "none"), ("ours", "recovery"), ("second_moment", "none"
                 ("random", "none"), ("l1", "none"), ("l2", "none"), ("wanda", "none"), ("flap", "none"),
                 ("flap", "bias"), ("taylor", "none")]
 STAGES = ("gradients", "forward", "statistics", "scoring", "recovery", "cut")
+TARGET_REPEATS = 3
 
 
 def _exact_cpu_rss() -> None:
@@ -220,17 +221,31 @@ def run(smoke: bool, out: Path) -> dict:
     result["ratios_to_ours"] = {label: {m: by[(label, m, "none")] / by[(label, "ours", "none")] for m in ("taylor", "flap")}
                                 for label in models}
     # The targets of `ours`: statistics + scoring per block in plain block forwards, time
-    # against FLAP's, and recovery's total against the same run without it.
+    # against FLAP's, and recovery's total against the same run without it; each the best of
+    # TARGET_REPEATS interleaved runs (one run's time moves by 10% on a shared machine).
     result["ours_targets"] = {}
     for label, make in models.items():
-        model = make()
-        unit = plain_block_forward(model, calibration_ids(model.config.vocab_size, n, seqlen), device)
-        ours = next(c for c in cases if (c["model"], c["metric"], c["remedy"]) == (label, "ours", "none"))
-        pb = ours["per_block_seconds"]
+        if label.startswith("tiny"):
+            continue  # the targets are set on smollm2 and the LLaMA-shaped model
+        best: dict[tuple[str, str], dict] = {}
+        units = []
+        for _ in range(TARGET_REPEATS):
+            model = make()
+            units.append(plain_block_forward(model, calibration_ids(model.config.vocab_size, n, seqlen), device))
+            for key in (("ours", "none"), ("flap", "none"), ("ours", "recovery")):
+                model = make()
+                case = prune_case(model, label, *key, calibration_ids(model.config.vocab_size, n, seqlen), device)
+                if key not in best or case["seconds"] < best[key]["seconds"]:
+                    best[key] = case
+        pb, unit = best[("ours", "none")]["per_block_seconds"], min(units)
         result["ours_targets"][label] = {
-            "plain_block_forward_s": unit, "statistics_scoring_in_block_forwards": (pb["statistics"] + pb["scoring"]) / unit,
-            "ours_over_flap": by[(label, "ours", "none")] / by[(label, "flap", "none")],
-            "recovery_over_none": by[(label, "ours", "recovery")] / by[(label, "ours", "none")]}
+            "repeats": TARGET_REPEATS, "plain_block_forward_s": unit,
+            "statistics_scoring_in_block_forwards": (pb["statistics"] + pb["scoring"]) / unit,
+            "ours_s": best[("ours", "none")]["seconds"], "flap_s": best[("flap", "none")]["seconds"],
+            "ours_recovery_s": best[("ours", "recovery")]["seconds"],
+            "ours_over_flap": best[("ours", "none")]["seconds"] / best[("flap", "none")]["seconds"],
+            "recovery_over_none": best[("ours", "recovery")]["seconds"] / best[("ours", "none")]["seconds"]}
+        print(f"targets {label}: {result['ours_targets'][label]}", flush=True)
 
     # 2. scaling with depth and width (ours, and ours+recovery)
     depths, widths = ([2, 4, 8], [128, 256]) if smoke else ([4, 8, 16, 32], [256, 512, 1024, 2048])
@@ -296,12 +311,14 @@ def markdown(r: dict) -> str:
         lines.append(f"| {c['model']} | {c['metric']} | {c['remedy']} | {c['seconds']:.2f} | "
                      + " | ".join(f"{c['per_block_seconds'][s]:.3f}" for s in STAGES) + f" | {_mb(c['peak_working_bytes'])} |")
     lines += ["", "Targets of `ours` (issue: statistics + scoring <= 2.0 plain block forwards, ours <= 1.2x FLAP, "
-              "recovery <= 2x the run without it):", "",
-              "| model | plain block forward s | (statistics + scoring) / plain forward | ours / flap | ours+recovery / ours |",
-              "| --- | ---: | ---: | ---: | ---: |"]
+              "recovery <= 2x the run without it), each the best of interleaved repeats:", "",
+              "| model | repeats | plain block forward s | (statistics + scoring) / plain forward | ours s | flap s | "
+              "ours / flap | ours+recovery s | ours+recovery / ours |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for m, t in r["ours_targets"].items():
-        lines.append(f"| {m} | {t['plain_block_forward_s']:.4f} | {t['statistics_scoring_in_block_forwards']:.2f} | "
-                     f"{t['ours_over_flap']:.2f} | {t['recovery_over_none']:.2f} |")
+        lines.append(f"| {m} | {t['repeats']} | {t['plain_block_forward_s']:.4f} | {t['statistics_scoring_in_block_forwards']:.2f} | "
+                     f"{t['ours_s']:.2f} | {t['flap_s']:.2f} | {t['ours_over_flap']:.2f} | {t['ours_recovery_s']:.2f} | "
+                     f"{t['recovery_over_none']:.2f} |")
     lines += ["", "## Gradient-based and fluctuation baselines against ours (pruning time ratio)", "",
               "| model | taylor / ours | flap / ours |", "| --- | ---: | ---: |"]
     for m, v in r["ratios_to_ours"].items():

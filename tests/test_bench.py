@@ -22,6 +22,9 @@ def test_smoke_benchmark_writes_json_and_markdown(tmp_path):
     assert [s["sparsity"] for s in result["speed"]] == [0.0, 0.2, 0.5]
     assert result["speed"][2]["params"] < result["speed"][0]["params"]
     assert "## Scaling (ours)" in (tmp_path / "bench.md").read_text()
+    targets = on_disk["ours_targets"]["llama-shaped h256 x4"]
+    assert targets["ours_over_flap"] == pytest.approx(targets["ours_s"] / targets["flap_s"])
+    assert targets["statistics_scoring_in_block_forwards"] > 0 and targets["repeats"] == 3
 
 
 def test_smoke_export_speed_measures_dense_and_pruned_in_plain_transformers(tmp_path):
