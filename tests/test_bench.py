@@ -23,7 +23,8 @@ def test_smoke_benchmark_writes_json_and_markdown(tmp_path):
     assert result["speed"][2]["params"] < result["speed"][0]["params"]
     assert "## Scaling (ours)" in (tmp_path / "bench.md").read_text()
     targets = on_disk["ours_targets"]["llama-shaped h256 x4"]
-    assert targets["ours_over_flap"] == pytest.approx(targets["ours_s"] / targets["flap_s"])
+    low, high = targets["range"]["ours_over_flap"]
+    assert low <= targets["ours_over_flap"] <= high and low > 0  # a median of per-repeat ratios
     assert targets["statistics_scoring_in_block_forwards"] > 0 and targets["repeats"] == 3
 
 
