@@ -19,17 +19,13 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from harness.environment import free_memory
 from harness.evaluate.perplexity import window_nll, windows
-from harness.prune.stream import advance, capture, chunks_at
-
-
-def free_host_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+from harness.prune.stream import advance, capture, chunks_at, forwards_replaced
 
 
 def group_windows(hidden_size: int, seqlen: int, batch_size: int, free_bytes: int | None = None) -> int:
-    free_bytes = free_host_bytes() if free_bytes is None else free_bytes
+    free_bytes = free_memory(torch.device("cpu")) if free_bytes is None else free_bytes
     per_window = 2 * seqlen * hidden_size * 4
     return max(batch_size, free_bytes // 4 // per_window // batch_size * batch_size)
 
@@ -38,18 +34,11 @@ def group_windows(hidden_size: int, seqlen: int, batch_size: int, free_bytes: in
 def known_outputs(blocks: nn.ModuleList, last: torch.Tensor) -> Iterator[None]:
     """Every block passes its input through, the last returns `last`: the model's forward
     then computes only what lies outside the blocks."""
-    own = [block.__dict__.get("forward") for block in blocks]
-    for k, block in enumerate(blocks):
-        block.forward = (lambda *a, **kw: last) if k == len(blocks) - 1 else (
-            lambda *a, **kw: a[0] if a else kw["hidden_states"])
-    try:
+    def passthrough(*a, **kw):
+        return a[0] if a else kw["hidden_states"]
+
+    with forwards_replaced(blocks, [passthrough] * (len(blocks) - 1) + [lambda *a, **kw: last]):
         yield
-    finally:
-        for block, forward in zip(blocks, own, strict=True):
-            if forward is None:
-                del block.forward
-            else:
-                block.forward = forward
 
 
 @torch.no_grad()

@@ -98,15 +98,10 @@ MAX_BATCH = 64  # lm-eval's own cap for batch_size=auto
 def fitting_batch_size(model, free_bytes: int | None = None) -> int:
     """The largest zero-shot batch whose logits and activations take at most half the free
     memory of the model's device (CUDA: mem_get_info; CPU: MemAvailable), within [1, MAX_BATCH]."""
-    import torch
+    from harness.environment import free_memory
 
     param = next(model.parameters())
-    if free_bytes is None:
-        if param.device.type == "cuda":
-            free_bytes = torch.cuda.mem_get_info(param.device)[0]
-        else:
-            with open("/proc/meminfo") as f:
-                free_bytes = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    free_bytes = free_memory(param.device) if free_bytes is None else free_bytes
     cfg = model.config
     width = max(getattr(cfg, "intermediate_size", 0) or 0, 4 * cfg.hidden_size)
     per_token = (3 * cfg.vocab_size + 4 * width) * param.element_size()

@@ -76,20 +76,28 @@ class Chunk:
     def forward(self, block: nn.Module) -> torch.Tensor:
         if not self.replays:
             return self.call(block, self.hidden)
-        own = [r.module.__dict__.get("forward") for r in self.replays]
-        for replay in self.replays:
-            replay.module.forward = replay
-        try:
+        with forwards_replaced([r.module for r in self.replays], self.replays):
             return self.call(block, self.hidden)
-        finally:
-            for replay, forward in zip(self.replays, own, strict=True):
-                if forward is None:
-                    del replay.module.forward
-                else:
-                    replay.module.forward = forward
 
     def replaying(self, replay: Replay) -> Chunk:
         return Chunk(self.hidden, self.call, (*self.replays, replay))
+
+
+@contextmanager
+def forwards_replaced(modules, forwards) -> Iterator[None]:
+    """Each module's forward replaced for the duration, by an instance attribute; one a module
+    already carried (accelerate's offloading hooks) is put back, else the class's forward."""
+    own = [module.__dict__.get("forward") for module in modules]
+    for module, forward in zip(modules, forwards, strict=True):
+        module.forward = forward
+    try:
+        yield
+    finally:
+        for module, forward in zip(modules, own, strict=True):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
 
 
 def _to(value, device: torch.device, memo: dict):
@@ -127,18 +135,8 @@ def _recording(blocks: nn.ModuleList, calls: list[list[BlockCall]], first: list[
 
         return forward
 
-    # A block may already carry an instance forward (accelerate's offloading hooks): keep it.
-    own = [block.__dict__.get("forward") for block in blocks]
-    for k, block in enumerate(blocks):
-        block.forward = recorder(k)
-    try:
+    with forwards_replaced(blocks, [recorder(k) for k in range(len(blocks))]):
         yield
-    finally:
-        for block, forward in zip(blocks, own, strict=True):
-            if forward is None:
-                del block.forward  # back to the class's forward
-            else:
-                block.forward = forward
 
 
 @torch.no_grad()
