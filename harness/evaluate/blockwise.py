@@ -60,21 +60,14 @@ def blockwise_perplexity_of(store, ids: torch.Tensor, seqlen: int, batch_size: i
     first = state["resumed_from"] = state["windows_done"]
     start = time.perf_counter()
     for part in w[first:].split(group):
-        store.load_outside_blocks(device)
-        try:
+        with store.outside_blocks(device):
             hidden, calls = capture(model, blocks, part, batch_size, device)
-        finally:
-            store.release_outside_blocks()
         stream = chunks_at(hidden, calls[0])
         for k, block in enumerate(blocks):
-            store.load_block(k, block, device)
-            try:
+            with store.block(k, block, device):
                 stream = advance(block, k, stream, calls)
-            finally:
-                store.release_block(k, block, None)
         nll = 0.0
-        store.load_outside_blocks(device, head=True)
-        try:
+        with store.outside_blocks(device, head=True):
             for batch, chunk in zip(part.split(batch_size), stream, strict=True):
                 batch = batch.to(device)
                 with known_outputs(blocks, chunk.hidden):
@@ -82,8 +75,6 @@ def blockwise_perplexity_of(store, ids: torch.Tensor, seqlen: int, batch_size: i
                 if not torch.isfinite(loss):
                     raise FloatingPointError("non-finite loss in the block-wise perplexity")
                 nll += loss.item()
-        finally:
-            store.release_outside_blocks()
         state.update({"windows_done": state["windows_done"] + len(part), "nll": state["nll"] + nll,
                       "tokens": state["tokens"] + part[:, 1:].numel()})
         save()

@@ -6,15 +6,16 @@ such as rotary tables, are real and small). The pruning pipeline, given the chec
 its block store, loads the embeddings for the calibration capture and then each block just
 before it is pruned, and writes the pruned block to `out/blocks/<k>.safetensors` before
 freeing it; nothing else of the model is ever in memory. Peak host memory is therefore
-about the non-block weights during the capture, then two blocks (the block and, with
-recovery, its dense copy) plus the calibration activations (README, "Models larger than
-memory").
+about the non-block weights during the capture, then two blocks (the block and its
+serialised copy) plus the calibration activations (README, "Models larger than memory").
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -63,31 +64,39 @@ class LazyCheckpoint:
             return name[len(base) + 1:]  # hub GPT-2 checkpoints drop "transformer."
         raise KeyError(f"{name} is not in the checkpoint {self.folder}")
 
-    def _load(self, module: nn.Module, prefix: str, device: torch.device) -> None:
+    def _tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The checkpoint's tensors of these model names, in this checkpoint's dtype."""
         by_file = defaultdict(list)
-        for name, _ in module.named_parameters():
-            key = self._key(prefix + name)
-            by_file[self.files[key]].append((name, key))
-        for file, names in by_file.items():
+        for name in names:
+            by_file[self.files[self._key(name)]].append(name)
+        out = {}
+        for file, group in by_file.items():
             with safe_open(str(file), "pt") as f:
-                for name, key in names:
-                    set_module_tensor_to_device(module, name, device, value=f.get_tensor(key).to(self.dtype))
+                out.update({name: f.get_tensor(self._key(name)).to(self.dtype) for name in group})
+        return out
 
-    # ---- what the pipeline calls ---------------------------------------------------------
+    def _load(self, module: nn.Module, prefix: str, device: torch.device) -> None:
+        names = [name for name, _ in module.named_parameters()]
+        for name, value in self._tensors([prefix + n for n in names]).items():
+            set_module_tensor_to_device(module, name.removeprefix(prefix), device, value=value)
 
-    def load_outside_blocks(self, device: torch.device, head: bool = False) -> None:
-        """The weights outside the blocks: what the calibration capture runs (embeddings,
-        norms), and with `head` the output head too (for logits)."""
+    # ---- what the pipeline and the block-wise evaluation use ----------------------------
+
+    @contextmanager
+    def outside_blocks(self, device: torch.device, head: bool = False) -> Iterator[None]:
+        """The weights outside the blocks in memory for the duration: what the calibration
+        capture runs (embeddings, norms), and with `head` the output head too (for logits)."""
         tied_head = self.model.get_output_embeddings() if self.tied else None  # before loading unties it
-        for name, module in self._outside_blocks(head):
-            if module is not tied_head:
-                self._load(module, name + ".", device)
-        self.model.tie_weights()  # a loaded embedding is a new tensor: the tied head follows it
-
-    def release_outside_blocks(self) -> None:
-        for _, module in self._outside_blocks(head=True):
-            module.to("meta")
-        self.model.tie_weights()
+        try:
+            for name, module in self._outside_blocks(head):
+                if module is not tied_head:
+                    self._load(module, name + ".", device)
+            self.model.tie_weights()  # a loaded embedding is a new tensor: the tied head follows it
+            yield
+        finally:
+            for _, module in self._outside_blocks(head=True):
+                module.to("meta")
+            self.model.tie_weights()
 
     @property
     def tied(self) -> bool:
@@ -98,27 +107,20 @@ class LazyCheckpoint:
         return [(name, module) for name, module in self.model.named_modules()
                 if not name.startswith(self.prefix) and module is not out_head and list(module.parameters(recurse=False))]
 
-    def load_block(self, k: int, block: nn.Module, device: torch.device) -> None:
-        self._load(block, f"{self.prefix}{k}.", device)
-
-    def release_block(self, k: int, block: nn.Module, out: Path | None) -> None:
-        """Free block k; with `out`, first write it (pruned) to out/blocks/<k>.safetensors
-        under the model's own parameter names (a shard of the exported checkpoint)."""
-        if out is not None:
-            (out / "blocks").mkdir(parents=True, exist_ok=True)
-            state = {f"{self.prefix}{k}.{name}": t.detach().contiguous().cpu() for name, t in block.state_dict().items()}
-            save_file(state, str(out / "blocks" / f"{k}.safetensors"))
-        block.to("meta")
-
-    def _tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
-        by_file = defaultdict(list)
-        for name in names:
-            by_file[self.files[self._key(name)]].append(name)
-        out = {}
-        for file, group in by_file.items():
-            with safe_open(str(file), "pt") as f:
-                out.update({name: f.get_tensor(self._key(name)).to(self.dtype) for name in group})
-        return out
+    @contextmanager
+    def block(self, k: int, block: nn.Module, device: torch.device, out: Path | None = None) -> Iterator[nn.Module]:
+        """Block k read onto `device` for the duration, then freed; with `out`, first written
+        (pruned) to out/blocks/<k>.safetensors under the model's own parameter names (a shard
+        of the exported checkpoint)."""
+        try:
+            self._load(block, f"{self.prefix}{k}.", device)
+            yield block
+            if out is not None:
+                (out / "blocks").mkdir(parents=True, exist_ok=True)
+                state = {f"{self.prefix}{k}.{n}": t.detach().contiguous().cpu() for n, t in block.state_dict().items()}
+                save_file(state, str(out / "blocks" / f"{k}.safetensors"))
+        finally:
+            block.to("meta")
 
     def export(self, tokenizer, pruned: Path, path: Path, record: dict | None = None) -> Path:
         """The pruned model (this skeleton, blocks written under `pruned`/blocks) as a

@@ -71,17 +71,6 @@ def on_device(block: nn.Module, device: torch.device) -> Iterator[nn.Module]:
         block.to(home)
 
 
-@contextmanager
-def from_store(store, k: int, block: nn.Module, device: torch.device, out: Path | None) -> Iterator[nn.Module]:
-    """A lazily built model (models/lazy.py): block k is read from the checkpoint onto the
-    compute device, and freed afterwards (written first to `out`, when given, i.e. pruned)."""
-    store.load_block(k, block, device)
-    try:
-        yield block
-    finally:
-        store.release_block(k, block, out)
-
-
 class Pipeline:
     def __init__(self, model: nn.Module, adapter, metric: metrics_registry.Metric, settings: PruneSettings,
                  device: torch.device, store=None, out: Path | None = None):
@@ -114,20 +103,16 @@ class Pipeline:
 
     def capture_inputs(self, input_ids: torch.Tensor) -> tuple[list[Chunk], list[list[BlockCall]]]:
         """The stream entering block 0, and every block's own arguments for it ([block][chunk])."""
-        if self.store is not None:
-            self.store.load_outside_blocks(self.device)
-        try:
+        with contextlib.nullcontext() if self.store is None else self.store.outside_blocks(self.device):
             hidden, calls = capture(self.model, self.blocks, input_ids, self.settings.chunk_size, self.device)
-        finally:
-            if self.store is not None:
-                self.store.release_outside_blocks()
         return chunks_at(hidden, calls[0]), calls
 
     def visit(self, k: int, pruning: bool) -> contextlib.AbstractContextManager[nn.Module]:
-        """Block k on the compute device for the duration (from the checkpoint, for a lazy model)."""
+        """Block k on the compute device for the duration (from the checkpoint for a lazy model,
+        then freed, and written to `out` first when `pruning`)."""
         if self.store is None:
             return on_device(self.blocks[k], self.device)
-        return from_store(self.store, k, self.blocks[k], self.device, self.out if pruning else None)
+        return self.store.block(k, self.blocks[k], self.device, self.out if pruning else None)
 
     # ---- one module ----------------------------------------------------------------------
 
