@@ -98,12 +98,10 @@ def refit(modules: list[torch.nn.Module], moments: CrossMoments, damp: float, wh
         ws = [weight(m).to(moments.gram.dtype) for m in group]  # [out, in] each
         if has_bias:
             ws = [torch.cat([w, m.bias.detach().to(w.dtype)[:, None]], 1) for w, m in zip(ws, group, strict=True)]
-            gram, cross = moments.gram, moments.cross
-        else:
-            gram, cross = moments.gram[:width, :width], moments.cross[:width, :width]
-        w_all = torch.cat(ws, 0)  # [sum of outs, in(+1)]
-        rhs = moments.cross[: gram.shape[0]] if moments.targets else cross @ w_all.T
-        sol = ridge_solve(gram, rhs, damp, where, prior=w_all.T if toward == "weights" else None)
+        n = width + int(has_bias)  # the inputs, with the constant 1 when the bias is fitted
+        w_all = torch.cat(ws, 0)  # [sum of outs, n]
+        rhs = moments.cross[:n] if moments.targets else moments.cross[:n, :n] @ w_all.T  # X_hat^T Y
+        sol = ridge_solve(moments.gram[:n, :n], rhs, damp, where, prior=w_all.T if toward == "weights" else None)
         if sol is None:
             continue
         for module, part in zip(group, sol.split([w.shape[0] for w in ws], dim=1), strict=True):
