@@ -364,7 +364,7 @@ class RunConfig:
                 raise ConfigError(f"{key}={value} is not accepted with model.lazy=true (the model is never whole in "
                                   f"memory); accepted: {key}={accepted if accepted is not None else 'null'}")
         metric = metrics.build(self.metric.name, self.metric.params)
-        if any("grad" in metric.needs(kind) for kind in self.prune.modules):
+        if metric.needs_gradients(self.prune.modules):
             raise ConfigError(f"metric={self.metric.name} needs whole-model gradients, which model.lazy=true never "
                               "holds; accepted: a metric without gradients (not taylor, hywia)")
 

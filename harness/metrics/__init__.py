@@ -64,6 +64,10 @@ class Metric:
     def needs(self, kind: str) -> frozenset[str]:
         return self.needs_attention if kind == "attention" else self.needs_mlp
 
+    def needs_gradients(self, kinds) -> bool:
+        """Whether scoring these module kinds needs the whole model's Taylor gradients."""
+        return any("grad" in self.needs(kind) for kind in kinds)
+
     @property
     def label(self) -> str:
         """How records and tables name the method (its registry name unless it says more)."""

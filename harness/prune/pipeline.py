@@ -203,7 +203,7 @@ class Pipeline:
         shapes = module_shapes(self.adapter, self.model, self.layer_range, settings.modules, settings.attention_unit)
         ratio, target = alloc.budget(shapes, total, settings.sparsity, settings.sparsity_mode, settings.allocation,
                                      self.layer_range)
-        if any("grad" in self.metric.needs(kind) for kind in settings.modules):
+        if self.metric.needs_gradients(settings.modules):
             from harness.prune.gradients import taylor_gradients
 
             modules = [m for k in self.layer_range for kind in settings.modules
@@ -257,7 +257,7 @@ def prune(model: nn.Module, input_ids: torch.Tensor, metric: metrics_registry.Me
 
     if store is not None and out is None:
         raise ValueError("a lazily loaded model needs `out`, the folder its pruned blocks are written to")
-    if store is not None and any("grad" in metric.needs(kind) for kind in settings.modules):
+    if store is not None and metric.needs_gradients(settings.modules):
         raise ValueError(f"metric {metric.name!r} needs gradients of the whole model, which a lazily loaded model "
                          "never holds; accepted with lazy loading: metrics without gradients (not taylor, hywia)")
     device = device or (torch.device("cpu") if store is not None else next(model.parameters()).device)
