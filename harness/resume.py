@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -21,10 +22,14 @@ def _partial(checkpoint: Path) -> Path:
 
 
 def save_checkpoint(model, tok, checkpoint: Path) -> None:
-    """Write to a temporary folder, mark it complete, then rename it into place."""
+    write_checkpoint(checkpoint, lambda folder: save_pruned(model, tok, folder))
+
+
+def write_checkpoint(checkpoint: Path, write: Callable[[Path], object]) -> None:
+    """`write` fills a temporary folder, which is marked complete, then renamed into place."""
     partial = _partial(checkpoint)
     shutil.rmtree(partial, ignore_errors=True)
-    save_pruned(model, tok, partial)
+    write(partial)
     (partial / CHECKPOINT_DONE).touch()
     shutil.rmtree(checkpoint, ignore_errors=True)
     os.replace(partial, checkpoint)

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -150,12 +149,7 @@ def _execute_lazy(run_config: schema.RunConfig, config: dict, record: dict, devi
         blocks = path.parent / "pruned_blocks"
         _prune_loaded(run_config, config, record, store.model, tok, device, lambda: records.write(path, record),
                       store=store, out=blocks)
-        partial = checkpoint.with_name("checkpoint.partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        store.export(tok, blocks, partial)
-        (partial / resume.CHECKPOINT_DONE).touch()
-        shutil.rmtree(checkpoint, ignore_errors=True)
-        partial.replace(checkpoint)
+        resume.write_checkpoint(checkpoint, lambda folder: store.export(tok, blocks, folder))
         shutil.rmtree(blocks, ignore_errors=True)
         record["eval"] = {}
     records.write(path, record)
@@ -165,12 +159,11 @@ def _execute_lazy(run_config: schema.RunConfig, config: dict, record: dict, devi
     evaluate(pruned.model, tok, config["eval"], config["data_dir"], record["eval"], lambda: records.write(path, record),
              store=pruned, device=device)
     if config["save_model"]:
-        from harness.models.card import model_card
+        from harness.models.export import PRUNING_KEY, write_card
 
         record["saved_model"] = str(path.parent / "model")
-        final = {**record, "status": "complete", "finished_at": now()}
-        (checkpoint / "record.json").write_text(json.dumps(final, indent=2, allow_nan=False))
-        (checkpoint / "README.md").write_text(model_card(final, pruned.model.config.harness_pruning["route"]))
+        write_card(checkpoint, {**record, "status": "complete", "finished_at": now()},
+                   getattr(pruned.model.config, PRUNING_KEY)["route"])
         (checkpoint / resume.CHECKPOINT_DONE).unlink()
         shutil.rmtree(path.parent / "model", ignore_errors=True)
         checkpoint.replace(path.parent / "model")

@@ -176,10 +176,15 @@ def finish(config, tokenizer, path: Path, route: str, record: dict | None) -> No
     config.save_pretrained(path)
     tokenizer.save_pretrained(path)
     if record is not None:
-        from harness.models.card import model_card
+        write_card(path, record, route)
 
-        (path / "record.json").write_text(json.dumps(record, indent=2, allow_nan=False))
-        (path / "README.md").write_text(model_card(record, route))
+
+def write_card(path: Path, record: dict, route: str) -> None:
+    """The run's record and the model card made from it, beside the weights."""
+    from harness.models.card import model_card
+
+    (path / "record.json").write_text(json.dumps(record, indent=2, allow_nan=False))
+    (path / "README.md").write_text(model_card(record, route))
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32):
