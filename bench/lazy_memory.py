@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from bench.run import cli, report
+from bench.run import PeakMemory, cli, report
 
 FULL = {"hidden_size": 2048, "intermediate_size": 5504, "num_hidden_layers": 30, "num_attention_heads": 32,
         "num_key_value_heads": 32, "vocab_size": 32000}
@@ -60,35 +60,23 @@ def write_checkpoint(folder: Path, shape: dict) -> dict:
     return {**sizes, "checkpoint": total}
 
 
-_CHILD = r"""
-import json, os, sys, threading, time
-page = os.sysconf("SC_PAGE_SIZE")
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * page
-import torch
-from harness import metrics
-from harness.models.lazy import LazyCheckpoint
-from harness.prune import PruneSettings, prune
-import ctypes
-ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # freed tensors go back to the system at once
-folder, out, n, seqlen = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-baseline, top, done = rss(), [rss()], threading.Event()
-def sample():
-    while not done.wait(0.002):
-        top[0] = max(top[0], rss())
-threading.Thread(target=sample, daemon=True).start()
-store = LazyCheckpoint(folder)
-model = store.skeleton()
-ids = torch.randint(0, model.config.vocab_size, (n, seqlen), generator=torch.Generator().manual_seed(0))
-start = time.perf_counter()
-report = prune(model, ids, metrics.build("ours"), PruneSettings(sparsity=0.2, sparsity_mode="module"), store=store,
-               out=__import__("pathlib").Path(out))
-seconds = time.perf_counter() - start
-done.set()
-print(json.dumps({"baseline_rss": baseline, "peak_rss": max(top[0], rss()), "seconds": seconds,
-                  "params_before": report.params_before, "params_after": report.params_after}))
-"""
+def child(folder: str, out: str, n: str, seqlen: str) -> None:
+    """In a fresh process (`run` starts it): prune the checkpoint lazily; print the RSS before
+    any weight is read and the peak while pruning (bench.run.PeakMemory), as JSON."""
+    from harness import metrics
+    from harness.models.lazy import LazyCheckpoint
+    from harness.prune import PruneSettings, prune
+
+    with PeakMemory(torch.device("cpu")) as mem:
+        store = LazyCheckpoint(folder)
+        model = store.skeleton()
+        ids = torch.randint(0, model.config.vocab_size, (int(n), int(seqlen)), generator=torch.Generator().manual_seed(0))
+        start = time.perf_counter()
+        report = prune(model, ids, metrics.build("ours"), PruneSettings(sparsity=0.2, sparsity_mode="module"),
+                       store=store, out=Path(out))
+        seconds = time.perf_counter() - start
+    print(json.dumps({"baseline_rss": mem.base, "peak_rss": mem.base + mem.peak, "seconds": seconds,
+                      "params_before": report.params_before, "params_after": report.params_after}))
 
 
 def run(smoke: bool, out: Path) -> dict:
@@ -100,9 +88,10 @@ def run(smoke: bool, out: Path) -> dict:
         t0 = time.perf_counter()
         sizes = write_checkpoint(folder, shape)
         written = time.perf_counter() - t0
-        child = subprocess.run([sys.executable, "-c", _CHILD, str(folder), str(pruned), str(n), str(seqlen)],
-                               capture_output=True, text=True, check=True)
-        measured = json.loads(child.stdout.strip().splitlines()[-1])
+        script = "import sys; from bench.lazy_memory import child; child(*sys.argv[1:])"
+        done = subprocess.run([sys.executable, "-c", script, str(folder), str(pruned), str(n), str(seqlen)],
+                              capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
+        measured = json.loads(done.stdout.strip().splitlines()[-1])
     activations = n * seqlen * shape["hidden_size"] * 4  # the float32 stream entering a block
     # Inside a block: the stream in and out, the attention probabilities of one chunk (8
     # sequences), the replayed level-2 inputs/outputs and the MLP's widest activations.
