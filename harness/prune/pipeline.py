@@ -168,11 +168,12 @@ class Pipeline:
 
     # ---- the passes ----------------------------------------------------------------------
 
-    def dense_pass(self, block: nn.Module, k: int, stream: list[Chunk],
-                   calls: list[list[BlockCall]]) -> tuple[dict[str, tuple[list, list]], list[Chunk]]:
-        """One forward of block k, still dense, over the dense stream: each module's level-1 input
-        and level-2 output per chunk (what a remedy fits to), and the dense stream entering block k+1."""
-        inputs: dict[str, tuple[list, list]] = {kind: ([], []) for kind in self.settings.modules}
+    def dense_pass(self, block: nn.Module, k: int, stream: list[Chunk], calls: list[list[BlockCall]],
+                   kinds: tuple[str, ...]) -> tuple[dict[str, tuple[list, list]], list[Chunk]]:
+        """One forward of block k, still dense, over the dense stream: each module's (of `kinds`)
+        level-1 input and level-2 output per chunk (what a remedy fits to), and the dense stream
+        entering block k+1."""
+        inputs: dict[str, tuple[list, list]] = {kind: ([], []) for kind in kinds}
         handles = []
         for kind, (level1, level2) in inputs.items():
             view = self.view(block, kind)
@@ -226,7 +227,8 @@ class Pipeline:
                 dense_inputs = None
                 if dense_stream is not None:  # the block is still dense: its pass over the dense stream first
                     with torch.no_grad(), self._timed("forward"):
-                        dense_inputs, dense_stream = self.dense_pass(block, k, dense_stream, fit_calls)
+                        dense_inputs, dense_stream = self.dense_pass(block, k, dense_stream, fit_calls,
+                                                                     settings.modules if pruned_here else ())
                 in_block = stream  # gains a replay per module whose level-2 inputs were seen
                 if pruned_here:
                     for kind in settings.modules:
