@@ -114,9 +114,11 @@ def _requeued_jobs_start_at_once(env):
 def test_job_hitting_its_time_limit_is_requeued_and_completes(cluster, tmp_path):
     """A 1-minute limit with more work than that: submitit's USR2 checkpoint requeues the job
     and each attempt resumes from the pruned-model checkpoint, the finished evaluations and the
-    perplexity windows already done (one attempt has about 25 s for work, less than WikiText-2 needs)."""
+    perplexity windows already done (one attempt has about 25 s for work, less than WikiText-2 needs:
+    at seqlen 512 the evaluation takes about 35 s on 2 cores; at 128 it now fits one attempt)."""
     with _requeued_jobs_start_at_once(cluster):
-        r = _sweep(cluster, tmp_path, "model=tiny-llama", "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=20",
+        r = _sweep(cluster, tmp_path, "model=tiny-llama", "eval.ppl.seqlen=512", "hydra.launcher.timeout_min=1",
+                   "hydra.launcher.signal_delay_s=20",
                    "hydra.launcher.max_num_timeout=8", "hydra.launcher.cpus_per_task=2", timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     (rec,) = records.load_complete(tmp_path / "runs")
