@@ -75,17 +75,18 @@ def test_head_only_pruning_keeps_mlp():
     assert all(ad.shape(b)["channels"] == 256 and ad.shape(b)["heads"] == 6 for b in ad.layers(model))
 
 
-def test_recovery_refit_equals_least_squares_and_lowers_error():
+@pytest.mark.parametrize("outputs", [8, 40])  # narrower and wider than the input (two ways to solve)
+def test_recovery_refit_equals_least_squares_and_lowers_error(outputs):
     """The ridge re-fit from X^T X and X^T X_dense alone equals brute-force least squares on
     all tokens (tiny damping), and it lowers the output error on a shifted input."""
     torch.manual_seed(0)
-    lin = torch.nn.Linear(16, 8).double()
+    lin = torch.nn.Linear(16, outputs).double()
     x_dense = torch.randn(512, 16, dtype=torch.float64)
     x_cur = x_dense @ (torch.eye(16) + 0.3 * torch.randn(16, 16)).double() + 0.05 * torch.randn(512, 16).double()
     y = lin(x_dense).detach()
     before = (lin(x_cur) - y).pow(2).mean().item()
     aug = torch.cat([x_cur, torch.ones(512, 1, dtype=torch.float64)], 1)
-    reference = torch.linalg.lstsq(aug, y).solution  # [17, 8]
+    reference = torch.linalg.lstsq(aug, y).solution  # [17, outputs]
     mom = CrossMoments(16, augment=True, dtype=torch.float64, device=torch.device("cpu"))
     for a, b in zip(x_cur.split(100), x_dense.split(100), strict=True):
         mom.update(a, b)
@@ -95,11 +96,12 @@ def test_recovery_refit_equals_least_squares_and_lowers_error():
     assert (lin(x_cur) - y).pow(2).mean().item() < before
 
 
-def test_recovery_is_the_identity_when_the_input_is_unchanged():
+@pytest.mark.parametrize("outputs", [8, 40])
+def test_recovery_is_the_identity_when_the_input_is_unchanged(outputs):
     """toward=weights: with nothing upstream pruned the re-fit returns the weights as they are,
     whatever the damping."""
     torch.manual_seed(0)
-    lin = torch.nn.Linear(16, 8).double()
+    lin = torch.nn.Linear(16, outputs).double()
     w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
     x = torch.randn(256, 16, dtype=torch.float64) * torch.logspace(-2, 2, 16, dtype=torch.float64)  # outlier channels
     mom = CrossMoments(16, augment=True, dtype=torch.float64, device=torch.device("cpu"))
@@ -248,8 +250,8 @@ def test_the_recovery_set_reaches_only_the_recovery_fits(zoo, monkeypatch):
     def pruned(input_ids, fit_ids):
         scores = {}
 
-        def rank(self, block, view, stream, layer, record=False):
-            ranking, stats = original(self, block, view, stream, layer, record)
+        def rank(self, block, view, stream, layer, *rest):
+            ranking, stats = original(self, block, view, stream, layer, *rest)
             scores.setdefault((layer, view.kind), ranking.scores.clone())
             return ranking, stats
 

@@ -116,12 +116,17 @@ class Pipeline:
 
     # ---- one module ----------------------------------------------------------------------
 
-    def rank(self, block: nn.Module, view: DepthTwo, stream: list[Chunk], layer: int,
-             record: bool = False) -> tuple[metrics_registry.Ranking, ModuleStats]:
+    def rank(self, block: nn.Module, view: DepthTwo, stream: list[Chunk], layer: int, record: bool = False,
+             fit: remedies.FitContext | None = None) -> tuple[metrics_registry.Ranking, ModuleStats]:
+        """Observe and score one module; with `fit`, the remedy re-fits it in between."""
         needs = frozenset(self.metric.needs(view.kind)) | self.remedy.needs
         with self._timed("statistics"):
             stats = observe(block, view, self.adapter.attention_module(block), stream, needs, self.grads,
                             self.stats_dtype, self.device, self.settings.flap_faithful, record)
+        if fit is not None:
+            seen = stats.level2_inputs if fit.stream is stream and stats.level2_inputs else None
+            with self._timed(self.remedy.name), torch.no_grad():
+                self.remedy.before_scoring(fit, seen)
         position, count = layer - self.layer_range.start, len(self.layer_range)
         stats.depth = position / (count - 1) if count > 1 else 0.0
         if stats.js_sum is not None:
@@ -133,17 +138,22 @@ class Pipeline:
 
     def prune_module(self, block: nn.Module, kind: str, n_remove: int, stream: list[Chunk],
                      fit: tuple[list[Chunk], tuple[list, list]] | None, layer: int) -> list[Chunk]:
-        """`fit`: the pruned stream the remedy fits on and what the dense module saw (dense_pass),
-        when it keeps a dense reference. Returns the stream with this module replayed from the
-        level-2 inputs its statistics pass saw (stream.Replay), where the architecture allows."""
+        """`fit`: the stream the remedy fits on (`stream` itself, or the pruned model's stream
+        of its own calibration set) and what the dense module saw (dense_pass), when it keeps a
+        dense reference. Returns the stream with this module replayed from the level-2 inputs
+        its statistics pass saw (stream.Replay), where the architecture allows."""
         view = self.view(block, kind)
+        context = None
         if fit is not None and not self.cut_upstream:
             self.unchanged_inputs += 1
         elif fit is not None:
+            context = remedies.FitContext(block, view, *fit, f"block {layer} {kind}", self.stats_dtype, self.device)
             with self._timed(self.remedy.name), torch.no_grad():
-                self.remedy.before_scoring(block, view, *fit, f"block {layer} {kind}", self.stats_dtype, self.device)
+                self.remedy.before_observing(context)
         module = self.adapter.attention_module(block) if kind == "attention" else self.adapter.mlp_module(block)
-        ranking, stats = self.rank(block, view, stream, layer, record=module is not None)
+        # Level-2 inputs are kept for the replay, and for the remedy when it fits on this stream.
+        record = module is not None or (context is not None and context.stream is stream)
+        ranking, stats = self.rank(block, view, stream, layer, record, context)
         columns = None
         if n_remove:
             self.cut_upstream = True
@@ -159,7 +169,7 @@ class Pipeline:
                     self.adapter.prune_attention(block, keep, self.settings.attention_unit)
                 else:
                     self.adapter.prune_mlp(block, keep)
-        if not stats.level2_inputs:
+        if module is None or not stats.level2_inputs:
             return stream
         inputs, stats.level2_inputs = stats.level2_inputs, []
         with self._timed("forward"), torch.no_grad():

@@ -1,16 +1,19 @@
 """Remedies around the cut, behind one registry (a new remedy is one file here plus one YAML
 under conf/remedy/).
 
-A remedy declares what it needs and hooks into the pipeline at two points of each module:
-  before_scoring   the module as pruned so far, with the dense module's inputs at hand
-                   (recovery re-fits it to the dense outputs, paper Algorithms 2-4)
-  after_selection  the units to keep are chosen, the cut has not happened
-                   (bias folds the removed channels' mean into the bias, FLAP)
+A remedy declares what it needs and hooks into the pipeline at three points of each module:
+  before_observing  the module as pruned so far, with what the dense module saw at hand
+                    (recovery re-fits level 1 to the dense outputs, paper Algorithms 2-4)
+  before_scoring    its statistics are observed, with the level-2 inputs that pass saw
+                    (recovery re-fits level 2: the statistics never read level-2 weights)
+  after_selection   the units to keep are chosen, the cut has not happened
+                    (bias folds the removed channels' mean into the bias, FLAP)
 `finish` returns what the record keeps about it (or raises if it silently did nothing).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from harness.registry import Registry
@@ -23,6 +26,19 @@ if TYPE_CHECKING:
     from harness.prune.settings import PruneSettings
     from harness.prune.stats import ModuleStats
     from harness.prune.stream import Chunk
+
+@dataclass(frozen=True)
+class FitContext:
+    """What a remedy that fits weights (`dense_reference`) sees of one module."""
+
+    block: nn.Module
+    view: DepthTwo  # the module as pruned so far
+    stream: list[Chunk]  # the stream it fits on, through the model pruned so far
+    dense: tuple[list[torch.Tensor], list[torch.Tensor]]  # the dense module's level-1 inputs, level-2 outputs per chunk
+    where: str  # "block k attention", for messages
+    dtype: torch.dtype  # of the statistics
+    device: torch.device
+
 
 class Remedy:
     name: ClassVar[str] = "none"
@@ -37,12 +53,15 @@ class Remedy:
     def check(cls, settings: PruneSettings) -> None:
         """Refuse settings this remedy cannot honour (at construction, before any work)."""
 
-    def before_scoring(self, block: nn.Module, view: DepthTwo, stream: list[Chunk],
-                       dense_inputs: tuple[list[torch.Tensor], list[torch.Tensor]], where: str, dtype: torch.dtype,
-                       device: torch.device) -> None:
-        """Called before `view` (the module as pruned so far) is observed and scored, only when
-        `dense_reference`; `dense_inputs`: the dense module's level-1 inputs and level-2 outputs
-        per chunk of the dense stream (from one forward of the dense block)."""
+    def before_observing(self, fit: FitContext) -> None:
+        """Called before the module is observed, only when `dense_reference` and something
+        upstream was cut (else its input is the dense one); `fit.dense` comes from one forward
+        of the dense block over the dense stream."""
+
+    def before_scoring(self, fit: FitContext, level2_inputs: list[torch.Tensor] | None) -> None:
+        """Called after the module's statistics pass, before it is scored (same condition);
+        `level2_inputs`: the level-2 input per chunk of `fit.stream` that pass saw, or None
+        where it saw none of that stream (the remedy computes them itself)."""
 
     def after_selection(self, view: DepthTwo, keep: torch.Tensor, stats: ModuleStats) -> None:
         """Called with the units to keep, before they are cut."""

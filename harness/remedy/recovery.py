@@ -27,7 +27,7 @@ import torch
 from harness.models.base import weight
 from harness.prune.observe import module_input
 from harness.prune.settings import SettingsError
-from harness.remedy import Remedy, register
+from harness.remedy import FitContext, Remedy, register
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,15 @@ def refit(modules: list[torch.nn.Module], moments: CrossMoments, damp: float, wh
             ws = [torch.cat([w, m.bias.detach().to(w.dtype)[:, None]], 1) for w, m in zip(ws, group, strict=True)]
         n = width + int(has_bias)  # the inputs, with the constant 1 when the bias is fitted
         w_all = torch.cat(ws, 0)  # [sum of outs, n]
-        rhs = moments.cross[:n] if moments.targets else moments.cross[:n, :n] @ w_all.T  # X_hat^T Y
-        sol = ridge_solve(moments.gram[:n, :n], rhs, damp, where, prior=w_all.T if toward == "weights" else None)
+        gram, to_weights = moments.gram[:n, :n], toward == "weights"
+        if moments.targets:  # X_hat^T Y itself
+            sol = ridge_solve(gram, moments.cross[:n], damp, where, prior=w_all.T if to_weights else None)
+        elif w_all.shape[0] > n:  # X_hat^T Y = (X_hat^T X) W^T: solve against the narrower X_hat^T X
+            eye = torch.eye(n, dtype=gram.dtype, device=gram.device) if to_weights else None
+            sol = ridge_solve(gram, moments.cross[:n, :n], damp, where, prior=eye)
+            sol = None if sol is None else sol @ w_all.T
+        else:
+            sol = ridge_solve(gram, moments.cross[:n, :n] @ w_all.T, damp, where, prior=w_all.T if to_weights else None)
         if sol is None:
             continue
         for module, part in zip(group, sol.split([w.shape[0] for w in ws], dim=1), strict=True):
@@ -130,23 +137,31 @@ class Recovery(Remedy):
         if settings.ridge_toward not in TOWARD:
             raise SettingsError(f"remedy.toward={settings.ridge_toward!r} is not accepted; accepted: {', '.join(TOWARD)}")
 
-    def before_scoring(self, block, view, stream, dense_inputs, where, dtype, device) -> None:
-        """Each level, in forward order, re-fitted to what the dense block's level computes on the
-        dense stream (`dense_inputs`: the dense level-1 inputs and level-2 outputs per chunk)."""
-        for level in (1, 2):
-            modules = view.level1 if level == 1 else [view.level2]
-            probe = view.module_input if level == 1 else view.level2
-            moments = None
-            for chunk, dense_seen in zip(stream, dense_inputs[level - 1], strict=True):
-                x = module_input(block, probe, chunk)
-                if moments is None:
-                    moments = CrossMoments(x.shape[-1], any(m.bias is not None for m in modules), dtype, device,
-                                           targets=dense_seen.shape[-1] if level == 2 else None)
-                moments.update(x, dense_seen)
-            at = f"{where} level {level}"
-            fitted = refit(modules, moments, self.settings.damp, at, self.settings.ridge_toward)
-            self.fits += sum(fitted)
-            self.fell_back += [f"{at} module {i}" for i, ok in enumerate(fitted) if not ok]
+    def before_observing(self, fit: FitContext) -> None:
+        inputs = (module_input(fit.block, fit.view.module_input, chunk) for chunk in fit.stream)
+        self._refit(fit, 1, inputs)
+
+    def before_scoring(self, fit: FitContext, level2_inputs: list[torch.Tensor] | None) -> None:
+        # The statistics pass saw level 2's inputs after level 1 was re-fitted: they are
+        # what a probe would compute, so one pass serves both when it ran on the fit stream.
+        inputs = level2_inputs if level2_inputs is not None else (
+            module_input(fit.block, fit.view.level2, chunk) for chunk in fit.stream)
+        self._refit(fit, 2, inputs)
+
+    def _refit(self, fit: FitContext, level: int, inputs) -> None:
+        """Re-fit one level to what the dense block's level computes on the dense stream: its
+        level-1 inputs (level 1) or its level-2 outputs (level 2), chunk by chunk."""
+        modules = fit.view.level1 if level == 1 else [fit.view.level2]
+        moments = None
+        for x, dense_seen in zip(inputs, fit.dense[level - 1], strict=True):
+            if moments is None:
+                moments = CrossMoments(x.shape[-1], any(m.bias is not None for m in modules), fit.dtype, fit.device,
+                                       targets=dense_seen.shape[-1] if level == 2 else None)
+            moments.update(x, dense_seen)
+        at = f"{fit.where} level {level}"
+        fitted = refit(modules, moments, self.settings.damp, at, self.settings.ridge_toward)
+        self.fits += sum(fitted)
+        self.fell_back += [f"{at} module {i}" for i, ok in enumerate(fitted) if not ok]
 
     def finish(self) -> dict:
         if self.fell_back and not self.fits:
