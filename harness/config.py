@@ -353,7 +353,6 @@ class RunConfig:
         from harness import metrics
 
         refused = {"sparsity_type": (self.sparsity_type, "structured"), "finetune": (self.finetune.name, "none"),
-                   "eval.zeroshot": (None if self.eval.zeroshot is None else "on", None),
                    "eval.efficiency": (None if self.eval.efficiency is None else "on", None)}
         for key, cal in (("calibration", self.calibration), ("remedy.calibration", self.remedy.calibration)):
             if "selfgen" in (cal.dataset if isinstance(cal.dataset, str) else list(cal.dataset)):

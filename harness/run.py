@@ -259,7 +259,7 @@ def evaluate(model, tok, eval_config: dict, data_dir: str | None, out: dict, sav
     if eval_config.get("zeroshot") and "zeroshot_avg" not in out:
         from harness.evaluate import zeroshot
 
-        zeroshot.evaluate(model, tok, eval_config["zeroshot"], out, save)
+        zeroshot.evaluate(model, tok, eval_config["zeroshot"], out, save, store, device)
         save()
     if eval_config.get("efficiency") and "efficiency" not in out:
         out["efficiency"] = efficiency.efficiency(model, eval_config["efficiency"]["seqlen"],

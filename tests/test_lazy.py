@@ -76,3 +76,43 @@ def test_lazy_loading_refuses_gradient_metrics_and_a_missing_output(zoo, tmp_pat
         prune(skeleton, ids, metrics.build("ours"), PruneSettings(sparsity=0.2), store=store)
     with pytest.raises(FileNotFoundError, match="safetensors"):
         LazyCheckpoint(tmp_path)
+
+
+def test_blockwise_zero_shot_equals_lm_eval_on_the_model_in_memory(zoo, tmp_path, monkeypatch):
+    """BlockwiseLM on a lazily loaded checkpoint, its batches split into several groups, gives
+    HFLM's loglikelihoods and greedy flags on the model in memory, and the same accuracies
+    through zeroshot.evaluate."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from harness.evaluate import blockwise_lm
+    from harness.evaluate.zeroshot import evaluate as zs_evaluate
+
+    model, tok = zoo("tiny-llama")
+    model.save_pretrained(tmp_path / "dense", max_shard_size="300KB")
+    store = LazyCheckpoint(tmp_path / "dense")
+    store.skeleton()
+    pairs = [("The cat sat on the", " mat"), ("A", " b c d e f g"), ("Question: what is two plus two?\nAnswer:", " four"),
+             ("", "empty context"), ("one two three four five six seven eight nine ten", " eleven twelve")]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    expected = HFLM(pretrained=model, tokenizer=tok, batch_size=2, add_bos_token=False).loglikelihood(requests)
+    groups = []
+    real = blockwise_lm.last_hidden
+    monkeypatch.setattr(blockwise_lm, "last_hidden", lambda store, batches, device: groups.append(len(batches)) or
+                        real(store, batches, device))
+    tokens_per_batch = 2 * 16  # at most: two requests of up to 16 tokens
+    lm = blockwise_lm.BlockwiseLM(store, tok, 2, False, torch.device("cpu"),
+                                  free_bytes=4 * 2 * model.config.hidden_size * 4 * tokens_per_batch)
+    got = lm.loglikelihood(requests)
+    assert len(groups) > 1 and sum(groups) == 3  # 5 requests in batches of 2, over more than one group
+    assert [g for _, g in got] == [g for _, g in expected]
+    torch.testing.assert_close(torch.tensor([ll for ll, _ in got]), torch.tensor([ll for ll, _ in expected]),
+                               rtol=1e-5, atol=1e-5)
+    assert all(p.device.type == "meta" for p in store.model.parameters())  # nothing stayed in memory
+
+    cfg = {"tasks": ["piqa", "arc_easy"], "limit": 6, "batch_size": 4, "source": "offline"}
+    in_memory, lazy = zs_evaluate(model, tok, cfg), zs_evaluate(store.model, tok, cfg, store=store)
+    for task in cfg["tasks"]:
+        assert (lazy["zeroshot"][task]["acc"], lazy["zeroshot"][task]["acc_norm"]) == (
+            in_memory["zeroshot"][task]["acc"], in_memory["zeroshot"][task]["acc_norm"]), task
+        assert lazy["zeroshot"][task]["tokens_per_second"] > 0

