@@ -214,3 +214,10 @@ def test_a_dense_run_on_the_masking_track_is_the_dense_row_not_a_method():
             synthetic.record("sparsity=0.5", "sparsity_type=unstructured", "metric=wanda", ppl={"wikitext2": 40.0})]
     (t,) = collect.table_sparse(collect.frame(recs)).values()
     assert list(t.index) == ["dense", "wanda"] and list(t.columns) == ["50% wikitext2"] and t.index.name == "method"
+
+
+def test_parameter_labels_keep_a_zero_and_drop_unset_values():
+    from harness.collect.frame import _params
+
+    assert _params({"tau": 0, "alpha": 0.0, "data_free": False, "policy": None}) == "alpha=0.0,tau=0"
+    assert _params({"data_free": False}) == "-"

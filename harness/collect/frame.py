@@ -24,7 +24,8 @@ _SAMPLING = ("dataset", "n_samples", "seqlen", "bos", "seed", "downstream_tasks"
 
 
 def _params(d: dict, skip: tuple[str, ...] = ()) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(d.items()) if k not in skip and v not in (None, False)) or "-"
+    """`k=v,...` of the set parameters (an unset value and a switched-off flag are left out; a 0 stays)."""
+    return ",".join(f"{k}={v}" for k, v in sorted(d.items()) if k not in skip and v is not None and v is not False) or "-"
 
 
 FAMILIES = ("dense", "data-free", "training-aware", "inference-aware", "retraining")  # the paper's Table 1 order
