@@ -96,10 +96,15 @@ def test_blockwise_zero_shot_equals_lm_eval_on_the_model_in_memory(zoo, tmp_path
              ("", "empty context"), ("one two three four five six seven eight nine ten", " eleven twelve")]
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
     expected = HFLM(pretrained=model, tokenizer=tok, batch_size=2, add_bos_token=False).loglikelihood(requests)
-    groups = []
-    real = blockwise_lm.last_hidden
-    monkeypatch.setattr(blockwise_lm, "last_hidden", lambda store, batches, device: groups.append(len(batches)) or
-                        real(store, batches, device))
+    groups, real = [], blockwise_lm.last_hidden
+
+    def last_hidden(store, batches, device):
+        hidden = real(store, batches, device)
+        groups.append(len(batches))
+        assert not any(h.requires_grad for h in hidden)  # a graph over every block would hold every activation
+        return hidden
+
+    monkeypatch.setattr(blockwise_lm, "last_hidden", last_hidden)
     tokens_per_batch = 2 * 16  # at most: two requests of up to 16 tokens
     lm = blockwise_lm.BlockwiseLM(store, tok, 2, False, torch.device("cpu"),
                                   free_bytes=4 * 2 * model.config.hidden_size * 4 * tokens_per_batch)

@@ -36,6 +36,7 @@ def group_windows(hidden_size: int, seqlen: int, batch_size: int, free_bytes: in
     return max(batch_size, group_tokens(hidden_size, free_bytes) // seqlen // batch_size * batch_size)
 
 
+@torch.no_grad()
 def last_hidden(store, batches: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """The last block's output for each batch of token ids, every block read once (the
     weights outside the blocks must be in memory: store.outside_blocks)."""
