@@ -51,8 +51,13 @@ def test_protocol_token_and_window_counts_are_pinned(zoo):
 PINNED_WIKITEXT2_TOKENS = 523_151
 
 
-def test_perplexity_equals_brute_force(zoo):
+@pytest.mark.parametrize("piece_rows", [None, 5])  # the whole batch in one log-softmax piece, or in pieces of 5 positions
+def test_perplexity_equals_brute_force(zoo, monkeypatch, piece_rows):
+    from harness.evaluate import perplexity
+
     model, tok = zoo("tiny-gpt2")
+    if piece_rows:
+        monkeypatch.setattr(perplexity, "NLL_PIECE_BYTES", 4 * model.config.vocab_size * piece_rows)
     ids = torch.randint(0, 4096, (3 * 16 + 5,), generator=torch.Generator().manual_seed(0))
     ppl, n, _ = perplexity_of(model, ids, seqlen=16, batch_size=2)
     nll, count = 0.0, 0

@@ -57,11 +57,20 @@ def windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None = None, bos_i
     return w if bos_id is None else torch.cat([torch.full((n, 1), bos_id, dtype=w.dtype), w], 1)
 
 
+# Positions go through the log-softmax in pieces of at most this many bytes: a temporary under
+# glibc's 32 MiB mmap ceiling is reused from the heap instead of mapped and faulted in afresh
+# for every batch (a whole batch's is batch x seqlen x vocab floats, 200 MB for smollm2 at 8 x 128).
+NLL_PIECE_BYTES = 16 * 2**20
+
+
 def window_nll(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-    """Summed NLL of every window's next tokens. The last position has no target: it is
-    ignored rather than sliced off, so the logits are read in place, never copied."""
-    targets = torch.cat([batch[:, 1:], torch.full_like(batch[:, :1], -100)], 1)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum")
+    """Summed NLL (float64) of every window's next tokens. The last position has no target: it
+    is ignored rather than sliced off, so the logits are read in place, never copied."""
+    targets = torch.cat([batch[:, 1:], torch.full_like(batch[:, :1], -100)], 1).reshape(-1)
+    flat = logits.reshape(-1, logits.shape[-1])
+    rows = max(1, NLL_PIECE_BYTES // (4 * flat.shape[1]))
+    return sum(F.cross_entropy(flat[i:i + rows].float(), targets[i:i + rows], reduction="sum").double()
+               for i in range(0, len(flat), rows))
 
 
 @torch.no_grad()
