@@ -205,15 +205,18 @@ def speed(model, label: str, ids: torch.Tensor, device: torch.device, batch: int
     return rows
 
 
+SMOKE_MODELS = {"llama-shaped h256 x4": lambda: llama_shaped(256, 4)}  # --smoke measures everything on it
+
+
 def eval_models(smoke: bool) -> dict:
     """The models whose evaluation throughput and pruned forward speed are measured."""
-    return {"llama-shaped h256 x4": lambda: llama_shaped(256, 4)} if smoke else {
+    return SMOKE_MODELS if smoke else {
         "smollm2-135m": lambda: named_model("smollm2-135m"), "llama-shaped h1024 x8": lambda: llama_shaped(1024, 8)}
 
 
 def prune_models(smoke: bool) -> dict:
     """The models every metric is timed on (the targets: all but the zoo's tiny ones)."""
-    return {"llama-shaped h256 x4": lambda: llama_shaped(256, 4)} if smoke else {
+    return SMOKE_MODELS if smoke else {
         "tiny-llama": lambda: named_model("tiny-llama"), "tiny-gpt2": lambda: named_model("tiny-gpt2"),
         "smollm2-135m": lambda: named_model("smollm2-135m"), "llama-shaped h512 x8": lambda: llama_shaped(512, 8)}
 
@@ -273,10 +276,11 @@ def timings(smoke: bool) -> dict:
     # Recovery's cost at the paper's calibration (128 x 128, 8x the tokens): its solves do not
     # grow with the tokens, its Gram matrices and forwards do. One repeat, smollm2 only.
     if not smoke:
-        make = models["smollm2-135m"]
-        ids = calibration_ids(make().config.vocab_size, 128, 128)
-        paper = {remedy: prune_case(make(), "smollm2-135m", "ours", remedy, ids, device, memory=False)["seconds"]
-                 for remedy in ("none", "recovery")}
+        paper = {}
+        for remedy in ("none", "recovery"):
+            model = models["smollm2-135m"]()
+            ids = calibration_ids(model.config.vocab_size, 128, 128)
+            paper[remedy] = prune_case(model, "smollm2-135m", "ours", remedy, ids, device, memory=False)["seconds"]
         result["recovery_at_paper_calibration"] = {"model": "smollm2-135m", "n_samples": 128, "seqlen": 128,
                                                    "ours_s": paper["none"], "ours_recovery_s": paper["recovery"],
                                                    "recovery_over_none": paper["recovery"] / paper["none"]}

@@ -13,6 +13,7 @@ Zero-shot: blockwise_lm.BlockwiseLM, whose batches go through the blocks in grou
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterator
@@ -37,19 +38,21 @@ def group_windows(hidden_size: int, seqlen: int, batch_size: int, free_bytes: in
 
 
 @torch.no_grad()
-def last_hidden(store, batches: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """The last block's output for each batch of token ids, every block read once (the
-    weights outside the blocks must be in memory: store.outside_blocks)."""
+def last_hidden(store, batches: list[torch.Tensor], device: torch.device, read_outside: bool = False) -> list[torch.Tensor]:
+    """The last block's output for each batch of token ids, every block read once. The capture
+    runs the weights outside the blocks: with `read_outside` they are read for it and freed
+    before the blocks run, else they must be in memory already (store.outside_blocks)."""
     from harness.models import adapter_for
 
     model = store.model
     blocks = adapter_for(model).layers(model)
     hidden, calls = [], [[] for _ in blocks]
-    for batch in batches:
-        first, per_block = capture(model, blocks, batch, len(batch), device)
-        hidden += first
-        for k, block_calls in enumerate(per_block):
-            calls[k] += block_calls
+    with store.outside_blocks(device) if read_outside else contextlib.nullcontext():
+        for batch in batches:
+            first, per_block = capture(model, blocks, batch, len(batch), device)
+            hidden += first
+            for k, block_calls in enumerate(per_block):
+                calls[k] += block_calls
     stream = chunks_at(hidden, calls[0])
     for k, block in enumerate(blocks):
         with store.block(k, block, device):
@@ -87,17 +90,13 @@ def blockwise_perplexity_of(store, ids: torch.Tensor, seqlen: int, batch_size: i
     first = state["resumed_from"] = state["windows_done"]
     start = time.perf_counter()
     for part in w[first:].split(group):
-        with store.outside_blocks(device):
-            hidden, calls = capture(model, blocks, part, batch_size, device)
-        stream = chunks_at(hidden, calls[0])
-        for k, block in enumerate(blocks):
-            with store.block(k, block, device):
-                stream = advance(block, k, stream, calls)
+        batches = list(part.split(batch_size))
+        outputs = last_hidden(store, batches, device, read_outside=True)
         nll = 0.0
         with store.outside_blocks(device, head=True):
-            for batch, chunk in zip(part.split(batch_size), stream, strict=True):
+            for batch, last in zip(batches, outputs, strict=True):
                 batch = batch.to(device)
-                with known_outputs(blocks, chunk.hidden):
+                with known_outputs(blocks, last):
                     loss = window_nll(model(input_ids=batch, use_cache=False).logits, batch)
                 if not torch.isfinite(loss):
                     raise FloatingPointError("non-finite loss in the block-wise perplexity")
@@ -107,4 +106,3 @@ def blockwise_perplexity_of(store, ids: torch.Tensor, seqlen: int, batch_size: i
         save()
     value = math.exp(state["nll"] / state["tokens"])
     return value, len(w), (len(w) - first) * seqlen / max(time.perf_counter() - start, 1e-9)
-

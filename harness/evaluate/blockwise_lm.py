@@ -28,6 +28,7 @@ class BlockwiseLM(HFLM):
         super().__init__(pretrained=store.model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=add_bos_token)
         self._device = device  # the skeleton's parameters are on the meta device
         self.store, self.free_bytes = store, free_bytes
+        self.blocks = adapter_for(store.model).layers(store.model)
         self.planned: list[torch.Tensor] | None = None  # while recording: the batches asked for
         self.batches: list[torch.Tensor] = []  # the recorded batches the real loop will ask for
         self.hidden: dict[int, torch.Tensor] = {}  # batch index -> last block output, this group
@@ -64,8 +65,7 @@ class BlockwiseLM(HFLM):
         if index not in self.hidden:
             self.hidden = self._group(index)
         hidden = self.hidden.pop(index)
-        blocks = adapter_for(self.model).layers(self.model)
-        with torch.no_grad(), known_outputs(blocks, hidden):
+        with torch.no_grad(), known_outputs(self.blocks, hidden):
             logits = self.model(input_ids=inps, use_cache=False).logits
         self.seconds += time.perf_counter() - start
         self.tokens += inps.numel()
