@@ -1,18 +1,22 @@
 """The prepared GPU check (`make bench-gpu`; on the lent machine `python3 -m bench.gpu --out DIR`).
 
-One call, sized for at most 8 minutes on one H200, with only what that machine's image holds
-(torch, transformers, safetensors, tqdm): the pruning path imports neither Hydra, OmegaConf,
-lm-eval nor wandb, so no wheel has to travel and no GGUF model either.
+One call, sized for at most 8 minutes on one H100 or H200, with only what that machine's image
+holds (torch, transformers, safetensors, tqdm; checked under its torch 2.11 and transformers
+5.17): the pruning path imports neither Hydra, OmegaConf, lm-eval nor wandb, so no wheel has
+to travel and no GGUF model either. In this order:
 
-  1. A random LLaMA-7B-shaped model (32 blocks, d 4096, f 11008, 32 heads, bfloat16) pruned
-     to 20% by ours, ours+recovery, flap, wanda and taylor on the paper's 128 x 128
-     calibration, resident on the GPU: seconds per block and in total, peak GPU memory.
-  2. The same model kept on the CPU, each block visiting the GPU in turn (`ours`): the
-     block-wise peak GPU memory (target: under 16 GB) and its time.
-  3. CPU-vs-GPU parity on the zoo's tiny-llama in float32: the same removed units for ours,
+  1. CPU-vs-GPU parity on the zoo's tiny-llama in float32: the same removed units for ours,
      flap, wanda and taylor on both devices.
-Writes gpu.json and gpu.md to --out (results/bench/ by default). `--smoke` shrinks every size
-so that the test suite runs the whole script on a CPU in seconds (then no GPU figures).
+  2. A random LLaMA-7B-shaped model (32 blocks, d 4096, f 11008, 32 heads, bfloat16) pruned
+     to 20% by ours, ours+recovery, flap, wanda and taylor on the paper's 128 x 128
+     calibration, resident on the GPU: seconds per block and in total, peak GPU memory
+     (taylor keeps one float32 gradient moment per prunable weight: about 40 GB in all).
+  3. The same model kept on the CPU, each block visiting the GPU in turn (`ours`): the
+     block-wise peak GPU memory (target: under 16 GB) and its time.
+Both gpu.json and gpu.md are rewritten after every case (results/bench/ by default), so a call
+cut off by its time limit still brings back what ran; a case that fails (out of memory, say)
+is recorded with its error, the rest still run, and the exit status is then 1. `--smoke`
+shrinks every size so that the test suite runs the whole script on a CPU in seconds.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -64,63 +69,97 @@ def timed_prune(model, ids: torch.Tensor, metric: str, remedy: str, device: torc
             "sparsity_achieved": report.sparsity_achieved, "removed": report.removed}
 
 
-def resident(shape: dict, ids: torch.Tensor, device: torch.device, dtype: torch.dtype) -> list[dict]:
-    rows = []
-    for metric, remedy in METHODS:
-        model = random_llama(shape, device, dtype)
-        row = timed_prune(model, ids, metric, remedy, device)
-        rows.append({k: v for k, v in row.items() if k != "removed"} | {"placement": "resident"})
-        print(f"resident  {metric:7s} {remedy:9s} {row['seconds']:7.1f} s  peak {row['peak_gpu_gb']} GB", flush=True)
-        del model
+def attempt(run, label: str, device: torch.device) -> dict:
+    """One case; a failure (out of GPU memory, say) is recorded and the check goes on, so one
+    call on a lent machine still reports every other case."""
+    try:
+        return run()
+    except Exception as e:  # noqa: BLE001 - every case's failure is data for the report
+        print(f"{label}: FAILED {type(e).__name__}: {e}", flush=True)
+        return {"error": f"{type(e).__name__}: {e}"}
+    finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows
+
+
+def resident(shape: dict, ids: torch.Tensor, device: torch.device, dtype: torch.dtype) -> Iterator[dict]:
+    for metric, remedy in METHODS:
+        def case(metric=metric, remedy=remedy):
+            model = random_llama(shape, device, dtype)
+            row = timed_prune(model, ids, metric, remedy, device)
+            print(f"resident  {metric:7s} {remedy:9s} {row['seconds']:7.1f} s  peak {row['peak_gpu_gb']} GB", flush=True)
+            return {k: v for k, v in row.items() if k != "removed"}
+
+        yield {"metric": metric, "remedy": remedy, "placement": "resident"} | attempt(case, f"resident {metric} {remedy}", device)
 
 
 def blockwise(shape: dict, ids: torch.Tensor, device: torch.device, dtype: torch.dtype) -> dict:
     """The model stays on the CPU; each block visits `device` (built on the device, then moved: faster)."""
-    model = random_llama(shape, device, dtype).to("cpu")
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    row = timed_prune(model, ids, "ours", "none", device)
-    assert all(p.device.type == "cpu" for p in model.parameters())
-    print(f"blockwise ours    none      {row['seconds']:7.1f} s  peak {row['peak_gpu_gb']} GB", flush=True)
-    return {k: v for k, v in row.items() if k != "removed"} | {"placement": "blockwise"}
+    def case():
+        model = random_llama(shape, device, dtype).to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        row = timed_prune(model, ids, "ours", "none", device)
+        assert all(p.device.type == "cpu" for p in model.parameters())
+        print(f"blockwise ours    none      {row['seconds']:7.1f} s  peak {row['peak_gpu_gb']} GB", flush=True)
+        return {k: v for k, v in row.items() if k != "removed"}
+
+    return {"metric": "ours", "remedy": "none", "placement": "blockwise"} | attempt(case, "blockwise ours", device)
 
 
-def parity(device: torch.device, n: int = 32, seqlen: int = 128) -> list[dict]:
+def parity(device: torch.device, n: int = 32, seqlen: int = 128) -> Iterator[dict]:
     """The same removed units on the CPU and on `device`, float32, the zoo's tiny-llama."""
     from transformers import AutoModelForCausalLM
 
     ids = torch.randint(0, 4096, (n, seqlen), generator=torch.Generator().manual_seed(0))
-    rows = []
     for metric in PARITY:
-        removed = []
-        for where in (torch.device("cpu"), device):
-            model = AutoModelForCausalLM.from_pretrained(ZOO, dtype=torch.float32).to(where).eval()
-            removed.append(timed_prune(model, ids, metric, "none", where)["removed"])
-        cpu, gpu = removed
-        same = cpu == gpu
-        differing = [f"{layer}/{kind}" for (layer, kind), units in cpu.items() if units != gpu.get((layer, kind))]
-        rows.append({"metric": metric, "same_removed_units": same, "differing_modules": differing})
-        print(f"parity    {metric:7s} same removed units: {same} {differing or ''}", flush=True)
-    return rows
+        def case(metric=metric):
+            removed = []
+            for where in (torch.device("cpu"), device):
+                model = AutoModelForCausalLM.from_pretrained(ZOO, dtype=torch.float32).to(where).eval()
+                removed.append(timed_prune(model, ids, metric, "none", where)["removed"])
+            cpu, gpu = removed
+            differing = [f"{layer}/{kind}" for (layer, kind), units in cpu.items() if units != gpu.get((layer, kind))]
+            print(f"parity    {metric:7s} same removed units: {cpu == gpu} {differing or ''}", flush=True)
+            return {"same_removed_units": cpu == gpu, "differing_modules": differing}
+
+        yield {"metric": metric} | attempt(case, f"parity {metric}", device)
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    return "-" if row.get(key) is None else format(row[key], fmt)
+
+
+def targets(result: dict) -> list[str]:
+    """Issue 20's GPU targets, read off the rows measured (absent rows: not measured)."""
+    ours = next((r for r in result.get("resident", []) if (r["metric"], r["remedy"]) == ("ours", "none")), {})
+    block = result.get("blockwise", {})
+    lines = []
+    if "seconds" in ours:
+        lines.append(f"- ours, resident, whole model: {ours['seconds']:.1f} s (target < 180 s: "
+                     f"{'met' if ours['seconds'] < 180 else 'NOT met'})")
+    if block.get("peak_gpu_gb") is not None:
+        lines.append(f"- ours, block-wise, peak GPU memory: {block['peak_gpu_gb']:.1f} GB (target < 16 GB: "
+                     f"{'met' if block['peak_gpu_gb'] < 16 else 'NOT met'})")
+    return lines
 
 
 def markdown(result: dict) -> str:
     lines = [f"# GPU check ({result['device_name']}, {result['date']})", "",
              f"Model: random LLaMA-7B shape {result['shape']}, {result['dtype']}; calibration "
              f"{result['calibration']}; sparsity 0.2. torch {result['torch']}, transformers {result['transformers']}.",
-             "", "| placement | metric | remedy | total s | s / block | peak GPU GB |", "| --- | --- | --- | ---: | ---: | ---: |"]
-    for row in [*result["resident"], result["blockwise"]]:
-        peak = "-" if row["peak_gpu_gb"] is None else f"{row['peak_gpu_gb']:.1f}"
-        lines.append(f"| {row['placement']} | {row['metric']} | {row['remedy']} | {row['seconds']:.1f} | "
-                     f"{row['seconds_per_block']:.2f} | {peak} |")
+             f"Stages finished: {', '.join(result['finished']) or 'none'} ({result['seconds']:.0f} s).",
+             "", "| placement | metric | remedy | total s | s / block | peak GPU GB | error |",
+             "| --- | --- | --- | ---: | ---: | ---: | --- |"]
+    for row in [*result.get("resident", []), *([result["blockwise"]] if "blockwise" in result else [])]:
+        lines.append(f"| {row['placement']} | {row['metric']} | {row['remedy']} | {_cell(row, 'seconds', '.1f')} | "
+                     f"{_cell(row, 'seconds_per_block', '.2f')} | {_cell(row, 'peak_gpu_gb', '.1f')} | "
+                     f"{row.get('error', '-')} |")
     lines += ["", "CPU vs GPU (zoo tiny-llama, float32): same removed units", "",
-              "| metric | same | differing modules |", "| --- | --- | --- |"]
-    lines += [f"| {r['metric']} | {r['same_removed_units']} | {', '.join(r['differing_modules']) or '-'} |"
-              for r in result["parity"]]
-    return "\n".join(lines) + "\n"
+              "| metric | same | differing modules | error |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['metric']} | {r.get('same_removed_units', '-')} | {', '.join(r.get('differing_modules', [])) or '-'} "
+              f"| {r.get('error', '-')} |" for r in result.get("parity", [])]
+    return "\n".join([*lines, "", "Targets:", "", *(targets(result) or ["- none measured"])]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -141,16 +180,33 @@ def main(argv: list[str] | None = None) -> None:
     result = {"date": time.strftime("%Y-%m-%d"), "smoke": a.smoke, "device": device.type,
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "transformers": transformers.__version__, "shape": shape,
-              "dtype": str(dtype).removeprefix("torch."), "calibration": f"{n} x {seqlen} random tokens"}
-    result["resident"] = resident(shape, ids, device, dtype)
-    result["blockwise"] = blockwise(shape, ids, device, dtype)
-    # on a CPU (--smoke): the CPU against itself, the code path only
-    result["parity"] = parity(device, *((4, 32) if a.smoke else (32, 128)))
-    result["seconds"] = time.perf_counter() - start
+              "dtype": str(dtype).removeprefix("torch."), "calibration": f"{n} x {seqlen} random tokens",
+              "finished": [], "resident": [], "parity": []}
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "gpu.json").write_text(json.dumps(result, indent=2) + "\n")
-    (a.out / "gpu.md").write_text(markdown(result))
-    print(f"wrote {a.out / 'gpu.json'} and {a.out / 'gpu.md'} in {result['seconds']:.0f} s")
+
+    def save(stage: str | None = None) -> None:
+        """Both files after every case: a call cut off by its time limit still reports what ran."""
+        result["finished"] += [stage] if stage else []
+        result["seconds"] = time.perf_counter() - start
+        (a.out / "gpu.json").write_text(json.dumps(result, indent=2) + "\n")
+        (a.out / "gpu.md").write_text(markdown(result))
+
+    # Cheapest and most telling first: parity (correctness), then the two targets' cases.
+    # On a CPU (--smoke) parity compares the CPU with itself: the code path only.
+    for row in parity(device, *((4, 32) if a.smoke else (32, 128))):
+        result["parity"].append(row)
+        save()
+    save("parity")
+    for row in resident(shape, ids, device, dtype):
+        result["resident"].append(row)
+        save()
+    save("resident")
+    result["blockwise"] = blockwise(shape, ids, device, dtype)
+    save("blockwise")
+    failed = [r for r in [*result["parity"], *result["resident"], result["blockwise"]] if "error" in r]
+    print(f"wrote {a.out / 'gpu.json'} and {a.out / 'gpu.md'} in {result['seconds']:.0f} s; {len(failed)} case(s) failed")
+    if failed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,25 @@ def test_the_prepared_gpu_check_runs_end_to_end_in_smoke_mode(tmp_path):
         ("ours", "none"), ("ours", "recovery"), ("flap", "none"), ("wanda", "none"), ("taylor", "none")]
     assert result["blockwise"]["placement"] == "blockwise" and result["blockwise"]["seconds"] > 0
     assert [r["same_removed_units"] for r in result["parity"]] == [True] * 4
-    assert "| blockwise | ours | none |" in (tmp_path / "gpu.md").read_text()
+    assert result["finished"] == ["parity", "resident", "blockwise"]
+    report = (tmp_path / "gpu.md").read_text()
+    assert "| blockwise | ours | none |" in report and "- ours, resident, whole model:" in report
+
+
+def test_a_failing_gpu_check_case_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch):
+    """One call on a lent machine must bring back every case it could run: a case that raises
+    (out of GPU memory, say) is a row with its error, the files are written, the exit is 1."""
+    import bench.gpu as gpu
+
+    monkeypatch.setattr(gpu, "METHODS", [("ours", "none"), ("no-such-metric", "none"), ("flap", "none")])
+    with pytest.raises(SystemExit) as exit_:
+        gpu.main(["--smoke", "--out", str(tmp_path)])
+    assert exit_.value.code == 1
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    failed = result["resident"][1]
+    assert failed["metric"] == "no-such-metric" and "no-such-metric" in failed["error"]
+    assert result["resident"][2]["seconds"] > 0 and result["finished"] == ["parity", "resident", "blockwise"]
+    assert "no-such-metric | none | - | - | - | ValueError" in (tmp_path / "gpu.md").read_text()
 
 
 def test_smoke_lazy_memory_prunes_a_sharded_checkpoint_in_a_fresh_process(tmp_path):

@@ -73,3 +73,50 @@ def test_taylor_variants_prune_end_to_end(model_type, variant):
     assert report.params_after < report.params_before
     assert "gradients" in report.stage_seconds
     assert all(p.requires_grad for p in model.parameters())  # restored
+
+
+@pytest.mark.parametrize("variant", ["element1", "element2", "mix", "vector"])
+def test_each_variant_reads_only_the_gradient_moments_it_asks_for(model_type, variant):
+    """Scores from only the moments the variant declares equal scores from both moments (a
+    moment it reads but did not ask for would be None and fail)."""
+    model = random_model(model_type)
+    ad = adapter_for(model)
+    view = ad.mlp(ad.layers(model)[1])
+    modules = [*view.level1, view.level2]
+    ids = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(0))
+    metric = metrics.build("taylor", {"variant": variant})
+    asked = taylor_gradients(model, modules, ids, torch.device("cpu"), metric.gradient_moments())
+    both = taylor_gradients(model, modules, ids, torch.device("cpu"))
+    assert len(metric.gradient_moments()) < 2 or variant == "mix"
+    for m in modules:
+        assert (asked[m][0] is None) == ("mean" not in metric.gradient_moments())
+        assert (asked[m][1] is None) == ("square" not in metric.gradient_moments())
+    rank = [metric.rank(view, ModuleStats(extra={"grad": g}), None).scores for g in (asked, both)]
+    torch.testing.assert_close(rank[0], rank[1], rtol=0, atol=0)
+
+
+def test_gradients_are_folded_and_freed_one_weight_at_a_time(model_type):
+    """While backward runs, at most one prunable weight holds a .grad (each is folded into the
+    sums and freed at once), so gradient memory is one weight's, not the model's."""
+    model = random_model(model_type)
+    ad = adapter_for(model)
+    modules = [m for block in ad.layers(model) for view in (ad.attention(block), ad.mlp(block))
+               for m in (*view.level1, view.level2)]
+    alive = []
+    watched = [m.weight for m in modules]
+    handles = [w.register_post_accumulate_grad_hook(  # registered first: runs before the fold
+        lambda _p: alive.append(sum(v.grad is not None for v in watched))) for w in watched]
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    try:
+        taylor_gradients(model, modules, ids, torch.device("cpu"), frozenset({"mean"}))
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(alive) == 2 * len(modules) and max(alive) == 1
+    assert all(w.grad is None for w in watched)
+
+
+def test_unknown_gradient_moments_are_refused():
+    model = random_model("llama")
+    with pytest.raises(ValueError, match="accepted: a non-empty subset"):
+        taylor_gradients(model, [], torch.zeros(1, 4, dtype=torch.long), torch.device("cpu"), frozenset({"cube"}))

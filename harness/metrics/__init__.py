@@ -68,6 +68,11 @@ class Metric:
         """Whether scoring these module kinds needs the whole model's Taylor gradients."""
         return any("grad" in self.needs(kind) for kind in kinds)
 
+    def gradient_moments(self) -> frozenset[str]:
+        """Which moments of the per-sequence gradients it reads (prune/gradients.py): the mean
+        g and/or the mean square a; each one not read saves 4 bytes per prunable weight."""
+        return frozenset({"mean", "square"})
+
     @property
     def label(self) -> str:
         """How records and tables name the method (its registry name unless it says more)."""

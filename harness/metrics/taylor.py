@@ -33,20 +33,23 @@ class Taylor(Metric):
             raise ValueError(f"unknown taylor variant {variant!r}; accepted: {', '.join(VARIANTS)}")
         self.variant = variant
 
+    def gradient_moments(self) -> frozenset[str]:
+        return frozenset({"mean", "square"} if self.variant == "mix" else
+                         {"square"} if self.variant == "element2" else {"mean"})
+
     def rank(self, view: DepthTwo, stats: ModuleStats, generator: torch.Generator) -> Ranking:
         grads = stats.extra["grad"]
 
         def per_weight(module):
             w = weight(module).detach().float()
             g, a = grads[module]
-            first, second = w * g, w * a * w
             if self.variant == "element1":
-                return first.abs()
+                return (w * g).abs()
             if self.variant == "element2":
-                return second.abs()
+                return (w * a * w).abs()
             if self.variant == "mix":
-                return (first - 0.5 * second).abs()
-            return first  # vector: signed, summed over the group, then |.|
+                return (w * g - 0.5 * w * a * w).abs()
+            return w * g  # vector: signed, summed over the group, then |.|
 
         scores = group_sum(view, per_weight)
         return Ranking(scores.abs() if self.variant == "vector" else scores)

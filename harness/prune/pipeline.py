@@ -220,7 +220,8 @@ class Pipeline:
             modules = [m for k in self.layer_range for kind in settings.modules
                        for view in [self.view(self.blocks[k], kind)] for m in (*view.level1, view.level2)]
             with self._timed("gradients"):
-                self.grads = taylor_gradients(self.model, modules, input_ids, self.device)
+                self.grads = taylor_gradients(self.model, modules, input_ids, self.device,
+                                               self.metric.gradient_moments())
         with self._timed("forward"):
             stream, calls = self.capture_inputs(input_ids)
             # The remedy's own data (a second stream, its own block arguments), or the scoring stream.
