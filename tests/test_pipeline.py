@@ -9,7 +9,7 @@ from harness import metrics
 from harness.models import adapter_for
 from harness.prune import PruneSettings, n_params, prune
 from harness.prune import allocation as alloc
-from harness.remedy.recovery import CrossMoments, refit
+from harness.remedy.recovery import CrossMoments, add_lower_gram, refit, symmetric
 from tests.conftest import random_model
 
 ALL_METRICS = ["ours", "second_moment", "similarity", "random", "l1", "l2", "wanda", "flap"]
@@ -94,6 +94,18 @@ def test_recovery_refit_equals_least_squares_and_lowers_error(outputs):
     torch.testing.assert_close(lin.weight.detach(), reference[:16].T, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(lin.bias.detach(), reference[16], rtol=1e-6, atol=1e-6)
     assert (lin(x_cur) - y).pow(2).mean().item() < before
+
+
+@pytest.mark.parametrize("width", [1, 3, 16, 17, 53])
+@pytest.mark.parametrize("pieces", [1, 2, 4, 7])
+def test_lower_block_gram_is_x_transpose_x(width, pieces):
+    """The Gram matrix from its lower block triangle alone, accumulated over chunks, equals the
+    brute-force X^T X (odd widths, more pieces than columns included)."""
+    x = torch.randn(40, width, dtype=torch.float64, generator=torch.Generator().manual_seed(width))
+    acc = torch.zeros(width, width, dtype=torch.float64)
+    for part in x.split(15):
+        add_lower_gram(acc, part, pieces)
+    torch.testing.assert_close(symmetric(acc), x.T @ x, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("outputs", [8, 40])

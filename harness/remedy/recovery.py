@@ -32,6 +32,25 @@ from harness.remedy import FitContext, Remedy, register
 log = logging.getLogger(__name__)
 
 
+GRAM_PIECES = 4  # column pieces of the Gram matrix's lower block triangle (measured best, 2 CPU cores)
+
+
+def add_lower_gram(acc: torch.Tensor, x: torch.Tensor, pieces: int = GRAM_PIECES) -> None:
+    """acc += x^T x on the lower block triangle only (rows of `pieces` column blocks of x against
+    the columns up to their own): X^T X is symmetric, so the blocks above the diagonal are never
+    formed. About 0.6x the time of the full product for a 1,536-wide MLP input (README)."""
+    n = x.shape[1]
+    step = -(-n // pieces)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        acc[start:stop, :stop] += (x[:, start:stop].T @ x[:, :stop]).to(acc.dtype)
+
+
+def symmetric(lower: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose lower triangle is `lower`'s."""
+    return lower.tril() + lower.tril(-1).T
+
+
 class CrossMoments:
     """Running `gram` = X_hat^T X_hat and `cross` = X_hat^T X over tokens (X_hat: this module's
     input in the model pruned so far, X: the dense model's), optionally augmented by a 1 column.
@@ -42,8 +61,15 @@ class CrossMoments:
     def __init__(self, width: int, augment: bool, dtype: torch.dtype, device: torch.device, targets: int | None = None):
         n = width + int(augment)
         self.augment, self.targets = augment, targets is not None
-        self.gram = torch.zeros(n, n, dtype=dtype, device=device)
+        self._lower = torch.zeros(n, n, dtype=dtype, device=device)  # X_hat^T X_hat, lower block triangle
+        self._gram: torch.Tensor | None = None
         self.cross = torch.zeros(n, targets if self.targets else n, dtype=dtype, device=device)
+
+    @property
+    def gram(self) -> torch.Tensor:
+        if self._gram is None:
+            self._gram = symmetric(self._lower)
+        return self._gram
 
     def _augmented(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(-1, x.shape[-1])
@@ -55,7 +81,8 @@ class CrossMoments:
     def update(self, current: torch.Tensor, dense: torch.Tensor) -> None:
         current = self._augmented(current)
         dense = dense.reshape(-1, dense.shape[-1]).to(current.dtype) if self.targets else self._augmented(dense)
-        self.gram += (current.T @ current).to(self.gram.dtype)
+        add_lower_gram(self._lower, current)
+        self._gram = None
         self.cross += (current.T @ dense).to(self.cross.dtype)
 
 
