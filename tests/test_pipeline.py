@@ -9,7 +9,7 @@ from harness import metrics
 from harness.models import adapter_for
 from harness.prune import PruneSettings, n_params, prune
 from harness.prune import allocation as alloc
-from harness.remedy.recovery import CrossMoments, add_lower_gram, refit, symmetric
+from harness.remedy.recovery import CrossMoments, add_lower_gram, mirror_lower, refit
 from tests.conftest import random_model
 
 ALL_METRICS = ["ours", "second_moment", "similarity", "random", "l1", "l2", "wanda", "flap"]
@@ -105,7 +105,17 @@ def test_lower_block_gram_is_x_transpose_x(width, pieces):
     acc = torch.zeros(width, width, dtype=torch.float64)
     for part in x.split(15):
         add_lower_gram(acc, part, pieces)
-    torch.testing.assert_close(symmetric(acc), x.T @ x, rtol=1e-12, atol=1e-12)
+        mirror_lower(acc, pieces)  # mirroring between updates must not leak into the sums
+    torch.testing.assert_close(acc, x.T @ x, rtol=1e-12, atol=1e-12)
+
+
+def test_cross_moments_gram_read_between_updates_stays_exact():
+    x = torch.randn(60, 23, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    mom = CrossMoments(23, augment=False, dtype=torch.float64, device=torch.device("cpu"))
+    for part in x.split(20):
+        mom.update(part, part)
+        assert mom.gram.shape == (23, 23)
+    torch.testing.assert_close(mom.gram, x.T @ x, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("outputs", [8, 40])
