@@ -258,6 +258,32 @@ def test_sparsity_zero_leaves_the_logits_unchanged(model_type, metric, remedy, a
         assert torch.equal(model(ids).logits, before)
 
 
+def test_recovery_runs_no_dense_pass_before_the_first_cut(zoo, monkeypatch):
+    """Before the layer range (LLaMA-7B's blocks 0..3) nothing is cut, so the dense stream is
+    the stream itself: no dense pass there, and the dense stream entering the first pruned
+    block is the model's own hidden state (one stream or a separate fit set)."""
+    from harness.prune import Pipeline
+
+    model, _ = zoo("tiny-llama")
+    ids = _calib(n=4, s=32, vocab=4096)
+    with torch.no_grad():
+        entering = model(ids, output_hidden_states=True).hidden_states[2]  # block 1's output
+    original, seen = Pipeline.dense_pass, []
+
+    def dense_pass(self, block, k, stream, *rest):
+        seen.append((k, torch.cat([chunk.hidden for chunk in stream])))
+        return original(self, block, k, stream, *rest)
+
+    monkeypatch.setattr(Pipeline, "dense_pass", dense_pass)
+    for fit_ids in (None, ids.clone()):
+        seen.clear()
+        prune(copy.deepcopy(model), ids, metrics.build("ours"),
+              PruneSettings(sparsity=0.3, sparsity_mode="module", remedy="recovery", layers=(2, 4), chunk_size=2),
+              fit_ids=fit_ids)
+        assert [k for k, _ in seen] == [2, 3]
+        torch.testing.assert_close(seen[0][1], entering, rtol=1e-4, atol=1e-4)
+
+
 def test_the_recovery_set_reaches_only_the_recovery_fits(zoo, monkeypatch):
     """Scoring statistics come from `input_ids`, recovery's least squares from `fit_ids`: a
     recovery-only change of data changes the recovered weights and not the first module's

@@ -235,8 +235,11 @@ class Pipeline:
         for k in tqdm(range(self.layer_range.stop), desc=f"pruning ({self.metric.name})", disable=None):
             with self.visit(k, pruning=True) as block:
                 pruned_here = k in self.layer_range
+                # Before the first cut the dense stream is the fit stream itself (LLaMA-7B's
+                # blocks 0..3): it is advanced once, below, not a second time here.
+                lead = dense_stream is not None and not self.cut_upstream and not pruned_here
                 dense_inputs = None
-                if dense_stream is not None:  # the block is still dense: its pass over the dense stream first
+                if dense_stream is not None and not lead:  # the block is still dense: its pass over the dense stream first
                     with torch.no_grad(), self._timed("forward"):
                         dense_inputs, dense_stream = self.dense_pass(block, k, dense_stream, fit_calls,
                                                                      settings.modules if pruned_here else ())
@@ -249,6 +252,8 @@ class Pipeline:
                     stream = advance(block, k, in_block, calls)
                     if separate:
                         fit_stream = advance(block, k, fit_stream, fit_calls)
+                if lead:
+                    dense_stream = fit_stream if separate else stream
                 for chunk in stream:
                     check_finite(chunk.hidden, f"the output of block {k} after pruning")
         remedy_report = self.remedy.finish()
