@@ -120,3 +120,14 @@ def test_unknown_gradient_moments_are_refused():
     model = random_model("llama")
     with pytest.raises(ValueError, match="accepted: a non-empty subset"):
         taylor_gradients(model, [], torch.zeros(1, 4, dtype=torch.long), torch.device("cpu"), frozenset({"cube"}))
+
+
+def test_a_gradient_left_from_before_is_not_summed_in():
+    model = random_model("llama")
+    ad = adapter_for(model)
+    module = ad.mlp(ad.layers(model)[0]).level2
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(2))
+    (clean, _), = taylor_gradients(model, [module], ids, torch.device("cpu"), frozenset({"mean"})).values()
+    module.weight.grad = torch.ones_like(module.weight)
+    (again, _), = taylor_gradients(model, [module], ids, torch.device("cpu"), frozenset({"mean"})).values()
+    torch.testing.assert_close(again, clean, rtol=0, atol=0)

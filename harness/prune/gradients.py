@@ -47,6 +47,7 @@ def taylor_gradients(model: nn.Module, modules: list[nn.Module], input_ids: torc
         return hook
 
     handles = []
+    model.zero_grad(set_to_none=True)  # a gradient left from before would be summed into the first
     try:
         for m in modules:
             m.weight.requires_grad_(True)
