@@ -20,7 +20,10 @@ from harness.metrics.magnitude import group_sum
 from harness.models.base import DepthTwo, weight
 from harness.prune.stats import ModuleStats
 
-VARIANTS = ("element1", "element2", "mix", "vector")
+# The gradient moments (prune/gradients.py) each variant reads: g = "mean", a = "square".
+MOMENTS_READ = {"element1": frozenset({"mean"}), "element2": frozenset({"square"}),
+                "mix": frozenset({"mean", "square"}), "vector": frozenset({"mean"})}
+VARIANTS = tuple(MOMENTS_READ)
 
 
 @register("taylor")
@@ -34,8 +37,7 @@ class Taylor(Metric):
         self.variant = variant
 
     def gradient_moments(self) -> frozenset[str]:
-        return frozenset({"mean", "square"} if self.variant == "mix" else
-                         {"square"} if self.variant == "element2" else {"mean"})
+        return MOMENTS_READ[self.variant]
 
     def rank(self, view: DepthTwo, stats: ModuleStats, generator: torch.Generator) -> Ranking:
         grads = stats.extra["grad"]

@@ -35,26 +35,25 @@ log = logging.getLogger(__name__)
 GRAM_PIECES = 4  # column pieces of the Gram matrix's lower block triangle (measured best, 2 CPU cores)
 
 
+def _column_blocks(n: int, pieces: int) -> list[tuple[int, int]]:
+    """[start, stop) of the `pieces` column blocks the Gram matrix is split into."""
+    step = -(-n // pieces)
+    return [(start, min(start + step, n)) for start in range(0, n, step)]
+
+
 def add_lower_gram(acc: torch.Tensor, x: torch.Tensor, pieces: int = GRAM_PIECES) -> None:
     """acc += x^T x on the lower block triangle only (rows of `pieces` column blocks of x against
     the columns up to their own): X^T X is symmetric, so the blocks above the diagonal are never
     formed: about 0.6x the time of the full product for a 1,536-wide input (2 CPU cores)."""
-    n = x.shape[1]
-    step = -(-n // pieces)
-    for start in range(0, n, step):
-        stop = min(start + step, n)
+    for start, stop in _column_blocks(x.shape[1], pieces):
         acc[start:stop, :stop] += (x[:, start:stop].T @ x[:, :stop]).to(acc.dtype)
 
 
-def mirror_lower(acc: torch.Tensor, pieces: int = GRAM_PIECES) -> torch.Tensor:
+def mirror_lower(acc: torch.Tensor, pieces: int = GRAM_PIECES) -> None:
     """Fill, in place, the blocks above the diagonal that `add_lower_gram` never forms (it
     computes the diagonal blocks whole) from their mirror images below: no n x n temporary."""
-    n = acc.shape[0]
-    step = -(-n // pieces)
-    for start in range(0, n, step):
-        stop = min(start + step, n)
+    for start, stop in _column_blocks(acc.shape[0], pieces):
         acc[start:stop, stop:] = acc[stop:, start:stop].T
-    return acc
 
 
 class CrossMoments:
