@@ -55,28 +55,32 @@ def lora_finetune(model: nn.Module, blocks: list[nn.Module], ids: torch.Tensor, 
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none",
                         fan_in_fan_out=conv1d)  # GPT-2's Conv1D stores [in, out]
     frozen_state = {p: p.requires_grad for p in model.parameters()}
-    peft_model = get_peft_model(model, config)
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.empty(0, dtype=torch.long)
-    losses: list[float] = []
-    start = time.perf_counter()
-    peft_model.train()
-    try:
-        bar = tqdm(range(steps), desc="finetune (lora)", disable=None)
-        for _ in bar:
-            if len(order) < batch_size:  # a new pass over the sequences, in a new order
-                order = torch.cat([order, torch.randperm(len(ids), generator=generator)])
-            batch, order = ids[order[:batch_size]].to(device), order[batch_size:]
-            loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    finally:
-        peft_model.eval()
+    # LoRA's initial A matrices and its dropout masks come from the global RNG: seeded here (and
+    # restored after), the same config gives the same fine-tuned model.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config)
+        trainable = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=lr)
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.empty(0, dtype=torch.long)
+        losses: list[float] = []
+        start = time.perf_counter()
+        peft_model.train()
+        try:
+            bar = tqdm(range(steps), desc="finetune (lora)", disable=None)
+            for _ in bar:
+                if len(order) < batch_size:  # a new pass over the sequences, in a new order
+                    order = torch.cat([order, torch.randperm(len(ids), generator=generator)])
+                batch, order = ids[order[:batch_size]].to(device), order[batch_size:]
+                loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        finally:
+            peft_model.eval()
     merged = peft_model.merge_and_unload()
     for p, requires_grad in frozen_state.items():
         p.requires_grad_(requires_grad)
