@@ -26,6 +26,52 @@ def test_smoke_benchmark_writes_json_and_markdown(tmp_path):
     low, high = targets["range"]["ours_over_flap"]
     assert low <= targets["ours_over_flap"] <= high and low > 0  # a median of per-repeat ratios
     assert targets["statistics_scoring_in_block_forwards"] > 0 and targets["repeats"] == 3
+    assert targets["floor_ratio"] > targets["floor_without_solves"] > 1
+    assert "floor without the solves" in (tmp_path / "bench.md").read_text()
+
+
+def test_recovery_floor_counts_every_fit_but_block_0_attention():
+    from bench.run import recovery_floor
+
+    arithmetic = {"attention": {"moments": 1.0, "solves": 2.0}, "mlp": {"moments": 3.0, "solves": 4.0}}
+    floor = recovery_floor({"blocks": 3, "seconds": 10.0}, 1.0, arithmetic)
+    # products 2 x 1 + 3 x 3 = 11, solves 2 x 2 + 3 x 4 = 16; 10 + 3 plain forwards + 11 = 24
+    assert floor == pytest.approx({"without_solves": 2.4, "ratio": 4.0, "products_s_per_block": 11 / 3,
+                                   "solves_s_per_block": 16 / 3})
+
+
+def test_recovery_arithmetic_times_the_fits_recovery_makes(monkeypatch):
+    """The floor's products and solves are those of a real recovery run: the same moment
+    shapes (width, intercept, targets) per block, and the model it reads is left untouched."""
+    import torch
+
+    from bench.recovery_floor import recovery_arithmetic
+    from bench.run import named_model
+    from harness import metrics
+    from harness.prune import PruneSettings, prune
+    from harness.remedy.recovery import CrossMoments
+
+    built = []
+    original = CrossMoments.__init__
+
+    def recording(self, width, augment, dtype, device, targets=None):
+        built.append((width, augment, targets))
+        original(self, width, augment, dtype, device, targets)
+
+    monkeypatch.setattr(CrossMoments, "__init__", recording)
+    model = named_model("tiny-llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seconds = recovery_arithmetic(model, 3, 16, torch.device("cpu"), repeats=1)
+    assert seconds.keys() == {"attention", "mlp"}
+    assert all(s["moments"] > 0 and s["solves"] > 0 for s in seconds.values())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    floor_fits, built[:] = list(built), []
+    ids = torch.randint(0, model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
+    prune(model, ids, metrics.build("ours"), PruneSettings(sparsity=0.2, sparsity_mode="module", remedy="recovery"),
+          torch.device("cpu"))
+    # block 0 re-fits its MLP only (nothing was cut before its attention), then block 1 all four
+    # fits, each before its own cut: block 0's widths
+    assert len(floor_fits) == 8 and built[2:6] == floor_fits[:4] == floor_fits[4:]  # two rounds
 
 
 def test_smoke_export_speed_measures_dense_and_pruned_in_plain_transformers(tmp_path):
