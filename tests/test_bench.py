@@ -104,6 +104,21 @@ def test_the_prepared_gpu_check_runs_end_to_end_in_smoke_mode(tmp_path):
     assert result["finished"] == ["parity", "resident", "blockwise"]
     report = (tmp_path / "gpu.md").read_text()
     assert "| blockwise | ours | none |" in report and "- ours, resident, whole model:" in report
+    seconds = {(r["metric"], r["remedy"]): r["seconds"] for r in result["resident"]}
+    ratio = seconds[("ours", "recovery")] / seconds[("ours", "none")]
+    assert f"- ours+recovery / ours, resident: {ratio:.2f} (set on the CPU: <= 2, " in report
+    assert f"- ours / flap, resident: {seconds[('ours', 'none')] / seconds[('flap', 'none')]:.2f}" in report
+
+
+def test_gpu_targets_read_only_the_rows_that_were_measured():
+    from bench.gpu import targets
+
+    rows = [{"metric": "ours", "remedy": "none", "seconds": 120.0}, {"metric": "flap", "remedy": "none", "seconds": 100.0},
+            {"metric": "ours", "remedy": "recovery", "error": "OutOfMemoryError: ..."}]
+    assert targets({"resident": rows, "blockwise": {"peak_gpu_gb": 20.0}}) == [
+        "- ours, resident, whole model: 120.0 s (target < 180 s: met)",
+        "- ours, block-wise, peak GPU memory: 20.0 GB (target < 16 GB: NOT met)",
+        "- ours / flap, resident: 1.20 (set on the CPU: <= 1.2, met)"]
 
 
 def test_a_failing_gpu_check_case_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch):

@@ -9,7 +9,9 @@ from harness.prune.stats import ChannelMoments, FlapSampleMoments, js_distance_s
 
 MASKS = {"causal": lambda s: torch.tril(torch.ones(s, s, dtype=torch.bool)),
          "sliding window 3": lambda s: torch.tril(torch.ones(s, s, dtype=torch.bool)).triu(-2),
-         "bidirectional": lambda s: torch.ones(s, s, dtype=torch.bool)}
+         "bidirectional": lambda s: torch.ones(s, s, dtype=torch.bool),
+         # queries that attend to nothing (all-zero rows): a whole row block of them is skipped
+         "padded queries": lambda s: torch.tril(torch.ones(s, s, dtype=torch.bool)) & (torch.arange(s) < 2)[:, None]}
 
 
 @pytest.mark.parametrize("mask", MASKS)
@@ -18,7 +20,7 @@ def test_js_matrix_matches_brute_force_and_is_symmetric(mask):
     b, h, s = 2, 4, 6
     logits = torch.randn(b, h, s, s)
     allowed = MASKS[mask](s)
-    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1)
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)  # empty rows: zeros
     probs[:, 3] = probs[:, 1]  # two identical heads: distance exactly 0
     got, rows = js_distance_sums(probs, row_block=4)  # blocks that end inside the sequence
     assert rows == b * s
