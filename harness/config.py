@@ -74,13 +74,17 @@ class ModelConfig:
     layers: list[int] | None = None  # [start, end) of prunable blocks; null = all
     seqlen: int = 128  # the protocol's context for calibration and perplexity
     bos: str = "stream"  # stream: BOS once at the stream start (the papers); window: BOS starts every sequence
-    lazy: bool = False  # models larger than memory: built on the meta device, one block at a time (models/lazy.py)
+    # models larger than memory: built on the meta device, one block at a time (models/lazy.py);
+    # auto: so only when the weights would take over 80% of the memory available (loading.lazy_auto)
+    lazy: Any = False  # true, false or auto
 
     def check(self) -> None:
         from harness.evaluate.perplexity import BOS_PLACEMENTS
         from harness.models.loading import SOURCES
 
         one_of("model.source", self.source, SOURCES)
+        if not (isinstance(self.lazy, bool) or self.lazy == "auto"):
+            raise ConfigError(f"model.lazy={self.lazy!r} is not accepted; accepted: true, false, auto")
         one_of("model.bos", self.bos, BOS_PLACEMENTS)
         if self.path and not Path(self.path).expanduser().exists():
             raise ConfigError(f"model.path={self.path!r} does not exist")
@@ -332,8 +336,8 @@ class RunConfig:
         if self.finetune.name != "none" and self.sparsity_type != "structured":
             raise ConfigError(f"finetune={self.finetune.name} would make the masked weights dense again when its "
                               f"adapters merge; with sparsity_type={self.sparsity_type} accepted: finetune=none")
-        if self.model.lazy:
-            self._check_lazy()
+        if self.model.lazy is True:
+            self.check_lazy()
         one_of("dtype", self.dtype, ("auto", *DTYPES))
         if not DEVICE.fullmatch(str(self.device)):
             raise ConfigError(f"device={self.device!r} is not accepted; accepted: auto, cpu, cuda, cuda:N, mps")
@@ -348,8 +352,9 @@ class RunConfig:
                                   f"devices; accepted: cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
         _writable_dir("out_dir", self.out_dir)
 
-    def _check_lazy(self) -> None:
-        """What a model that is never whole in memory cannot do, refused before anything loads."""
+    def check_lazy(self, why: str = "model.lazy=true") -> None:
+        """What a model that is never whole in memory cannot do, refused before anything loads
+        (`why`: what made the run lazy, for the message)."""
         from harness import metrics
 
         refused = {"sparsity_type": (self.sparsity_type, "structured"), "finetune": (self.finetune.name, "none"),
@@ -357,14 +362,14 @@ class RunConfig:
         for key, cal in (("calibration", self.calibration), ("remedy.calibration", self.remedy.calibration)):
             if "selfgen" in (cal.dataset if isinstance(cal.dataset, str) else list(cal.dataset)):
                 raise ConfigError(f"{key}.dataset={cal.dataset} samples text from the whole model, which "
-                                  "model.lazy=true never holds; accepted: a text dataset (c4, wikitext2, ...)")
+                                  f"{why} never holds; accepted: a text dataset (c4, wikitext2, ...)")
         for key, (value, accepted) in refused.items():
             if value != accepted:
-                raise ConfigError(f"{key}={value} is not accepted with model.lazy=true (the model is never whole in "
+                raise ConfigError(f"{key}={value} is not accepted with {why} (the model is never whole in "
                                   f"memory); accepted: {key}={accepted if accepted is not None else 'null'}")
         metric = metrics.build(self.metric.name, self.metric.params)
         if metric.needs_gradients(self.prune.modules):
-            raise ConfigError(f"metric={self.metric.name} needs whole-model gradients, which model.lazy=true never "
+            raise ConfigError(f"metric={self.metric.name} needs whole-model gradients, which {why} never "
                               "holds; accepted: a metric without gradients (not taylor, hywia)")
 
     def prune_settings(self) -> PruneSettings:

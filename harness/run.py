@@ -89,11 +89,27 @@ def check_data(config: dict) -> None:
             raise schema.ConfigError(str(e)) from e
 
 
+def _lazy(run_config: schema.RunConfig, config: dict, record: dict, dtype, prior: dict) -> bool:
+    """Whether the model is held one block at a time: model.lazy, with `auto` decided here from
+    the checkpoint's size and the memory available (kept in the record; a resumed attempt keeps
+    its first attempt's decision, which its checkpoint was written for)."""
+    lazy = config["model"]["lazy"]
+    if lazy != "auto":
+        return lazy
+    resuming = config["resume"] and not config["force"] and "lazy_auto" in prior
+    decided = record["lazy_auto"] = prior["lazy_auto"] if resuming else loading.lazy_auto(
+        OmegaConf.create(config["model"]), dtype)
+    if decided["lazy"]:
+        run_config.check_lazy(f"model.lazy=auto (the weights, {decided['weights_bytes'] / 1e9:.2f} GB, exceed "
+                              f"{loading.LAZY_AUTO_SHARE:.0%} of the {decided['available_bytes'] / 1e9:.2f} GB available)")
+    return decided["lazy"]
+
+
 def _execute(run_config: schema.RunConfig, config: dict, record: dict, device, dtype, path: Path, tracker) -> dict:
-    if config["model"]["lazy"]:
+    prior = records.read(path) or {}
+    if _lazy(run_config, config, record, dtype, prior):
         return _execute_lazy(run_config, config, record, device, dtype, path, tracker)
     checkpoint = path.parent / "checkpoint"
-    prior = records.read(path) or {}
     resumed = None
     if config["resume"] and not config["force"] and "pruning" in prior:
         resume.refuse_a_stalled_requeue(prior, config["eval"])

@@ -228,6 +228,64 @@ def test_lazy_run_records_what_the_in_memory_run_does(tmp_path, model):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("available,lazy", [(2**20, True), (2**50, False)])
+def test_lazy_auto_holds_the_model_block_by_block_only_when_it_would_not_fit(tmp_path, monkeypatch, available, lazy):
+    """model.lazy=auto decides from the checkpoint's weights against the memory available (here
+    set to 1 MiB, or 1 PiB), records why, and then runs exactly as model.lazy=true or false does."""
+    from safetensors.torch import load_file
+
+    import harness.run as run_module
+    from harness.models import loading, zoo
+
+    monkeypatch.setattr(loading, "available_memory", lambda: available)
+    paths, lazy_path = [], run_module._execute_lazy
+    monkeypatch.setattr(run_module, "_execute_lazy", lambda *a: paths.append("lazy") or lazy_path(*a))
+    overrides = ("model=tiny-llama", "metric=flap", "eval.efficiency=null")
+    auto = run(_cfg(tmp_path / "auto", *overrides, "model.lazy=auto"))
+    assert paths == ["lazy"] * lazy
+    fixed = run(_cfg(tmp_path / "fixed", *overrides, f"model.lazy={str(lazy).lower()}"))
+    weights = sum(t.numel() * 4 for t in load_file(zoo.locate("tiny-llama") / "model.safetensors").values())  # float32
+    assert auto["lazy_auto"] == {"lazy": lazy, "weights_bytes": weights, "available_bytes": available}
+    assert auto["run_id"] == fixed["run_id"] and auto["status"] == "complete"
+    assert auto["pruning"]["per_layer"] == fixed["pruning"]["per_layer"]
+    for dataset, ppl in fixed["eval"]["ppl"].items():
+        assert auto["eval"]["ppl"][dataset]["value"] == pytest.approx(ppl["value"], rel=1e-6)
+
+
+def test_a_resumed_lazy_auto_run_keeps_its_first_decision(tmp_path, monkeypatch):
+    """The first attempt went lazy and checkpointed its exported blocks; memory has grown since,
+    but the re-run resumes from that checkpoint on the same path instead of deciding again."""
+    import harness.run as run_module
+    from harness.models import loading
+
+    cfg = _cfg(tmp_path, "model=tiny-llama", "metric=flap", "eval.efficiency=null", "model.lazy=auto")
+    monkeypatch.setattr(loading, "available_memory", lambda: 2**20)
+    monkeypatch.setattr(run_module, "evaluate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    monkeypatch.undo()
+    monkeypatch.setattr(loading, "available_memory", lambda: 2**50)
+    rec = run(cfg)
+    assert rec["status"] == "complete" and rec["attempts"] == 2
+    assert rec["lazy_auto"]["lazy"] and rec["lazy_auto"]["available_bytes"] == 2**20
+
+
+def test_lazy_auto_refuses_what_needs_the_whole_model_when_it_would_not_fit(tmp_path, monkeypatch):
+    from harness.models import loading
+
+    monkeypatch.setattr(loading, "available_memory", lambda: 2**20)
+    with pytest.raises(ConfigError, match=r"metric=taylor needs whole-model gradients, which model.lazy=auto "
+                                          r"\(the weights, 0\.\d+ GB, exceed 80% of the 0\.00 GB available\) never holds"):
+        run(_cfg(tmp_path, "model=tiny-llama", "model.lazy=auto", "metric=taylor", "eval.efficiency=null"))
+    record = json.loads(next(tmp_path.glob("*/result.json")).read_text())
+    assert record["status"] == "failed" and record["lazy_auto"]["lazy"] and "pruning" not in record
+
+
+def test_model_lazy_accepts_true_false_and_auto_only(tmp_path):
+    with pytest.raises(ConfigError, match="model.lazy='sometimes' is not accepted; accepted: true, false, auto"):
+        run(_cfg(tmp_path, "model=tiny-llama", "model.lazy=sometimes"))
+
+
 @pytest.mark.parametrize("override,message", [("metric=taylor", "whole-model gradients"), ("finetune=lora", "finetune=lora"),
                                                ("eval.efficiency.seqlen=16", "eval.efficiency"),
                                                ("sparsity_type=unstructured metric=wanda",

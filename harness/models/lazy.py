@@ -13,6 +13,7 @@ serialised copy) plus the calibration activations (README, "Models larger than m
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,6 +44,18 @@ class LazyCheckpoint:
                                     "model.safetensors nor model.safetensors.index.json")
         self.model: nn.Module | None = None
         self.prefix = ""  # the name of the blocks' ModuleList in the model, with a trailing dot
+
+    def loaded_bytes(self) -> int:
+        """The bytes of every tensor of the checkpoint once read in this dtype (from the
+        safetensors headers: nothing is loaded), i.e. what holding the whole model takes."""
+        by_file = defaultdict(list)
+        for key, file in self.files.items():
+            by_file[file].append(key)
+        numel = 0
+        for file, keys in by_file.items():
+            with safe_open(str(file), "pt") as f:
+                numel += sum(math.prod(f.get_slice(key).get_shape()) for key in keys)
+        return numel * torch.empty((), dtype=self.dtype).element_size()
 
     def skeleton(self) -> nn.Module:
         from harness.models import adapter_for

@@ -139,17 +139,57 @@ def unreadable_weights(folder: str | Path) -> list[tuple[Path, str]]:
     return broken
 
 
+def _local_folder(cfg) -> str:
+    """The model's folder on this machine: a hub id's safetensors snapshot is fetched file by file."""
+    where = model_dir(cfg)
+    if not Path(where).is_dir():
+        from huggingface_hub import snapshot_download
+
+        where = snapshot_download(where, revision=cfg.get("revision"),
+                                  allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py"])
+    return where
+
+
+# model.lazy=auto loads lazily once the whole model would take more than this share of the
+# memory available: the rest is for the calibration activations, statistics and evaluation.
+LAZY_AUTO_SHARE = 0.8
+
+
+def available_memory() -> int:
+    """Bytes of host memory available now (Linux MemAvailable; elsewhere the free pages)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def lazy_auto(cfg, dtype: torch.dtype) -> dict:
+    """What `model.lazy=auto` decides, before anything loads: `lazy` when the checkpoint's
+    weights in `dtype` (from its safetensors headers) exceed LAZY_AUTO_SHARE of the memory
+    available; a checkpoint without safetensors loads in memory (lazy loading reads only those)."""
+    from harness.models.lazy import LazyCheckpoint
+
+    available = available_memory()
+    try:
+        weights = LazyCheckpoint(_local_folder(cfg), dtype).loaded_bytes()
+    except FileNotFoundError as e:
+        log.warning("model.lazy=auto: %s; loading it in memory", e)
+        return {"lazy": False, "weights_bytes": None, "available_bytes": available}
+    lazy = weights > LAZY_AUTO_SHARE * available
+    log.info("model.lazy=auto: weights %.2f GB in %s, %.2f GB of memory available: %s", weights / 1e9,
+             str(dtype).removeprefix("torch."), available / 1e9, "lazy, one block at a time" if lazy else "in memory")
+    return {"lazy": lazy, "weights_bytes": weights, "available_bytes": available}
+
+
 def load_lazy(cfg, dtype: torch.dtype):
     """(LazyCheckpoint with its meta-device skeleton built, tokenizer) for `model.lazy=true`:
     nothing but the config and the tokenizer is read (models/lazy.py)."""
     from harness.models.lazy import LazyCheckpoint
 
-    where = model_dir(cfg)
-    if not Path(where).is_dir():  # a hub id: the safetensors snapshot, fetched file by file
-        from huggingface_hub import snapshot_download
-
-        where = snapshot_download(where, revision=cfg.get("revision"),
-                                  allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py"])
+    where = _local_folder(cfg)
     tok = AutoTokenizer.from_pretrained(where)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
