@@ -96,7 +96,7 @@ def _lazy(run_config: schema.RunConfig, config: dict, record: dict, dtype, prior
     lazy = config["model"]["lazy"]
     if lazy != "auto":
         return lazy
-    resuming = config["resume"] and not config["force"] and "lazy_auto" in prior
+    resuming = config["resume"] and not config["force"] and "pruning" in prior and "lazy_auto" in prior
     decided = record["lazy_auto"] = prior["lazy_auto"] if resuming else loading.lazy_auto(
         OmegaConf.create(config["model"]), dtype)
     if decided["lazy"]:
