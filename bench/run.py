@@ -1,6 +1,6 @@
 """Pruning-cost benchmarks (`make bench`): JSON + Markdown in results/bench/.
 
-    python -m bench.run                 # everything (about 10 minutes on 2 CPU cores)
+    python -m bench.run                 # everything (about 12 minutes on 2 CPU cores)
     python -m bench.run --smoke         # tiny sizes, seconds (what the test suite runs)
 
 Measures, per pruning stage and per block, the wall time of the pipeline (calibration
