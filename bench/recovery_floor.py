@@ -64,3 +64,16 @@ def recovery_arithmetic(model, n_samples: int, seqlen: int, device: torch.device
         rounds.append(seconds)
     return {kind: {part: min(r[kind][part] for r in rounds[1:]) for part in ("moments", "solves")}
             for kind in rounds[0]}
+
+
+def recovery_floor(ours: dict, unit: float, arithmetic: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Lower bounds on `ours+recovery / ours` (the module doc): the run without recovery plus,
+    per block, one plain dense forward and the fits' products (`without_solves`), and their
+    solves too (`ratio`). Block 0's attention is never re-fitted (nothing before it was cut)."""
+    blocks = ours["blocks"]
+    counts = {"attention": blocks - 1, "mlp": blocks}
+    products = sum(counts[kind] * s["moments"] for kind, s in arithmetic.items())
+    solves = sum(counts[kind] * s["solves"] for kind, s in arithmetic.items())
+    base = ours["seconds"] + blocks * unit + products
+    return {"without_solves": base / ours["seconds"], "ratio": (base + solves) / ours["seconds"],
+            "products_s_per_block": products / blocks, "solves_s_per_block": solves / blocks}

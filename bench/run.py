@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from bench.recovery_floor import recovery_arithmetic
+from bench.recovery_floor import recovery_arithmetic, recovery_floor
 from harness import metrics
 from harness.evaluate.efficiency import latency
 from harness.evaluate.perplexity import perplexity_of
@@ -159,19 +159,6 @@ def plain_block_forward(model, ids: torch.Tensor, device: torch.device, chunk_si
         stream = advance(block, k, stream, calls)
     _sync(device)
     return (time.perf_counter() - start) / len(blocks)
-
-
-def recovery_floor(ours: dict, unit: float, arithmetic: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Lower bounds on `ours+recovery / ours` (recovery_floor.py): the run without recovery plus,
-    per block, one plain dense forward and the fits' products (`without_solves`), and their
-    solves too (`ratio`). Block 0's attention is never re-fitted (nothing before it was cut)."""
-    blocks = ours["blocks"]
-    counts = {"attention": blocks - 1, "mlp": blocks}
-    products = sum(counts[kind] * s["moments"] for kind, s in arithmetic.items())
-    solves = sum(counts[kind] * s["solves"] for kind, s in arithmetic.items())
-    base = ours["seconds"] + blocks * unit + products
-    return {"without_solves": base / ours["seconds"], "ratio": (base + solves) / ours["seconds"],
-            "products_s_per_block": products / blocks, "solves_s_per_block": solves / blocks}
 
 
 def _sync(device: torch.device) -> None:

@@ -31,7 +31,7 @@ def test_smoke_benchmark_writes_json_and_markdown(tmp_path):
 
 
 def test_recovery_floor_counts_every_fit_but_block_0_attention():
-    from bench.run import recovery_floor
+    from bench.recovery_floor import recovery_floor
 
     arithmetic = {"attention": {"moments": 1.0, "solves": 2.0}, "mlp": {"moments": 3.0, "solves": 4.0}}
     floor = recovery_floor({"blocks": 3, "seconds": 10.0}, 1.0, arithmetic)

@@ -237,7 +237,7 @@ def test_lazy_auto_holds_the_model_block_by_block_only_when_it_would_not_fit(tmp
     import harness.run as run_module
     from harness.models import loading, zoo
 
-    monkeypatch.setattr(loading, "available_memory", lambda: available)
+    monkeypatch.setattr(loading, "free_memory", lambda device: available)
     paths, lazy_path = [], run_module._execute_lazy
     monkeypatch.setattr(run_module, "_execute_lazy", lambda *a: paths.append("lazy") or lazy_path(*a))
     overrides = ("model=tiny-llama", "metric=flap", "eval.efficiency=null")
@@ -259,12 +259,12 @@ def test_a_resumed_lazy_auto_run_keeps_its_first_decision(tmp_path, monkeypatch)
     from harness.models import loading
 
     cfg = _cfg(tmp_path, "model=tiny-llama", "metric=flap", "eval.efficiency=null", "model.lazy=auto")
-    monkeypatch.setattr(loading, "available_memory", lambda: 2**20)
+    monkeypatch.setattr(loading, "free_memory", lambda device: 2**20)
     monkeypatch.setattr(run_module, "evaluate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         run(cfg)
     monkeypatch.undo()
-    monkeypatch.setattr(loading, "available_memory", lambda: 2**50)
+    monkeypatch.setattr(loading, "free_memory", lambda device: 2**50)
     rec = run(cfg)
     assert rec["status"] == "complete" and rec["attempts"] == 2
     assert rec["lazy_auto"]["lazy"] and rec["lazy_auto"]["available_bytes"] == 2**20
@@ -273,7 +273,7 @@ def test_a_resumed_lazy_auto_run_keeps_its_first_decision(tmp_path, monkeypatch)
 def test_lazy_auto_refuses_what_needs_the_whole_model_when_it_would_not_fit(tmp_path, monkeypatch):
     from harness.models import loading
 
-    monkeypatch.setattr(loading, "available_memory", lambda: 2**20)
+    monkeypatch.setattr(loading, "free_memory", lambda device: 2**20)
     with pytest.raises(ConfigError, match=r"metric=taylor needs whole-model gradients, which model.lazy=auto "
                                           r"\(the weights, 0\.\d+ GB, exceed 80% of the 0\.00 GB available\) never holds"):
         run(_cfg(tmp_path, "model=tiny-llama", "model.lazy=auto", "metric=taylor", "eval.efficiency=null"))

@@ -55,7 +55,7 @@ class LazyCheckpoint:
         for file, keys in by_file.items():
             with safe_open(str(file), "pt") as f:
                 numel += sum(math.prod(f.get_slice(key).get_shape()) for key in keys)
-        return numel * torch.empty((), dtype=self.dtype).element_size()
+        return numel * self.dtype.itemsize
 
     def skeleton(self) -> nn.Module:
         from harness.models import adapter_for

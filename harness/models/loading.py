@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from harness.environment import free_memory
 from harness.models.pruned import PRUNING_KEY, load_pruned
 
 log = logging.getLogger(__name__)
@@ -155,24 +156,13 @@ def _local_folder(cfg) -> str:
 LAZY_AUTO_SHARE = 0.8
 
 
-def available_memory() -> int:
-    """Bytes of host memory available now (Linux MemAvailable; elsewhere the free pages)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def lazy_auto(cfg, dtype: torch.dtype) -> dict:
     """What `model.lazy=auto` decides, before anything loads: `lazy` when the checkpoint's
     weights in `dtype` (from its safetensors headers) exceed LAZY_AUTO_SHARE of the memory
     available; a checkpoint without safetensors loads in memory (lazy loading reads only those)."""
     from harness.models.lazy import LazyCheckpoint
 
-    available = available_memory()
+    available = free_memory(torch.device("cpu"))
     try:
         weights = LazyCheckpoint(_local_folder(cfg), dtype).loaded_bytes()
     except FileNotFoundError as e:
