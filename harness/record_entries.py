@@ -48,10 +48,21 @@ def sparse_pruning_entry(report: SparseReport, settings: PruneSettings, layer_ra
 
 
 def scalars(evaluation: dict) -> dict:
-    """The evaluation's headline numbers, flat (the tracker's summary)."""
-    out = {f"ppl.{k}": v["value"] for k, v in evaluation.get("ppl", {}).items()}
-    out.update({f"zeroshot.{k}.{m}": v[m] for k, v in evaluation.get("zeroshot", {}).items()
-                for m in ("acc", "acc_norm") if m in v})
+    """The evaluation's headline numbers with their 95% intervals and standard errors, flat (the
+    tracker's summary); the per-window and per-question data stay in the record."""
+    out = {}
+    for k, v in evaluation.get("ppl", {}).items():
+        out[f"ppl.{k}"] = v["value"]
+        if v.get("interval"):
+            out[f"ppl.{k}.ci_low"], out[f"ppl.{k}.ci_high"] = v["interval"]["low"], v["interval"]["high"]
+    for k, v in evaluation.get("zeroshot", {}).items():
+        for m in ("acc", "acc_norm"):
+            if m in v:
+                out[f"zeroshot.{k}.{m}"] = v[m]
+            if v.get(f"{m}_stderr") is not None:
+                out[f"zeroshot.{k}.{m}_stderr"] = v[f"{m}_stderr"]
     if "zeroshot_avg" in evaluation:
         out["zeroshot_avg"] = evaluation["zeroshot_avg"]
+    if evaluation.get("zeroshot_avg_stderr") is not None:
+        out["zeroshot_avg_stderr"] = evaluation["zeroshot_avg_stderr"]
     return out

@@ -133,6 +133,17 @@ def _sparsity_line(p: dict) -> str:
             f"  module ratio {p['module_ratio']}  in {p['seconds']:.1f} s")
 
 
+def _interval(interval: dict | None, fmt: str) -> str:
+    """ `  [95% low, high]`, or nothing for a record from before intervals were kept."""
+    if not interval:
+        return ""
+    return f"  [{interval['level']:.0%} {interval['low']:{fmt}}, {interval['high']:{fmt}}]"
+
+
+def _se(stderr: float | None) -> str:
+    return "" if stderr is None else f" +- {stderr:.4f}"
+
+
 def summary_text(record: dict) -> str:
     m, p, ev = record["model"], record["pruning"], record["eval"]
     cfg = record["config"]
@@ -149,12 +160,14 @@ def summary_text(record: dict) -> str:
                      f"{ft['data']['dataset']} ({ft['tokens']:,} tokens, {ft['seconds']:.0f} s), "
                      f"loss {ft['loss_first']:.3f} -> {ft['loss_last']:.3f}, merged")
     for name, r in ev.get("ppl", {}).items():
-        lines.append(f"ppl        {name:10s} {r['value']:10.3f}  ({r['split']}, seqlen {r['seqlen']}, {r['tokens']:,} tokens)")
+        lines.append(f"ppl        {name:10s} {r['value']:10.3f}{_interval(r.get('interval'), '.2f')}  ({r['split']}, "
+                     f"seqlen {r['seqlen']}, {r['tokens']:,} tokens)")
     for task, r in ev.get("zeroshot", {}).items():
-        norm = "" if r.get("acc_norm") is None else f"  acc_norm {r['acc_norm']:.4f}"
-        lines.append(f"zero-shot  {task:14s} acc {r['acc']:.4f}{norm}  (n={r['n']})")
+        norm = "" if r.get("acc_norm") is None else f"  acc_norm {r['acc_norm']:.4f}{_se(r.get('acc_norm_stderr'))}"
+        lines.append(f"zero-shot  {task:14s} acc {r['acc']:.4f}{_se(r.get('acc_stderr'))}{norm}  (n={r['n']})")
     if "zeroshot_avg" in ev:
-        lines.append(f"zero-shot  7-task average {ev['zeroshot_avg']:.4f} (metric per task: see record)")
+        lines.append(f"zero-shot  7-task average {ev['zeroshot_avg']:.4f}{_se(ev.get('zeroshot_avg_stderr'))}"
+                     f"{_interval(ev.get('zeroshot_avg_interval'), '.4f')} (metric per task: see record)")
     eff = ev.get("efficiency")
     if eff:
         lines.append(f"efficiency {eff['macs_per_token']:,} MACs/token, {eff['tokens_per_s']:.0f} tokens/s (batch {eff['batch_size']} x {eff['seqlen']})")

@@ -5,13 +5,20 @@
     harness collect --runs DIR --out results
     harness collect --wandb ENTITY/PROJECT          # also the records uploaded to a wandb project
     harness collect --where model=smollm2-135m --where "remedy_params=-|damp=0.01,toward=zero" --out DIR
+    harness collect --compare metric=ours,remedy=none metric=flap,remedy=bias   # paired, per seed and across
 
 Only complete records are read. Tables go to <out>/tables, plots to <out>/plots:
 Table 1 (methods x perplexities, 7 tasks, average; runs with zero-shot), Table 2 (head-only
 pruning: pruned heads x perplexities), Table 3 (methods x sparsity x datasets), runs.csv,
 perplexity vs sparsity, perplexity vs calibration size (Figure 4, where a sweep varies
 n_samples) and the head-similarity graph of one block (Figure 3, runs whose metric
-measured head divergences).
+measured head divergences). Cells show mean +- sd (n) over seeds or one run's 95% interval;
+the best of each column and every cell not significantly worse than it are bold.
+
+`--compare A B` writes no tables: it pairs the runs of A and B that agree on everything else
+(same model, sparsity, seed, evaluation windows, ...) and prints, per pair, ppl_A/ppl_B and
+acc_A - acc_B with paired 95% intervals (windows / questions), then the same across seeds
+(t interval of the per-seed differences); <out>/tables/compare_*.{md,csv} keep them.
 """
 
 from __future__ import annotations
@@ -21,8 +28,9 @@ import logging
 from pathlib import Path
 
 from harness import records
+from harness.collect import compare as comparison
 from harness.collect import sources
-from harness.collect.frame import frame, where
+from harness.collect.frame import frame, public, where
 from harness.collect.plots import figure3_records, plot_head_graph, plot_ppl_vs
 from harness.collect.tables import (
     is_lower_better,
@@ -37,7 +45,8 @@ from harness.collect.tables import (
 
 def collect(runs: Path, out: Path, rows: list[str] | None = None, cols: list[str] | None = None,
             values: str | None = None, wandb_project: str | None = None, fig3_run: str | None = None,
-            fig3_layer: int | None = None, fig3_tau: float | None = None, conditions: list[str] = ()) -> list[Path]:
+            fig3_layer: int | None = None, fig3_tau: float | None = None, conditions: list[str] = (),
+            compare: tuple[str, str] | None = None) -> list[Path]:
     recs = records.load_complete(runs)
     if wandb_project:
         recs = sources.merge(recs, sources.wandb_records(wandb_project))
@@ -49,7 +58,9 @@ def collect(runs: Path, out: Path, rows: list[str] | None = None, cols: list[str
     recs = [r for r in recs if r["run_id"] in set(df["run_id"])]
     tables = out / "tables"
     tables.mkdir(parents=True, exist_ok=True)
-    df.to_csv(tables / "runs.csv", index=False)
+    if compare:
+        return write_comparison(df, tables, *compare)
+    public(df).to_csv(tables / "runs.csv", index=False)
     written = [tables / "runs.csv"]
     if rows and cols and values:
         written += write_table(pivot(df, rows, cols, values), tables, f"pivot_{values}", is_lower_better(values))
@@ -69,6 +80,28 @@ def collect(runs: Path, out: Path, rows: list[str] | None = None, cols: list[str
     return written
 
 
+def write_comparison(df, tables: Path, a: str, b: str) -> list[Path]:
+    """Print and write the paired comparison of the runs matching `a` and `b` (compare.py)."""
+    side_a, side_b = comparison.parse_side(a), comparison.parse_side(b)
+    try:
+        pairs, seeds = comparison.compare(df, side_a, side_b)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+    keys = comparison.pair_keys(df, side_a, side_b)
+    values = [v for v in comparison.values_of(df) if v in pairs]
+    text = (f"A = {a}\nB = {b}\nPer pair (same {', '.join(keys)}): ppl A/B and accuracy A-B in points, paired 95% "
+            f"interval over windows / questions; * = the interval excludes no change.\n\n"
+            f"{comparison.markdown(pairs, keys, values)}\n\nAcross seeds (t interval of the per-seed differences; "
+            f"needs 2+ seeds):\n\n{comparison.markdown(seeds, keys, values)}\n")
+    print(text)
+    stem = "compare_" + "_vs_".join(side.replace("=", "-").replace(",", "_") for side in (a, b))
+    paths = [tables / f"{stem}.md", tables / f"{stem}_pairs.csv", tables / f"{stem}_seeds.csv"]
+    paths[0].write_text(text)
+    pairs.to_csv(paths[1], index=False)
+    seeds.to_csv(paths[2], index=False)
+    return paths
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="harness collect", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=Path, default=Path("results/runs"), help="folder of <hash>/result.json records")
@@ -78,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--values", help="pivot values (e.g. ppl.wikitext2, zs.avg)")
     ap.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE[|VALUE]",
                     help="only runs matching (repeatable; columns as in runs.csv)")
+    ap.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                    help="paired comparison of two methods, each COLUMN=VALUE[,COLUMN=VALUE] (e.g. metric=ours "
+                         "metric=flap,remedy=bias); writes no tables")
     ap.add_argument("--wandb", metavar="ENTITY/PROJECT", help="also read the records uploaded to this wandb project")
     ap.add_argument("--fig3-run", help="run id whose head similarity graph to draw (default: first per model)")
     ap.add_argument("--fig3-layer", type=int, help="block of the head similarity graph (default: the middle one)")
@@ -85,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     paths = collect(a.runs, a.out, a.rows.split(",") if a.rows else None, a.cols.split(",") if a.cols else None, a.values,
-                    a.wandb, a.fig3_run, a.fig3_layer, a.fig3_tau, a.where)
+                    a.wandb, a.fig3_run, a.fig3_layer, a.fig3_tau, a.where, tuple(a.compare) if a.compare else None)
     for p in paths:
         print(p)
 

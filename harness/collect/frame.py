@@ -8,6 +8,7 @@ import pandas as pd
 
 from harness import metrics
 from harness import remedy as remedies
+from harness.collect.cells import RAW
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,8 @@ def _remedy_data(config: dict) -> str:
 
 
 def ppl_columns(df: pd.DataFrame) -> list[str]:
-    return [c for c in df.columns if c.startswith("ppl.") and not c.endswith(".tokens")]
+    """The perplexity value columns (not their token counts or interval bounds)."""
+    return [c for c in df.columns if c.startswith("ppl.") and not c.endswith((".tokens", ".low", ".high"))]
 
 
 def rows_of(df: pd.DataFrame, base: list[str], exclude: tuple[str, ...] = ()) -> list[str]:
@@ -146,16 +148,38 @@ def _row(r: dict) -> dict:
     for name, v in ev.get("ppl", {}).items():
         row[f"ppl.{name}"] = v["value"]
         row[f"ppl.{name}.tokens"] = v["tokens"]
+        _interval(row, f"ppl.{name}", v.get("interval"))
+        if v.get("nll_windows"):
+            row[f"{RAW}ppl.{name}"] = (v["nll_windows"], v["tokens_per_window"])
     max_tokens = (c["eval"].get("ppl") or {}).get("max_tokens")
     row["ppl_tokens"] = "all" if max_tokens is None else str(max_tokens)
     zs = ev.get("zeroshot", {})
     avg_metric = ev.get("zeroshot_protocol", {}).get("average_metrics", {})
     for task, v in zs.items():
-        row[f"zs.{task}"] = v[avg_metric.get(task, "acc")] if v.get(avg_metric.get(task, "acc")) is not None else v["acc"]
+        metric = avg_metric.get(task, "acc") if v.get(avg_metric.get(task, "acc")) is not None else "acc"
+        row[f"zs.{task}"] = v[metric]
+        _interval(row, f"zs.{task}", v.get(f"{metric}_interval"))
+        if (v.get("correct") or {}).get(metric):
+            row[f"{RAW}zs.{task}"] = (v["correct"][metric], v["n"], v.get("questions_sha256"))
     if "zeroshot_avg" in ev:
         row["zs.avg"] = ev["zeroshot_avg"]
         row["zs.average_metrics"] = avg_metric
+        _interval(row, "zs.avg", ev.get("zeroshot_avg_interval"))
+        tasks = [row.get(f"{RAW}zs.{task}") for task in zs]
+        if tasks and all(tasks):
+            row[f"{RAW}zs.avg"] = tuple(tasks)
     return row
+
+
+def _interval(row: dict, column: str, interval: dict | None) -> None:
+    """The run's own 95% evaluation interval as `<column>.low` / `.high` (absent in older records)."""
+    if interval:
+        row[f"{column}.low"], row[f"{column}.high"] = interval["low"], interval["high"]
+
+
+def public(df: pd.DataFrame) -> pd.DataFrame:
+    """The frame without the raw columns paired tests read (what runs.csv holds)."""
+    return df[[c for c in df.columns if not c.startswith(RAW)]]
 
 
 def where(df: pd.DataFrame, conditions: list[str]) -> pd.DataFrame:

@@ -66,9 +66,12 @@ def plot_ppl_vs(df: pd.DataFrame, out: Path, x: str, fixed: list[str], stem: str
                 parts = dict(zip(methods, method if isinstance(method, tuple) else (method,), strict=True))
                 variant = " ".join(f"{v}" for k, v in parts.items() if k not in ("metric", "remedy"))
                 marker = _MARKERS[variant_of.setdefault(variant, len(variant_of)) % len(_MARKERS)]
-                g = g.groupby(x)[col].mean().dropna().sort_index()
-                ax.plot(g.index, g.values, color=_colour(parts["metric"]), linestyle=_STYLE.get(parts["remedy"], "-."),
+                g = error_bars(g, x, col)
+                colour = _colour(parts["metric"])
+                ax.plot(g.index, g["mean"], color=colour, linestyle=_STYLE.get(parts["remedy"], "-."),
                         marker=marker, markersize=4)
+                ax.errorbar(g.index, g["mean"], yerr=[g["mean"] - g["low"], g["high"] - g["mean"]], color=colour,
+                            linestyle="none", capsize=2, linewidth=0.8)
             handles = [Line2D([], [], color=_colour(m), label=m) for m in sorted(set(sub["metric"]))]
             handles += [Line2D([], [], color="black", linestyle=_STYLE.get(r, "-."), label=f"remedy={r}")
                         for r in sorted(set(sub["remedy"]))]
@@ -82,7 +85,7 @@ def plot_ppl_vs(df: pd.DataFrame, out: Path, x: str, fixed: list[str], stem: str
             settings = " ".join(f"{f}={k:g}" if isinstance(k, float) else f"{f}={k}"
                                 for f, k in zip(fixed, key[1:], strict=True))
             ax.set(xlabel=x, ylabel=f"{col.removeprefix('ppl.')} perplexity", yscale="log")
-            ax.set_title(f"{key[0]}\n{settings}", fontsize=9)
+            ax.set_title(f"{key[0]}\n{settings}\nbars: mean +- sd over seeds, or one run's 95% interval", fontsize=8)
             if x == "n_samples":
                 ax.set_xscale("log", base=2)
             ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
@@ -90,6 +93,23 @@ def plot_ppl_vs(df: pd.DataFrame, out: Path, x: str, fixed: list[str], stem: str
             paths += _save(fig, out, f"{stem}_{suffix}_{col.removeprefix('ppl.')}")
             plt.close(fig)
     return paths
+
+
+def error_bars(runs: pd.DataFrame, x: str, col: str) -> pd.DataFrame:
+    """Per value of `x`: the mean of `col` over its runs (seeds) and the bar around it: mean +- sd
+    over two or more seeds, else the one run's own 95% evaluation interval (none in older records)."""
+    rows = {}
+    for value, g in runs.dropna(subset=[col]).groupby(x):
+        mean = g[col].mean()
+        if len(g) > 1:
+            sd = g[col].std(ddof=1)
+            low, high = mean - sd, mean + sd
+        elif f"{col}.low" in g and g[f"{col}.low"].notna().all():
+            low, high = g[f"{col}.low"].iloc[0], g[f"{col}.high"].iloc[0]
+        else:
+            low = high = mean
+        rows[value] = {"mean": mean, "low": low, "high": high, "n": len(g)}
+    return pd.DataFrame.from_dict(rows, orient="index", columns=["mean", "low", "high", "n"]).sort_index()
 
 
 def _heads_per_unit(layer: dict, n_heads: int) -> int:

@@ -1,6 +1,11 @@
 """Paper-style tables from the runs frame: Table 1 (methods x perplexities, 7 tasks, average),
 Table 2 (head-only pruning: pruned heads x perplexities), Table 3 (methods x sparsity x
-datasets) and any pivot; each written as Markdown, LaTeX (booktabs) and CSV."""
+datasets) and any pivot; each written as Markdown, LaTeX (booktabs) and CSV.
+
+Every table is a float table of cell means whose attrs["cells"] holds the cells themselves
+(cells.Cell: the runs of each seed, their intervals and raw data): Markdown and LaTeX print
+mean +- sd (n) over seeds or one run's 95% interval, and mark the best cell with every cell not
+significantly worse than it; the CSV has mean, sd, n and interval columns per value."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.collect.cells import Cell, best_marks, cell_frame, means
 from harness.collect.frame import FAMILIES, METHOD, ppl_columns, rows_of
 from harness.evaluate.tasks import DEFAULT_AVERAGE_METRICS, PAPER_NAMES, TASKS
 
@@ -15,7 +21,12 @@ from harness.evaluate.tasks import DEFAULT_AVERAGE_METRICS, PAPER_NAMES, TASKS
 def pivot(df: pd.DataFrame, rows: list[str], cols: list[str], values: str) -> pd.DataFrame:
     if values not in df:
         raise ValueError(f"no column {values!r} in the records; available: {', '.join(df.columns)}")
-    return df.pivot_table(index=rows_of(df, rows, exclude=tuple(cols)), columns=cols, values=values, aggfunc="mean")
+    return means(cell_frame(df, rows_of(df, rows, exclude=tuple(cols)), cols, values, _scale(values)))
+
+
+def _scale(column: str) -> float:
+    """Accuracies print in percent."""
+    return 100.0 if column.startswith("zs.") else 1.0
 
 
 def table3(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -23,10 +34,9 @@ def table3(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     ppl_cols = ppl_columns(df)
     out = {}
     for model, sub in df.groupby("model"):
-        t = sub.pivot_table(index=rows_of(sub, METHOD, exclude=("sparsity",)), columns="sparsity", values=ppl_cols,
-                            aggfunc="mean")
+        t = cell_frame(sub, rows_of(sub, METHOD, exclude=("sparsity",)), ["sparsity"], ppl_cols)
         t.columns = [f"{s:g} {c.removeprefix('ppl.')}" for c, s in t.columns]
-        out[model] = t.sort_index(axis=1)
+        out[model] = means(t.sort_index(axis=1))
     return out
 
 
@@ -41,17 +51,19 @@ def table_sparse(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     for model, sub in masked.groupby("model"):
         sub = sub.assign(pattern=[f"{s:.0%}" if kind == "unstructured" else kind
                                   for kind, s in zip(sub["sparsity_type"], sub["sparsity"], strict=True)])
-        t = sub.pivot_table(index=rows_of(sub, ["metric"], exclude=("sparsity_type", "sparsity", "pattern")),
-                            columns="pattern", values=ppl_cols, aggfunc="mean")
+        t = cell_frame(sub, rows_of(sub, ["metric"], exclude=("sparsity_type", "sparsity", "pattern")), ["pattern"],
+                       ppl_cols)
         t.columns = [f"{pattern} {c.removeprefix('ppl.')}" for c, pattern in t.columns]
         t = t.rename_axis(index={"metric": "method"})
         t = t[sorted(t.columns, key=lambda c: (":" in c, c))]  # unstructured first, then N:M
         dense = df[(df["model"] == model) & (df["sparsity"] == 0)]
         if not dense.empty:
-            row = {c: dense[f"ppl.{c.split(' ', 1)[1]}"].mean() for c in t.columns}
+            whole = cell_frame(dense.assign(_all=""), ["_all"], [], ppl_columns(dense))
+            row = {c: whole.iloc[0].get(f"ppl.{c.split(' ', 1)[1]}") for c in t.columns}
             key = ("dense",) + ("",) * (t.index.nlevels - 1) if t.index.nlevels > 1 else "dense"
             t = pd.concat([pd.DataFrame([row], index=pd.Index([key], name=t.index.name) if t.index.nlevels == 1
                                         else pd.MultiIndex.from_tuples([key], names=t.index.names)), t])
+        t = means(t)
         t.attrs["caption"] = (f"{model}, weights masked in place (unstructured: every linear layer of the pruned "
                               "blocks loses that fraction per output row; N:M: N zeros in every M consecutive inputs): "
                               "perplexity, lower is better.")
@@ -72,10 +84,11 @@ def table1(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
         dense = scored[(scored["model"] == model) & (scored["sparsity"] == 0)]
         rows = pd.concat([dense, sub])
         cols = [c for c in ["ppl.wikitext2", "ppl.ptb", *[f"zs.{t}" for t in TASKS], "zs.avg"] if c in rows]
-        t = rows.groupby(["family", *rows_of(rows, METHOD)])[cols].mean()
+        parts = [cell_frame(rows, ["family", *rows_of(rows, METHOD)], [], [c], _scale(c)) for c in cols]
+        t = pd.concat(parts, axis=1).reindex(columns=cols)
         t = t.sort_index(key=lambda level: level.map(_family_rank) if level.name == "family" else level)
-        t[[c for c in cols if c.startswith("zs.")]] *= 100
         t.columns = [_paper_name(c) for c in cols]
+        t = means(t)
         t.attrs["caption"] = _table1_caption(rows, model, sparsity)
         out[f"{model}_{sparsity:g}"] = t
     return out
@@ -112,37 +125,64 @@ def table2(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     out = {}
     for model, sub in heads_only.groupby("model"):
         sub = sub.assign(heads_pruned=sub["heads_pruned"].astype(int))
-        t = sub.pivot_table(index=rows_of(sub, METHOD, exclude=("modules", "heads_pruned")), columns="heads_pruned", values=ppl_cols,
-                            aggfunc="mean")
+        t = cell_frame(sub, rows_of(sub, METHOD, exclude=("modules", "heads_pruned")), ["heads_pruned"], ppl_cols)
         t.columns = [f"{h} heads {c.removeprefix('ppl.')}" for c, h in t.columns]
-        out[model] = t[sorted(t.columns, key=lambda c: (int(c.split()[0]), c))]
+        out[model] = means(t[sorted(t.columns, key=lambda c: (int(c.split()[0]), c))])
     return out
 
 
-def _best_two(col: pd.Series, lower_better: bool) -> tuple:
-    ranked = col.dropna().sort_values(ascending=lower_better)
-    return tuple(ranked.index[:2])
+def _reference_rows(t: pd.DataFrame) -> list:
+    """Rows never marked best: the dense model (Table 1's family level, or a row named dense)."""
+    if "family" in (t.index.names or []):
+        return [idx for idx in t.index if idx[t.index.names.index("family")] == "dense"]
+    return [idx for idx in t.index if (idx[0] if isinstance(idx, tuple) else idx) == "dense"]
+
+
+def _cells(t: pd.DataFrame) -> pd.DataFrame:
+    """The table's cells; a plain float table (no attrs) becomes single-value cells."""
+    cells = t.attrs.get("cells")
+    if cells is not None:
+        return cells
+    from harness.collect.cells import Run
+
+    return t.map(lambda v: None if pd.isna(v) else Cell((Run(0, "", float(v), None, None, None),), "acc"))
+
+
+def marked_text(t: pd.DataFrame, lower_better: dict[str, bool], latex: bool) -> tuple[pd.DataFrame, int]:
+    """Each cell as text (cells.Cell.text), the best of each column and every cell not
+    significantly worse than it in bold; and how many cells could not be tested."""
+    cells = _cells(t)
+    marks, untested = best_marks(cells, lower_better, _reference_rows(t))
+    body = pd.DataFrame("", index=t.index, columns=t.columns, dtype=object)
+    for c in t.columns:
+        for idx in t.index:
+            cell = cells.at[idx, c]
+            text = cell.text(latex=latex) if isinstance(cell, Cell) else ("--" if latex else "-")
+            if marks.at[idx, c]:
+                text = f"\\textbf{{{text}}}" if latex else f"**{text}**"
+            body.at[idx, c] = text
+    return body, untested
+
+
+def significance_note(untested: int) -> str:
+    note = ("Cells: mean ± sd (n calibration seeds), or one run's value [95% evaluation interval]. Bold: the best "
+            "value of each column and every value not significantly worse than it (paired 95% interval: by seed "
+            "where two cells share two or more seeds, else on the same windows / questions; no multiplicity "
+            "correction).")
+    if untested:
+        note += f" {untested} cell(s) could not be tested (no paired data) and are not bold."
+    return note
 
 
 def to_latex(t: pd.DataFrame, lower_better: dict[str, bool], caption: str | None = None) -> str:
-    """booktabs table; per column the best value in bold and the second underlined (among the
-    pruned models: a dense reference row is never marked)."""
-    body = t.copy().astype(object)
-    ranked = t.drop(index="dense", level="family", errors="ignore") if "family" in (t.index.names or []) else t
-    for c in t.columns:
-        marks = _best_two(ranked[c], lower_better.get(c, True))
-        for idx in t.index:
-            v = t.at[idx, c]
-            cell = "--" if pd.isna(v) else f"{v:.2f}"
-            if len(marks) > 0 and idx == marks[0]:
-                cell = f"\\textbf{{{cell}}}"
-            elif len(marks) > 1 and idx == marks[1]:
-                cell = f"\\underline{{{cell}}}"
-            body.at[idx, c] = cell
+    """booktabs table; per column the best value and every value not significantly worse than
+    it in bold (among the pruned models: a dense reference row is never marked)."""
+    body, untested = marked_text(t, lower_better, latex=True)
+    caption = " ".join(part for part in (caption, significance_note(untested)) if part)
     # Labels and caption are text (second_moment, acc_norm, 20%); the cells carry our markup.
     body.index, body.columns = _tex_index(body.index), _tex_index(body.columns)
     return body.to_latex(escape=False, multirow=False, column_format="l" * t.index.nlevels + "r" * len(t.columns),
-                         caption=None if caption is None else _tex(caption)).strip() + "\n"
+                         caption=_tex(caption).replace("±", "$\\pm$")).strip() + "\n"
 
 
 _TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -180,19 +220,35 @@ def write_table(t: pd.DataFrame, out: Path, name: str, lower_better: bool | None
     """Markdown, LaTeX and CSV of `t`. Which way is better comes from each column's name
     (perplexities: lower), or from `lower_better` for all columns (a pivot of one value)."""
     out.mkdir(parents=True, exist_ok=True)
-    t = t.set_axis(_labels(t.columns), axis=1)
+    cells = _cells(t)
+    labels = _labels(t.columns)
+    t, cells = t.set_axis(labels, axis=1), cells.set_axis(labels, axis=1)
+    t.attrs["cells"] = cells
     lower = {c: is_lower_better(c) if lower_better is None else lower_better for c in t.columns}
     paths = [out / f"{name}.md", out / f"{name}.tex", out / f"{name}.csv"]
-    flat = t.copy()
-    if isinstance(flat.columns, pd.MultiIndex):  # pivot with several column keys: "0.2 bias"
-        flat.columns = [" ".join(str(k) for k in c) for c in flat.columns]
-    flat = flat.reset_index()
-    flat = flat.astype(object).where(flat.notna(), None)  # tabulate prints None as missingval
-    caption = t.attrs.get("caption")
-    markdown = flat.to_markdown(index=False, floatfmt=".2f", missingval="-") + "\n"
-    paths[0].write_text(f"{caption}\n\n{markdown}" if caption else markdown)
-    paths[1].write_text(to_latex(t, lower, caption))
-    t.to_csv(paths[2])
+    body, untested = marked_text(t, lower, latex=False)
+    if isinstance(body.columns, pd.MultiIndex):  # pivot with several column keys: "0.2 bias"
+        body.columns = [" ".join(str(k) for k in c) for c in body.columns]
+    caption = " ".join(part for part in (t.attrs.get("caption"), significance_note(untested)) if part)
+    align = ("left",) * body.index.nlevels + ("right",) * len(body.columns)
+    markdown = body.reset_index().to_markdown(index=False, colalign=align) + "\n"
+    paths[0].write_text(f"{caption}\n\n{markdown}")
+    paths[1].write_text(to_latex(t, lower, t.attrs.get("caption")))
+    statistics_csv(t, cells).to_csv(paths[2])
     return paths
 
 
+def statistics_csv(t: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
+    """Per value column: its mean, then sd and n over seeds, the 95% interval (t over seeds, or
+    one run's evaluation interval) and the mean half-width of the runs' evaluation intervals."""
+    columns = {}
+    for c in t.columns:
+        label = " ".join(str(k) for k in c) if isinstance(c, tuple) else str(c)
+        col = [cells.at[idx, c] for idx in t.index]
+        columns[label] = [x.mean if isinstance(x, Cell) else None for x in col]
+        columns[f"{label} std"] = [x.std if isinstance(x, Cell) else None for x in col]
+        columns[f"{label} n"] = [x.n if isinstance(x, Cell) else 0 for x in col]
+        columns[f"{label} ci_low"] = [x.interval[0] if isinstance(x, Cell) and x.interval else None for x in col]
+        columns[f"{label} ci_high"] = [x.interval[1] if isinstance(x, Cell) and x.interval else None for x in col]
+        columns[f"{label} eval_halfwidth"] = [x.eval_halfwidth if isinstance(x, Cell) else None for x in col]
+    return pd.DataFrame(columns, index=t.index)

@@ -14,7 +14,6 @@ Zero-shot: blockwise_lm.BlockwiseLM, whose batches go through the blocks in grou
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from harness.environment import free_memory
-from harness.evaluate.perplexity import window_nll, windows
+from harness.evaluate.perplexity import ppl_of, window_nll, windows
 from harness.prune.stream import advance, capture, chunks_at, forwards_replaced
 
 
@@ -85,24 +84,25 @@ def blockwise_perplexity_of(store, ids: torch.Tensor, seqlen: int, batch_size: i
     w = windows(ids, seqlen, max_tokens, bos_id)
     group = group_windows(model.config.hidden_size, seqlen, batch_size, free_bytes)
     state = progress if progress is not None else {}
-    if state.get("windows_total") != len(w) or state.get("group") != group:
-        state.update({"windows_total": len(w), "group": group, "windows_done": 0, "nll": 0.0, "tokens": 0})
+    if state.get("windows_total") != len(w) or state.get("group") != group or "nll_windows" not in state:
+        state.update({"windows_total": len(w), "group": group, "windows_done": 0, "nll_windows": [], "tokens": 0})
+        state.pop("nll", None)
     first = state["resumed_from"] = state["windows_done"]
     start = time.perf_counter()
     for part in w[first:].split(group):
         batches = list(part.split(batch_size))
         outputs = last_hidden(store, batches, device, read_outside=True)
-        nll = 0.0
+        nll: list[float] = []
         with store.outside_blocks(device, head=True):
             for batch, last in zip(batches, outputs, strict=True):
                 batch = batch.to(device)
                 with known_outputs(blocks, last):
                     loss = window_nll(model(input_ids=batch, use_cache=False).logits, batch)
-                if not torch.isfinite(loss):
+                if not torch.isfinite(loss).all():
                     raise FloatingPointError("non-finite loss in the block-wise perplexity")
-                nll += loss.item()
-        state.update({"windows_done": state["windows_done"] + len(part), "nll": state["nll"] + nll,
+                nll += loss.tolist()
+        state.update({"windows_done": state["windows_done"] + len(part), "nll_windows": state["nll_windows"] + nll,
                       "tokens": state["tokens"] + part[:, 1:].numel()})
         save()
-    value = math.exp(state["nll"] / state["tokens"])
+    value = ppl_of(state["nll_windows"], state["tokens"])
     return value, len(w), (len(w) - first) * seqlen / max(time.perf_counter() - start, 1e-9)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from harness import uncertainty
 from harness.data import evaluation_text
 from harness.data.tokens import token_ids
 
@@ -37,6 +38,12 @@ class Perplexity:
     tokens_per_second: float  # over the windows this attempt ran
     bos: str = "stream"  # BOS_PLACEMENTS
     windows_resumed: int = 0  # windows an interrupted earlier attempt had finished
+    # Every window's summed NLL in stream order (uncertainty.encode_floats); each window predicts
+    # tokens_per_window tokens, so value == exp(sum / (windows * tokens_per_window)) exactly.
+    nll_windows: str = ""
+    tokens_per_window: int = 0
+    interval: dict | None = None  # uncertainty.ppl_interval: block bootstrap over windows
+    interval_delta: dict | None = None  # uncertainty.ppl_delta_interval: the cross-check
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -64,13 +71,21 @@ NLL_PIECE_BYTES = 16 * 2**20
 
 
 def window_nll(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-    """Summed NLL (float64) of every window's next tokens. The last position has no target: it
-    is ignored rather than sliced off, so the logits are read in place, never copied."""
+    """Summed NLL (float64) of each window's next tokens, one value per window. The last position
+    has no target: it is ignored rather than sliced off, so the logits are read in place, never
+    copied. Each position's NLL is float32 (as cross_entropy gives it); the sums are float64."""
     targets = torch.cat([batch[:, 1:], torch.full_like(batch[:, :1], -100)], 1).reshape(-1)
     flat = logits.reshape(-1, logits.shape[-1])
     rows = max(1, NLL_PIECE_BYTES // (4 * flat.shape[1]))
-    return sum(F.cross_entropy(flat[i:i + rows].float(), targets[i:i + rows], reduction="sum").double()
-               for i in range(0, len(flat), rows))
+    per_position = torch.cat([F.cross_entropy(flat[i:i + rows].float(), targets[i:i + rows], reduction="none")
+                              for i in range(0, len(flat), rows)])
+    return per_position.view(batch.shape).double().sum(1)
+
+
+def ppl_of(nll_windows: list[float], tokens: int) -> float:
+    """exp(sum of the windows' NLL / tokens), the sum exact (math.fsum): the stored per-window
+    sums give back the recorded value whatever order a reader adds them in."""
+    return math.exp(math.fsum(nll_windows) / tokens)
 
 
 @torch.no_grad()
@@ -87,24 +102,28 @@ def perplexity_of(model, ids: torch.Tensor, seqlen: int, batch_size: int = 8, ma
     device = next(model.parameters()).device
     w = windows(ids, seqlen, max_tokens, bos_id)
     state = progress if progress is not None else {}
-    if state.get("windows_total") != len(w) or state.get("batch_size") != batch_size:
-        state.update({"windows_total": len(w), "batch_size": batch_size, "windows_done": 0, "nll": 0.0, "tokens": 0})
+    if (state.get("windows_total") != len(w) or state.get("batch_size") != batch_size
+            or "nll_windows" not in state):  # an attempt from before per-window sums were kept starts over
+        state.update({"windows_total": len(w), "batch_size": batch_size, "windows_done": 0, "nll_windows": [],
+                      "tokens": 0})
+        state.pop("nll", None)
     start, last_save = time.perf_counter(), -math.inf
     first = state["resumed_from"] = state["windows_done"]
     for batch in tqdm(w[first:].split(batch_size), desc=desc, disable=None, initial=first // batch_size,
                       total=-(-len(w) // batch_size)):
         batch = batch.to(device)
-        loss = window_nll(model(input_ids=batch, use_cache=False).logits, batch)
-        if not torch.isfinite(loss):
+        nll = window_nll(model(input_ids=batch, use_cache=False).logits, batch)
+        if not torch.isfinite(nll).all():
             raise FloatingPointError(f"non-finite loss in {desc}")
         # One update call, so a signal arriving between batches never sees half a step.
-        state.update({"windows_done": state["windows_done"] + len(batch), "nll": state["nll"] + loss.item(),
+        state.update({"windows_done": state["windows_done"] + len(batch),
+                      "nll_windows": state["nll_windows"] + nll.tolist(),
                       "tokens": state["tokens"] + batch[:, 1:].numel()})
         if time.perf_counter() - last_save > save_every_s:
             save()
             last_save = time.perf_counter()
     elapsed = time.perf_counter() - start
-    value = math.exp(state["nll"] / state["tokens"])
+    value = ppl_of(state["nll_windows"], state["tokens"])
     return value, len(w), (len(w) - first) * seqlen / max(elapsed, 1e-9)
 
 
@@ -136,5 +155,7 @@ def evaluate(model, tokenizer, dataset: str, protocol: str, seqlen: int, batch_s
     else:
         value, n, tps = perplexity_of(model, ids, seqlen, batch_size, max_tokens, desc=f"ppl {dataset}",
                                       bos_id=bos_id, progress=progress, save=save)
+    nll = progress["nll_windows"]
     return Perplexity(value, dataset, split, protocol, seqlen, n, n * seqlen, len(ids), tps, bos,
-                      progress["resumed_from"])
+                      progress["resumed_from"], uncertainty.encode_floats(nll), seqlen - 1,
+                      uncertainty.ppl_interval(nll, seqlen - 1), uncertainty.ppl_delta_interval(nll, seqlen - 1))

@@ -11,6 +11,7 @@ task, the metric of `average_metrics` (LLM-Pruner's convention by default).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
 import json
 import logging
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from harness import uncertainty
 from harness.data.corpora import DataNotFoundError, hub_offline
 from harness.evaluate.tasks import DEFAULT_AVERAGE_METRICS, TASKS
 from harness.models.loading import cache_root
@@ -138,9 +140,38 @@ class ModelCallThroughput:
         return self.tokens / self.seconds if self.seconds else None
 
 
+# Any positive count makes lm-eval report acc_stderr / acc_norm_stderr; for these metrics (mean
+# aggregation) it is the closed form sample_sd / sqrt(n), so nothing is resampled.
+STDERR_ITERS = 1
+METRICS = ("acc", "acc_norm")
+
+
+def task_entry(result: dict, task: str) -> dict:
+    """One task's record entry from simple_evaluate's output (run with log_samples): each metric,
+    lm-eval's stderr and a 95% interval, n, and every question's correctness in doc_id order
+    (uncertainty.encode_bits), with a digest of the questions so paired tests can check they
+    compare the same ones."""
+    scores = result["results"][task]
+    samples = sorted(result["samples"][task], key=lambda s: s["doc_id"])
+    entry = {"n": result["n-samples"][task]["effective"]}
+    for metric in METRICS:
+        value = scores.get(f"{metric},none")
+        entry[metric] = value
+        if value is None:
+            continue
+        stderr = scores.get(f"{metric}_stderr,none")
+        entry[f"{metric}_stderr"] = stderr if isinstance(stderr, float) else None
+        if entry[f"{metric}_stderr"] is not None:
+            entry[f"{metric}_interval"] = uncertainty.normal_interval(value, stderr)
+        entry.setdefault("correct", {})[metric] = uncertainty.encode_bits([s[metric] for s in samples])
+    entry["questions_sha256"] = hashlib.sha256("".join(s["doc_hash"] for s in samples).encode()).hexdigest()
+    return entry
+
+
 def evaluate(model, tokenizer, cfg: dict, out: dict | None = None, save=lambda: None, store=None,
              device=None) -> dict:
-    """Fill `out` with {'zeroshot': {task: {acc, acc_norm, n}}, 'zeroshot_avg', 'zeroshot_protocol'}
+    """Fill `out` with {'zeroshot': {task: task_entry}, 'zeroshot_avg', its stderr and interval,
+    'zeroshot_protocol'}
     (`store`: the LazyCheckpoint `model` is the skeleton of, evaluated block by block on `device`).
 
     One lm-eval call per task, `save` after each, and tasks already in out['zeroshot'] are
@@ -176,15 +207,18 @@ def evaluate(model, tokenizer, cfg: dict, out: dict | None = None, save=lambda: 
     for task in [t for t in tasks if t not in results]:
         throughput.reset()
         r = lm_eval.simple_evaluate(model=lm, tasks=[task], num_fewshot=0, task_manager=manager,
-                                    limit=cfg.get("limit"), bootstrap_iters=0, log_samples=False)
-        scores = r["results"][task]
-        results[task] = {"acc": scores.get("acc,none"), "acc_norm": scores.get("acc_norm,none"),
-                         "n": r["n-samples"][task]["effective"], "batch_size": batch_size,
+                                    limit=cfg.get("limit"), bootstrap_iters=STDERR_ITERS, log_samples=True)
+        results[task] = {**task_entry(r, task), "batch_size": batch_size,
                          "tokens_per_second": throughput.tokens_per_second}
         save()
     average_metrics = {**DEFAULT_AVERAGE_METRICS, **(cfg.get("average_metrics") or {})}
-    scored = [results[t][average_metrics[t]] if results[t][average_metrics[t]] is not None else results[t]["acc"] for t in tasks]
-    out["zeroshot_avg"] = sum(scored) / len(scored)
+    averaged = [average_metrics[t] if results[t].get(average_metrics[t]) is not None else "acc" for t in tasks]
+    out["zeroshot_avg"] = sum(results[t][m] for t, m in zip(tasks, averaged, strict=True)) / len(tasks)
+    stderrs = [results[t].get(f"{m}_stderr") for t, m in zip(tasks, averaged, strict=True)]
+    if all(se is not None for se in stderrs):  # tasks finished by an attempt from before stderrs were kept have none
+        se = uncertainty.average_stderr(stderrs)
+        out["zeroshot_avg_stderr"] = se
+        out["zeroshot_avg_interval"] = uncertainty.normal_interval(out["zeroshot_avg"], se)
     out["zeroshot_protocol"] = {"source": source, "num_fewshot": 0, "limit": cfg.get("limit"),
                                 "average_metrics": {t: average_metrics[t] for t in tasks}, "bos": bos}
     return out
