@@ -139,7 +139,7 @@ def test_table1_groups_rows_as_the_paper_in_percent_with_the_dense_model_first(t
     md, tex, _ = collect.write_table(t, tmp_path, "t1")
     assert md.read_text().startswith("tiny-gpt2 at 20% sparsity")
     rows = {line.split(" & ")[1].strip(): line for line in tex.read_text().splitlines() if line.count(" & ") > 5}
-    assert "\\textbf{60.00}" in rows["ours"] and "\\textbf" not in rows["random"]  # dense is never marked best
+    assert "\\textbf{60.00 " in rows["ours"] and "\\textbf" not in rows["random"]  # dense is never marked best
     assert "\\caption{" in tex.read_text()
 
 
@@ -161,7 +161,7 @@ def test_latex_escapes_labels_and_caption_and_draws_no_cline_clutter(tmp_path):
     _, tex, _ = collect.write_table(t, tmp_path, "t1")
     text = tex.read_text()
     assert "second\\_moment" in text and "20\\% sparsity" in text and "acc\\_norm" in text
-    assert "\\cline" not in text and "\\multirow" not in text and "\\textbf{60.00}" in text
+    assert "\\cline" not in text and "\\multirow" not in text and "\\textbf{60.00 " in text
 
 
 def test_perplexity_plot_colours_metrics_styles_remedies_and_draws_the_dense_line(tmp_path, monkeypatch):

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from harness.data import evaluation_text
 from harness.evaluate.perplexity import evaluate, perplexity_of, windows
@@ -59,15 +58,29 @@ def test_perplexity_equals_brute_force(zoo, monkeypatch, piece_rows):
     if piece_rows:
         monkeypatch.setattr(perplexity, "NLL_PIECE_BYTES", 4 * model.config.vocab_size * piece_rows)
     ids = torch.randint(0, 4096, (3 * 16 + 5,), generator=torch.Generator().manual_seed(0))
-    ppl, n, _ = perplexity_of(model, ids, seqlen=16, batch_size=2)
-    nll, count = 0.0, 0
+    progress: dict = {}
+    ppl, n, _ = perplexity_of(model, ids, seqlen=16, batch_size=2, progress=progress)
+    nll, count = [], 0
     with torch.no_grad():
         for k in range(3):
             win = ids[k * 16 : (k + 1) * 16]
-            logits = model(win[None]).logits[0, :-1]
-            nll += F.cross_entropy(logits, win[1:], reduction="sum").item()
+            nll.append(model(win[None], labels=win[None]).loss.item() * 15)  # the model's own mean loss
             count += 15
-    assert n == 3 and ppl == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert n == 3 and ppl == pytest.approx(math.exp(sum(nll) / count), rel=1e-5)
+    assert progress["nll_windows"] == pytest.approx(nll, rel=1e-5)  # each window's own sum
+
+
+def test_stored_window_sums_reproduce_the_recorded_perplexity(zoo):
+    from harness import uncertainty
+
+    model, tok = zoo("tiny-llama")
+    r = evaluate(model, tok, "ptb", "llmpruner", 64, batch_size=3, max_tokens=64 * 40)
+    nll = uncertainty.decode_floats(r.nll_windows)
+    assert len(nll) == r.windows == 40 and r.tokens_per_window == 63
+    assert math.exp(math.fsum(nll) / (40 * 63)) == r.value  # exactly
+    assert math.exp(nll.sum() / (40 * 63)) == pytest.approx(r.value, rel=1e-12)  # any summation order
+    assert r.interval == uncertainty.ppl_interval(nll, 63) and r.interval["low"] < r.value < r.interval["high"]
+    assert r.interval_delta["low"] < r.value < r.interval_delta["high"]
 
 
 class _Killed(Exception):
@@ -137,9 +150,10 @@ def test_task_by_task_equals_one_lm_eval_call_and_resumes(zoo, monkeypatch):
     tasks = ["piqa", "arc_easy", "winogrande"]
     cfg = {"tasks": tasks, "limit": 6, "batch_size": 4, "source": "offline"}
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=4, add_bos_token=False)
-    whole = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=0, limit=6, bootstrap_iters=0,
+    whole = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=0, limit=6, bootstrap_iters=100,
                                     task_manager=TaskManager(include_path=str(offline_task_dir(tasks)),
-                                                             include_defaults=False))["results"]
+                                                             include_defaults=False), log_samples=True)
+    samples, whole = whole["samples"], whole["results"]
 
     real, called, saved = lm_eval.simple_evaluate, [], []
 
@@ -161,6 +175,28 @@ def test_task_by_task_equals_one_lm_eval_call_and_resumes(zoo, monkeypatch):
     for t in tasks:
         assert out["zeroshot"][t]["acc"] == whole[t]["acc,none"], t
         assert out["zeroshot"][t]["acc_norm"] == whole[t].get("acc_norm,none"), t  # winogrande has none
+        assert out["zeroshot"][t]["acc_stderr"] == whole[t]["acc_stderr,none"], t  # lm-eval's own
+    _check_per_question_bits(out, samples)
+
+
+def _check_per_question_bits(out: dict, samples: dict) -> None:
+    """The stored bits are lm-eval's logged per-question scores in doc order; their mean is the
+    accuracy and their sample stderr lm-eval's; the average's se combines the tasks'."""
+    from harness import uncertainty
+
+    for task, entry in out["zeroshot"].items():
+        by_doc = sorted(samples[task], key=lambda s: s["doc_id"])
+        for metric in ("acc", "acc_norm"):
+            if entry.get(metric) is None:
+                continue
+            bits = uncertainty.decode_bits(entry["correct"][metric], entry["n"])
+            assert bits.tolist() == [bool(s[metric]) for s in by_doc], (task, metric)
+            assert bits.mean() == pytest.approx(entry[metric], abs=1e-12)
+            assert uncertainty.accuracy_stderr(bits) == pytest.approx(entry[f"{metric}_stderr"], rel=1e-12)
+    averaged = out["zeroshot_protocol"]["average_metrics"]
+    ses = [e[f"{averaged[t]}_stderr"] if e.get(averaged[t]) is not None else e["acc_stderr"]
+           for t, e in out["zeroshot"].items()]
+    assert out["zeroshot_avg_stderr"] == pytest.approx(math.sqrt(sum(se * se for se in ses)) / len(ses))
 
 
 def test_lm_eval_scores_every_task_on_a_few_examples(zoo):

@@ -6,7 +6,7 @@ import logging
 
 import pandas as pd
 
-from harness import metrics
+from harness import metrics, uncertainty
 from harness import remedy as remedies
 from harness.collect.cells import RAW
 
@@ -148,9 +148,12 @@ def _row(r: dict) -> dict:
     for name, v in ev.get("ppl", {}).items():
         row[f"ppl.{name}"] = v["value"]
         row[f"ppl.{name}.tokens"] = v["tokens"]
-        _interval(row, f"ppl.{name}", v.get("interval"))
-        if v.get("nll_windows"):
+        if v.get("nll_windows"):  # the interval as this version computes it, from the stored windows
             row[f"{RAW}ppl.{name}"] = (v["nll_windows"], v["tokens_per_window"])
+            _interval(row, f"ppl.{name}", uncertainty.ppl_interval(uncertainty.decode_floats(v["nll_windows"]),
+                                                                   v["tokens_per_window"]))
+        else:
+            _interval(row, f"ppl.{name}", v.get("interval"))
     max_tokens = (c["eval"].get("ppl") or {}).get("max_tokens")
     row["ppl_tokens"] = "all" if max_tokens is None else str(max_tokens)
     zs = ev.get("zeroshot", {})
