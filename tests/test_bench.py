@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from bench.run import fit_exponent, run
 
@@ -82,6 +83,21 @@ def test_smoke_export_speed_measures_dense_and_pruned_in_plain_transformers(tmp_
     assert rows[2]["params"] < rows[1]["params"] < rows[0]["params"]
     assert all(r["forward_tokens_per_s_batch8"] > 0 and r["generate_seconds"] > 0 for r in rows)
     assert "| speed-up |" in (tmp_path / "export_speed.md").read_text()
+
+
+def test_smoke_uncertainty_cost_times_both_loops_and_a_collection(tmp_path):
+    from bench.run import named_model
+    from bench.uncertainty_cost import batch_sum_perplexity
+    from bench.uncertainty_cost import run as uncertainty_cost
+    from harness.evaluate.perplexity import perplexity_of
+
+    model = named_model("tiny-llama")
+    ids = torch.randint(0, model.config.vocab_size, (4 * 128,), generator=torch.Generator().manual_seed(0))
+    # the reference loop it is timed against computes the same perplexity
+    assert batch_sum_perplexity(model, ids, 128, 3) == pytest.approx(perplexity_of(model, ids, 128, 3)[0], rel=1e-6)
+    r = uncertainty_cost(smoke=True, out=tmp_path)
+    assert r["perplexity"]["ratio"] > 0 and r["zeroshot"]["ratio"] > 0 and r["collect"]["records"] == 20
+    assert "Collecting 20 full-size records" in (tmp_path / "uncertainty.md").read_text()
 
 
 def test_named_models_load_from_the_config_tree():
