@@ -166,7 +166,7 @@ def summary_text(record: dict) -> str:
         norm = "" if r.get("acc_norm") is None else f"  acc_norm {r['acc_norm']:.4f}{_se(r.get('acc_norm_stderr'))}"
         lines.append(f"zero-shot  {task:14s} acc {r['acc']:.4f}{_se(r.get('acc_stderr'))}{norm}  (n={r['n']})")
     if "zeroshot_avg" in ev:
-        lines.append(f"zero-shot  7-task average {ev['zeroshot_avg']:.4f}{_se(ev.get('zeroshot_avg_stderr'))}"
+        lines.append(f"zero-shot  {len(ev.get('zeroshot', {}))}-task average {ev['zeroshot_avg']:.4f}{_se(ev.get('zeroshot_avg_stderr'))}"
                      f"{_interval(ev.get('zeroshot_avg_interval'), '.4f')} (metric per task: see record)")
     eff = ev.get("efficiency")
     if eff:
