@@ -146,3 +146,31 @@ def test_a_seed_reaches_every_random_choice_of_a_run():
     config = as_dict(run)
     assert config["calibration"]["seed"] == config["remedy"]["calibration"]["seed"] == 3
     assert config["finetune"]["data"]["seed"] == 3 and run.prune_settings().seed == 3
+
+
+def test_console_summary_and_tracker_scalars_carry_the_intervals():
+    from harness import tracking
+    from harness.record_entries import scalars
+
+    rec = synthetic.record("metric=ours", zeroshot={"arc_easy": 0.5, "openbookqa": 0.3}, ppl={"wikitext2": 100.0})
+    _printable(rec)
+    ppl, arc = rec["eval"]["ppl"]["wikitext2"], rec["eval"]["zeroshot"]["arc_easy"]
+    text = tracking.summary_text(rec)
+    assert f"100.000  [95% {ppl['interval']['low']:.2f}, {ppl['interval']['high']:.2f}]" in text
+    assert f"acc 0.5000 +- {arc['acc_stderr']:.4f}" in text and "2-task average" in text
+    flat = scalars(rec["eval"])
+    assert flat["ppl.wikitext2.ci_low"] == ppl["interval"]["low"] and flat["zeroshot.arc_easy.acc_stderr"] > 0
+    old = synthetic.record("metric=ours", raw=False, zeroshot={"arc_easy": 0.5})
+    _printable(old)
+    assert "[95%" not in tracking.summary_text(old) and "ppl.wikitext2.ci_low" not in scalars(old["eval"])
+
+
+def _printable(rec: dict) -> None:
+    """The entries a real record has that the console summary reads and synthetic records skip."""
+    rec["pruning"].update(sparsity_target=0.2, sparsity_mode="model", module_ratio=0.2)
+    rec["model"]["id"] = rec["model"]["name"]
+    rec["path"] = "result.json"
+    for entry in rec["eval"]["ppl"].values():
+        entry.update(split="test", seqlen=64)
+    for entry in rec["eval"].get("zeroshot", {}).values():
+        entry.setdefault("n", 100)

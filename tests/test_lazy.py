@@ -54,7 +54,8 @@ def test_lazy_export_loads_in_transformers_and_its_blockwise_perplexity_is_the_m
     model.set_attn_implementation(back.config._attn_implementation)
     with torch.no_grad():
         torch.testing.assert_close(back(text[None, :64]).logits, model(text[None, :64]).logits, rtol=1e-5, atol=1e-5)
-    expected, n, _ = perplexity_of(model, text, 32, batch_size=4)
+    resident: dict = {}
+    expected, n, _ = perplexity_of(model, text, 32, batch_size=4, progress=resident)
     lazy = LazyCheckpoint(tmp_path / "model")
     lazy.skeleton()
     progress = {}
@@ -62,6 +63,7 @@ def test_lazy_export_loads_in_transformers_and_its_blockwise_perplexity_is_the_m
                                                free_bytes=4 * 2 * 32 * model.config.hidden_size * 4 * 8)  # groups of 8
     assert n_lazy == n and tps > 0 and progress["group"] == 8
     assert got == pytest.approx(expected, rel=1e-5)
+    assert progress["nll_windows"] == pytest.approx(resident["nll_windows"], rel=1e-5)  # window by window
 
 
 def test_lazy_loading_refuses_gradient_metrics_and_a_missing_output(zoo, tmp_path):
