@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from harness import metrics, sparse
 from harness import remedy as remedies
-from harness.config import CONFIG_DIR, ConfigError, RunConfig, compose, typed
+from harness.config import CONFIG_DIR, ConfigError, RunConfig, as_dict, compose, typed
 from harness.prune import allocation
 from harness.prune.observe import NEEDS
 
@@ -137,7 +137,7 @@ def test_every_experiment_composes_and_validates(experiment):
     config, as Hydra's override would set it (composing every point costs 0.2 s each)."""
     base = compose(f"+experiment={experiment}", return_hydra=True)
     axes = {k: str(v).split(",") for k, v in (base.hydra.sweeper.params or {}).items()}
-    groups = [k for k in axes if k in GROUPS]
+    groups = [k for k in axes if k.removeprefix("+") in [*GROUPS, "method"]]
     for choice in itertools.product(*(axes[k] for k in groups)):
         composed = compose(f"+experiment={experiment}", *(f"{k}={v}" for k, v in zip(groups, choice, strict=True)))
         keys = [k for k in axes if k not in groups]
@@ -146,7 +146,18 @@ def test_every_experiment_composes_and_validates(experiment):
             for key, value in zip(keys, point, strict=True):
                 OmegaConf.update(cfg, key, yaml.safe_load(value), merge=False)
             typed(cfg)
-    assert experiment.startswith(("table", "fig", "compare", "architectures", "unstructured", "hywia"))
+    assert experiment.startswith(("table", "fig", "compare", "architectures", "unstructured", "hywia", "seeds"))
+
+
+@pytest.mark.parametrize("method", _options("method"))
+def test_every_method_bundle_chooses_its_metric_and_remedy(method):
+    """conf/method/<name>.yaml: `+method=<name>` is one metric with one remedy (a sweep axis that
+    runs exactly these pairs); its comment names the pair it chooses."""
+    config = as_dict(typed(compose(f"+method={method}")))
+    text = (CONFIG_DIR / "method" / f"{method}.yaml").read_text()
+    assert f"override /metric: {config['metric']['name']}" in text
+    assert f"override /remedy: {config['remedy']['name']}" in text
+    assert method.split("_")[0] == config["metric"]["name"]
 
 
 def test_the_top_level_experiments_folder_is_the_experiment_group():
