@@ -174,3 +174,11 @@ def _printable(rec: dict) -> None:
         entry.update(split="test", seqlen=64)
     for entry in rec["eval"].get("zeroshot", {}).values():
         entry.setdefault("n", 100)
+
+
+def test_a_subset_of_questions_is_never_averaged_with_the_whole_task():
+    arc = {"arc_easy": 0.5}
+    recs = [synthetic.record("metric=ours", "eval=full", zeroshot=arc),
+            synthetic.record("metric=ours", "eval=full", "eval.zeroshot.limit=500", zeroshot={"arc_easy": 0.7})]
+    (t,) = collect.table1(collect.frame(recs)).values()
+    assert "zs_limit" in t.index.names and sorted(t["ARC-e"]) == [pytest.approx(50.0), pytest.approx(70.0)]

@@ -17,7 +17,7 @@ METHOD = ["metric", "remedy", "allocation"]
 # one, it becomes an extra row level, so different configurations are never averaged
 # (only repeated seeds are).
 SETTINGS = ["sparsity_type", "finetune", "metric_params", "remedy_params", "remedy_data", "attention_unit",
-            "calibration", "n_samples", "sparsity_mode", "modules", "ppl_tokens", "bos"]
+            "calibration", "n_samples", "sparsity_mode", "modules", "ppl_tokens", "zs_limit", "bos"]
 # The method part a parameter setting belongs to: with that part as a table column, the
 # setting varies with the column, not within a row.
 OWNER = {"metric_params": "metric", "remedy_params": "remedy", "remedy_data": "remedy"}
@@ -156,6 +156,9 @@ def _row(r: dict) -> dict:
             _interval(row, f"ppl.{name}", v.get("interval"))
     max_tokens = (c["eval"].get("ppl") or {}).get("max_tokens")
     row["ppl_tokens"] = "all" if max_tokens is None else str(max_tokens)
+    zeroshot = c["eval"].get("zeroshot")
+    if zeroshot is not None:  # questions per task: a subset's accuracy is never averaged with the full task's
+        row["zs_limit"] = "all" if zeroshot.get("limit") is None else str(zeroshot["limit"])
     zs = ev.get("zeroshot", {})
     avg_metric = ev.get("zeroshot_protocol", {}).get("average_metrics", {})
     for task, v in zs.items():
