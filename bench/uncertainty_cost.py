@@ -1,6 +1,7 @@
 """What uncertainty costs (`make bench`): JSON + Markdown in results/bench/uncertainty.*.
 
     python -m bench.uncertainty_cost           # smollm2-135m windows, 1,000 full-size records (a few minutes)
+    OMP_NUM_THREADS=1 python -m bench.uncertainty_cost   # beside another job: ratios need no second core
     python -m bench.uncertainty_cost --smoke   # tiny sizes (seconds; the test suite runs it)
 
 1. Perplexity: perplexity_of keeps every window's NLL sum (per-position cross-entropy summed
@@ -56,10 +57,10 @@ def _interleaved(a, b, repeats: int) -> tuple[float, float]:
 
 def perplexity_cost(smoke: bool) -> dict:
     model = named_model("tiny-llama" if smoke else "smollm2-135m")
-    windows = 16 if smoke else 128
+    windows = 16 if smoke else 64
     ids = torch.randint(0, model.config.vocab_size, (windows * 128,), generator=torch.Generator().manual_seed(0))
     per_window, batch_sum = _interleaved(lambda: perplexity.perplexity_of(model, ids, 128, batch_size=8),
-                                         lambda: batch_sum_perplexity(model, ids, 128, 8), 2 if smoke else 5)
+                                         lambda: batch_sum_perplexity(model, ids, 128, 8), 2 if smoke else 3)
     return {"model": "tiny-llama" if smoke else "smollm2-135m", "windows": windows, "per_window_s": per_window,
             "batch_sum_s": batch_sum, "ratio": per_window / batch_sum}
 
@@ -78,7 +79,7 @@ def zeroshot_cost(smoke: bool) -> dict:
                               torch.float32)
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=16, add_bos_token=False)
     manager = TaskManager(include_path=str(offline_task_dir(["arc_easy"])), include_defaults=False)
-    limit = 20 if smoke else 400
+    limit = 20 if smoke else 200
 
     def call(log_samples: bool):
         return lambda: lm_eval.simple_evaluate(model=lm, tasks=["arc_easy"], num_fewshot=0, task_manager=manager,
