@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.collect.cells import Cell, best_marks, cell_frame, means
+from harness.collect.cells import Cell, Run, best_marks, cell_frame, means
 from harness.collect.frame import FAMILIES, METHOD, ppl_columns, rows_of
 from harness.evaluate.tasks import DEFAULT_AVERAGE_METRICS, PAPER_NAMES, TASKS
 
@@ -143,8 +143,6 @@ def _cells(t: pd.DataFrame) -> pd.DataFrame:
     cells = t.attrs.get("cells")
     if cells is not None:
         return cells
-    from harness.collect.cells import Run
-
     return t.map(lambda v: None if pd.isna(v) else Cell((Run(0, "", float(v), None, None, None),), "acc"))
 
 
