@@ -28,6 +28,7 @@ LEVEL = 0.95
 RESAMPLES = 2000
 BLOCK_WINDOWS = 8  # windows per bootstrap block (METHOD.md: blocks of consecutive windows)
 BOOTSTRAP_SEED = 0
+MIN_BLOCKS = 4  # fewer blocks than this give no interval (a bootstrap over 1-3 units says nothing)
 
 
 def encode_floats(values: Sequence[float] | np.ndarray) -> str:
@@ -74,13 +75,26 @@ def _percentiles(draws: np.ndarray, level: float, units: int) -> tuple[float, fl
     return float(low), float(high)
 
 
+def _bootstrap_ratio(sums: np.ndarray, sizes: np.ndarray, tokens_per_window: int, level: float, resamples: int,
+                     seed: int) -> tuple[float, float]:
+    """Interval of exp(sum S* / sum n*) over resampled blocks; NaN below MIN_BLOCKS blocks."""
+    if len(sums) < MIN_BLOCKS:
+        return math.nan, math.nan
+    idx = _resampled_blocks(len(sums), resamples, seed)
+    draws = np.exp(sums[idx].sum(1) / (sizes[idx].sum(1) * tokens_per_window))
+    return _percentiles(draws, level, len(sums))
+
+
+def _excludes(low: float, high: float, value: float) -> bool:
+    """Whether a finite interval excludes `value` (a NaN interval excludes nothing)."""
+    return math.isfinite(low) and math.isfinite(high) and not low <= value <= high
+
+
 def ppl_interval(nll: np.ndarray, tokens_per_window: int, level: float = LEVEL, resamples: int = RESAMPLES,
                  block: int = BLOCK_WINDOWS, seed: int = BOOTSTRAP_SEED) -> dict:
     """Percentile interval of exp(sum S* / sum n*) over resampled blocks of windows."""
     sums, sizes = _blocks(np.asarray(nll, dtype=np.float64), block)
-    idx = _resampled_blocks(len(sums), resamples, seed)
-    draws = np.exp(sums[idx].sum(1) / (sizes[idx].sum(1) * tokens_per_window))
-    low, high = _percentiles(draws, level, len(sums))
+    low, high = _bootstrap_ratio(sums, sizes, tokens_per_window, level, resamples, seed)
     return {"low": low, "high": high, "level": level, "method": "block bootstrap (expanded percentile)",
             "block_windows": block,
             "resamples": resamples, "seed": seed}
@@ -93,7 +107,7 @@ def ppl_delta_interval(nll: np.ndarray, tokens_per_window: int, level: float = L
     tokens = sizes * tokens_per_window
     mean = sums.sum() / tokens.sum()
     b = len(sums)
-    if b < 2:
+    if b < MIN_BLOCKS:
         return {"low": math.nan, "high": math.nan, "level": level, "method": "delta", "block_windows": block,
                 "se_log_ppl": math.nan}
     se = math.sqrt(((sums - mean * tokens) ** 2).sum() / (b * (b - 1))) / tokens.mean()
@@ -110,16 +124,15 @@ def paired_ppl_ratio(nll_a: np.ndarray, nll_b: np.ndarray, tokens_per_window: in
     if a.shape != b.shape:
         raise ValueError(f"paired perplexities need the same windows: {len(a)} vs {len(b)}")
     sums, sizes = _blocks(a - b, block)
-    idx = _resampled_blocks(len(sums), resamples, seed)
-    draws = np.exp(sums[idx].sum(1) / (sizes[idx].sum(1) * tokens_per_window))
-    low, high = _percentiles(draws, level, len(sums))
+    low, high = _bootstrap_ratio(sums, sizes, tokens_per_window, level, resamples, seed)
     ratio = math.exp(sums.sum() / (len(a) * tokens_per_window))
-    return {"ratio": ratio, "low": low, "high": high, "level": level, "significant": not low <= 1 <= high,
+    return {"ratio": ratio, "low": low, "high": high, "level": level, "significant": _excludes(low, high, 1.0),
             "method": "paired block bootstrap (expanded percentile)", "block_windows": block, "resamples": resamples, "seed": seed}
 
 
 def accuracy_stderr(correct: np.ndarray) -> float:
-    """lm-eval's stderr of a mean: sample sd / sqrt(n) = sqrt(p(1-p)/(n-1))."""
+    """sample sd / sqrt(n) = sqrt(p(1-p)/(n-1)): what lm-eval reports as acc_stderr (records take
+    lm-eval's own value; this is the reference the tests and synthetic records use)."""
     n = len(correct)
     return float(np.std(np.asarray(correct, dtype=np.float64), ddof=1) / math.sqrt(n)) if n > 1 else math.nan
 
@@ -135,8 +148,9 @@ def average_stderr(stderrs: Sequence[float]) -> float:
 
 
 def paired_accuracy(correct_a: np.ndarray, correct_b: np.ndarray, level: float = LEVEL) -> dict:
-    """acc_A - acc_B on the same questions: the normal interval of the per-question differences,
-    and McNemar's exact two-sided p on the discordant questions."""
+    """acc_A - acc_B on the same questions: the normal interval of the per-question differences
+    and McNemar's exact two-sided p on the discordant questions; `significant` needs both (the
+    normal interval alone is too liberal when few questions differ)."""
     a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
     if a.shape != b.shape:
         raise ValueError(f"paired accuracies need the same questions: {len(a)} vs {len(b)}")
@@ -146,7 +160,7 @@ def paired_accuracy(correct_a: np.ndarray, correct_b: np.ndarray, level: float =
     p = stats.binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
     out = {"difference": float(d.mean()), **normal_interval(float(d.mean()), se, level), "mcnemar_p": float(p),
            "only_a": only_a, "only_b": only_b}
-    out["significant"] = not out["low"] <= 0 <= out["high"]
+    out["significant"] = _excludes(out["low"], out["high"], 0.0) and p < 1 - level
     return out
 
 
@@ -165,5 +179,5 @@ def seed_summary(values: Sequence[float], level: float = LEVEL) -> dict:
 def paired_seeds(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> dict:
     """Per-seed differences a_s - b_s (same seeds = same calibration): their mean and t interval."""
     summary = seed_summary(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64), level)
-    summary["significant"] = summary["n"] > 1 and not summary["low"] <= 0 <= summary["high"]
+    summary["significant"] = _excludes(summary["low"], summary["high"], 0.0)
     return summary

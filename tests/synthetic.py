@@ -18,7 +18,7 @@ _ids = itertools.count()
 
 def record(*overrides: str, ppl: dict[str, float] | None = None, zeroshot: dict[str, float] | None = None,
            heads: int = 8, groups_removed: int = 0, heads_per_group: int = 2, layers: int = 4,
-           divergence: bool = False, raw: bool = True, windows: int = 16, questions: int = 200,
+           divergence: bool = False, raw: bool = True, windows: int = 64, questions: int = 200,
            noise: float = 0.3, draw: int | None = None) -> dict:
     """A complete record of the run `python -m harness OVERRIDES` with the given numbers:
     `groups_removed` attention units of `heads_per_group` heads removed in every block.

@@ -182,3 +182,24 @@ def test_a_subset_of_questions_is_never_averaged_with_the_whole_task():
             synthetic.record("metric=ours", "eval=full", "eval.zeroshot.limit=500", zeroshot={"arc_easy": 0.7})]
     (t,) = collect.table1(collect.frame(recs)).values()
     assert "zs_limit" in t.index.names and sorted(t["ARC-e"]) == [pytest.approx(50.0), pytest.approx(70.0)]
+
+
+def test_cells_on_different_windows_or_with_constant_seed_differences_are_judged_honestly():
+    from harness.collect.cells import worse
+
+    recs = [synthetic.record("metric=ours", ppl={"wikitext2": 100.0}, draw=1),
+            synthetic.record("metric=l2", ppl={"wikitext2": 101.0}, draw=1)]
+    df = collect.frame(recs)
+    t = collect.pivot(df, ["metric"], ["sparsity"], "ppl.wikitext2").attrs["cells"]
+    best, other = t.loc["ours", 0.2], t.loc["l2", 0.2]
+    assert worse(best, other, lower_better=True) is True  # same windows, 1% everywhere
+    nll, per_window, _ = other.runs[0].raw
+    moved = other.runs[0].__class__(**{**other.runs[0].__dict__, "raw": (nll, per_window, "other text")})
+    best_digest = best.runs[0].__class__(**{**best.runs[0].__dict__, "raw": (best.runs[0].raw[0], per_window, "text")})
+    assert worse(type(best)((best_digest,), "ppl"), type(other)((moved,), "ppl"), lower_better=True) is None
+    # two seed-invariant methods: the same difference on every seed is no evidence about noise;
+    # the verdict falls back to the first shared seed's windows
+    same = [synthetic.record("metric=l1", f"seed={s}", ppl={"wikitext2": 100.0}, draw=3) for s in SEEDS]
+    same += [synthetic.record("metric=l2", f"seed={s}", ppl={"wikitext2": 100.2}, draw=4) for s in SEEDS]
+    cells = collect.pivot(collect.frame(same), ["metric"], ["sparsity"], "ppl.wikitext2").attrs["cells"]
+    assert worse(cells.loc["l1", 0.2], cells.loc["l2", 0.2], lower_better=True) is False  # independent noise: not separable

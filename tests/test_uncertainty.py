@@ -137,3 +137,18 @@ def test_encodings_round_trip_exactly():
     assert np.array_equal(uncertainty.decode_floats(uncertainty.encode_floats(floats)), floats)
     bits = rng.random(1172) < 0.5
     assert np.array_equal(uncertainty.decode_bits(uncertainty.encode_bits(bits), 1172), bits)
+
+
+def test_too_few_blocks_give_no_interval_and_no_verdict():
+    nll = np.full(3 * uncertainty.BLOCK_WINDOWS, 4.0 * 127)  # 3 blocks
+    assert math.isnan(uncertainty.ppl_interval(nll, 127)["low"])
+    assert math.isnan(uncertainty.ppl_delta_interval(nll, 127)["high"])
+    assert not uncertainty.paired_ppl_ratio(nll * 1.1, nll, 127)["significant"]  # a clear ratio, but untestable
+
+
+def test_few_discordant_questions_are_not_significant_however_clean():
+    a = np.array([1] * 4 + [0] * 96, dtype=bool)  # A right on 4 questions B misses, nothing the other way
+    r = uncertainty.paired_accuracy(a, np.zeros(100, dtype=bool))
+    assert r["low"] > 0 and r["mcnemar_p"] == pytest.approx(0.125) and not r["significant"]
+    one = uncertainty.paired_accuracy(a[:1], np.zeros(1, dtype=bool))  # se undefined
+    assert not one["significant"]

@@ -4,9 +4,10 @@ the best (METHOD.md section 12).
 A cell holds its runs (seed, value, the run's own 95% evaluation interval, and the raw data a
 paired test reads: per-window NLL sums or per-question correctness). It reads as mean +- sd (n)
 over seeds, or, for a single run, the value with its evaluation interval. A column's "best"
-mark goes to the best cell and to every cell whose paired 95% interval against it includes
-no difference: paired by seed where the two cells share at least two seeds, else (one run
-each) on the same windows or questions; where neither is possible the cell is untested.
+mark goes to the best cell and to every cell whose paired 95% interval against it contains 0 (ratio 1):
+paired by seed where the two cells share at least two seeds (and their differences vary),
+else on one run each of the same windows or questions; where neither is possible the cell
+is untested.
 """
 
 from __future__ import annotations
@@ -143,20 +144,42 @@ def means(cells: pd.DataFrame) -> pd.DataFrame:
 
 def worse(best: Cell, other: Cell, lower_better: bool) -> bool | None:
     """Whether `other` is significantly worse than `best` (paired, 95%); None where the data
-    cannot tell (one run each without per-window / per-question data, or different windows)."""
+    cannot tell (one run each without per-window / per-question data, different windows, or
+    too few windows for an interval)."""
     common = sorted(set(best.by_seed) & set(other.by_seed))
     if len(common) >= 2:
         f = math.log if best.kind == "ppl" else float  # perplexities compare as ratios
         r = uncertainty.paired_seeds([f(other.by_seed[s]) for s in common], [f(best.by_seed[s]) for s in common])
-        direction = r["mean"] > 0 if lower_better else r["mean"] < 0
-        return r["significant"] and direction
-    if len(best.runs) == 1 and len(other.runs) == 1 and best.runs[0].raw and other.runs[0].raw:
-        try:
-            low, high = paired_interval(other.runs[0].raw, best.runs[0].raw, best.kind)
-        except ValueError:  # not the same windows / questions
-            return None
-        return low > 0 if lower_better else high < 0
-    return None
+        if r["std"] > 0:  # a constant difference (two seed-invariant methods) says nothing about noise
+            direction = r["mean"] > 0 if lower_better else r["mean"] < 0
+            return r["significant"] and direction
+    pair = _single_runs(best, other, common)
+    if pair is None:
+        return None
+    try:
+        low, high = paired_interval(pair[1], pair[0], best.kind)
+    except ValueError:  # not the same windows / questions
+        return None
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return None
+    return low > 0 if lower_better else high < 0
+
+
+def _single_runs(best: Cell, other: Cell, common: list[int]) -> tuple | None:
+    """The raw data of one run of each cell to test on windows / questions: the only runs, or
+    the runs of the first shared seed (when the per-seed test cannot decide)."""
+    if len(best.runs) == 1 and len(other.runs) == 1:
+        a, b = best.runs[0].raw, other.runs[0].raw
+    elif common:
+        a, b = _raw_of(best, common[0]), _raw_of(other, common[0])
+    else:
+        return None
+    return (a, b) if a and b else None
+
+
+def _raw_of(cell: Cell, seed: int) -> tuple | None:
+    runs = [r for r in cell.runs if r.seed == seed]
+    return runs[0].raw if len(runs) == 1 else None
 
 
 def paired_interval(raw_a: tuple, raw_b: tuple, kind: str) -> tuple[float, float]:
@@ -170,9 +193,9 @@ def paired_interval(raw_a: tuple, raw_b: tuple, kind: str) -> tuple[float, float
 
 
 def paired_ppl(raw_a: tuple, raw_b: tuple) -> dict:
-    (nll_a, per_window_a), (nll_b, per_window_b) = raw_a, raw_b
-    if per_window_a != per_window_b:
-        raise ValueError("different tokens per window")
+    (nll_a, per_window_a, digest_a), (nll_b, per_window_b, digest_b) = raw_a, raw_b
+    if per_window_a != per_window_b or (digest_a and digest_b and digest_a != digest_b):
+        raise ValueError("different windows")
     return uncertainty.paired_ppl_ratio(uncertainty.decode_floats(nll_a), uncertainty.decode_floats(nll_b),
                                         per_window_a)
 
@@ -190,13 +213,16 @@ def paired_acc(raw_a: tuple, raw_b: tuple) -> dict:
 
 def paired_avg(raw_a: tuple, raw_b: tuple) -> dict:
     """Difference of task averages: per task the paired difference and its se, combined as
-    sqrt(sum se_t^2) / T (tasks have independent questions)."""
-    if len(raw_a) != len(raw_b):
+    sqrt(sum se_t^2) / T (tasks have independent questions); `raw` is ((task, data), ...)."""
+    a, b = dict(raw_a), dict(raw_b)
+    if set(a) != set(b):
         raise ValueError("different tasks")
-    tasks = [paired_acc(a, b) for a, b in zip(raw_a, raw_b, strict=True)]
+    tasks = [paired_acc(a[t], b[t]) for t in sorted(a)]
     difference = float(np.mean([t["difference"] for t in tasks]))
     out = uncertainty.normal_interval(difference, uncertainty.average_stderr([t["se"] for t in tasks]))
-    return {"difference": difference, **out, "significant": not out["low"] <= 0 <= out["high"]}
+    low, high = out["low"], out["high"]
+    return {"difference": difference, **out,
+            "significant": math.isfinite(low) and math.isfinite(high) and not low <= 0 <= high}
 
 
 def best_marks(cells: pd.DataFrame, lower_better: dict, skip_rows: list) -> tuple[pd.DataFrame, int]:

@@ -90,7 +90,7 @@ def write_comparison(df, tables: Path, a: str, b: str) -> list[Path]:
     keys = comparison.pair_keys(df, side_a, side_b)
     values = [v for v in comparison.values_of(df) if v in pairs]
     text = (f"A = {a}\nB = {b}\nPer pair (same {', '.join(keys)}): ppl A/B and accuracy A-B in points, paired 95% "
-            f"interval over windows / questions; * = the interval excludes no change.\n\n"
+            f"interval over windows / questions; * = the interval excludes 0 (ratio 1).\n\n"
             f"{comparison.markdown(pairs, keys, values)}\n\nAcross seeds (t interval of the per-seed differences; "
             f"needs 2+ seeds):\n\n{comparison.markdown(seeds, keys, values)}\n")
     print(text)

@@ -67,7 +67,7 @@ def _paired(raw_a, raw_b, column: str) -> dict | None:
 def compare(df: pd.DataFrame, a: list[str], b: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(pairs, across seeds): one row per matched pair of runs, one row per setting over its seeds.
     Columns per value: `<value>` (ppl ratio A/B, or accuracy difference A-B in points), `.low`,
-    `.high`, `.significant` (the 95% interval excludes no change) and for tasks `.mcnemar_p`."""
+    `.high`, `.significant` (the 95% interval excludes 0, or ratio 1) and for tasks `.mcnemar_p`."""
     side_a, side_b = where(df, a), where(df, b)
     if side_a.empty or side_b.empty:
         raise ValueError(f"no runs match {a if side_a.empty else b}")
@@ -96,9 +96,11 @@ def across_seeds(pairs: pd.DataFrame, keys: list[str], values: list[str]) -> pd.
     rows = []
     for key, g in pairs.groupby(keys, dropna=False) if keys else [((), pairs)]:
         key = key if isinstance(key, tuple) else (key,)
-        row = {**dict(zip(keys, key, strict=True)), "seeds": g["seed"].nunique() if "seed" in g else len(g)}
+        columns = [f"{v} {side}" for v in values for side in "AB"]
+        per_seed = g.groupby("seed")[columns].mean() if "seed" in g else g[columns]  # duplicates: one seed
+        row = {**dict(zip(keys, key, strict=True)), "seeds": len(per_seed)}
         for v in values:
-            a, b = g[f"{v} A"].to_numpy(dtype=float), g[f"{v} B"].to_numpy(dtype=float)
+            a, b = per_seed[f"{v} A"].to_numpy(dtype=float), per_seed[f"{v} B"].to_numpy(dtype=float)
             ok = ~(np.isnan(a) | np.isnan(b))
             if v.startswith("ppl."):
                 r = uncertainty.paired_seeds(np.log(a[ok]), np.log(b[ok]))

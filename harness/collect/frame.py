@@ -149,7 +149,7 @@ def _row(r: dict) -> dict:
         row[f"ppl.{name}"] = v["value"]
         row[f"ppl.{name}.tokens"] = v["tokens"]
         if v.get("nll_windows"):  # the interval as this version computes it, from the stored windows
-            row[f"{RAW}ppl.{name}"] = (v["nll_windows"], v["tokens_per_window"])
+            row[f"{RAW}ppl.{name}"] = (v["nll_windows"], v["tokens_per_window"], v.get("windows_sha256"))
             _interval(row, f"ppl.{name}", uncertainty.ppl_interval(uncertainty.decode_floats(v["nll_windows"]),
                                                                    v["tokens_per_window"]))
         else:
@@ -171,9 +171,9 @@ def _row(r: dict) -> dict:
         row["zs.avg"] = ev["zeroshot_avg"]
         row["zs.average_metrics"] = avg_metric
         _interval(row, "zs.avg", ev.get("zeroshot_avg_interval"))
-        tasks = [row.get(f"{RAW}zs.{task}") for task in zs]
-        if tasks and all(tasks):
-            row[f"{RAW}zs.avg"] = tuple(tasks)
+        tasks = tuple((task, row.get(f"{RAW}zs.{task}")) for task in sorted(zs))
+        if tasks and all(raw for _, raw in tasks):
+            row[f"{RAW}zs.avg"] = tasks
     return row
 
 

@@ -100,15 +100,16 @@ def error_bars(runs: pd.DataFrame, x: str, col: str) -> pd.DataFrame:
     over two or more seeds, else the one run's own 95% evaluation interval (none in older records)."""
     rows = {}
     for value, g in runs.dropna(subset=[col]).groupby(x):
-        mean = g[col].mean()
-        if len(g) > 1:
-            sd = g[col].std(ddof=1)
+        seeds = g.groupby("seed")[col].mean()  # repeated runs of one seed are one sample
+        mean = seeds.mean()
+        if len(seeds) > 1:
+            sd = seeds.std(ddof=1)
             low, high = mean - sd, mean + sd
         elif f"{col}.low" in g and g[f"{col}.low"].notna().all():
             low, high = g[f"{col}.low"].iloc[0], g[f"{col}.high"].iloc[0]
         else:
             low = high = mean
-        rows[value] = {"mean": mean, "low": low, "high": high, "n": len(g)}
+        rows[value] = {"mean": mean, "low": low, "high": high, "n": len(seeds)}
     return pd.DataFrame.from_dict(rows, orient="index", columns=["mean", "low", "high", "n"]).sort_index()
 
 

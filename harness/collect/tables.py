@@ -59,7 +59,7 @@ def table_sparse(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
         dense = df[(df["model"] == model) & (df["sparsity"] == 0)]
         if not dense.empty:
             whole = cell_frame(dense.assign(_all=""), ["_all"], [], ppl_columns(dense))
-            row = {c: whole.iloc[0].get(f"ppl.{c.split(' ', 1)[1]}") for c in t.columns}
+            row = {c: None if whole.empty else whole.iloc[0].get(f"ppl.{c.split(' ', 1)[1]}") for c in t.columns}
             key = ("dense",) + ("",) * (t.index.nlevels - 1) if t.index.nlevels > 1 else "dense"
             t = pd.concat([pd.DataFrame([row], index=pd.Index([key], name=t.index.name) if t.index.nlevels == 1
                                         else pd.MultiIndex.from_tuples([key], names=t.index.names)), t])

@@ -12,6 +12,7 @@ in float64 from float32 logits. Where the BOS token goes (`bos`, set per model c
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -44,6 +45,7 @@ class Perplexity:
     tokens_per_window: int = 0
     interval: dict | None = None  # uncertainty.ppl_interval: block bootstrap over windows
     interval_delta: dict | None = None  # uncertainty.ppl_delta_interval: the cross-check
+    windows_sha256: str = ""  # of the windows' token ids: paired tests check two runs read the same text
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -156,6 +158,8 @@ def evaluate(model, tokenizer, dataset: str, protocol: str, seqlen: int, batch_s
         value, n, tps = perplexity_of(model, ids, seqlen, batch_size, max_tokens, desc=f"ppl {dataset}",
                                       bos_id=bos_id, progress=progress, save=save)
     nll = progress["nll_windows"]
+    digest = hashlib.sha256(windows(ids, seqlen, max_tokens, bos_id).numpy().astype("<i8").tobytes()).hexdigest()
     return Perplexity(value, dataset, split, protocol, seqlen, n, n * seqlen, len(ids), tps, bos,
                       progress["resumed_from"], uncertainty.encode_floats(nll), seqlen - 1,
-                      uncertainty.ppl_interval(nll, seqlen - 1), uncertainty.ppl_delta_interval(nll, seqlen - 1))
+                      uncertainty.ppl_interval(nll, seqlen - 1), uncertainty.ppl_delta_interval(nll, seqlen - 1),
+                      digest)
