@@ -54,14 +54,14 @@ def record_path(out_dir: str | Path, run_id: str) -> Path:
     return Path(out_dir) / run_id / "result.json"
 
 
-def _strict(value):
+def strict(value):
     """The record with every non-finite float replaced by None (strict JSON has no NaN)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
+        return {k: strict(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_strict(v) for v in value]
+        return [strict(v) for v in value]
     return value
 
 
@@ -70,7 +70,7 @@ def write(path: Path, record: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".result.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(_strict(record), f, indent=2, default=str, allow_nan=False)
+            json.dump(strict(record), f, indent=2, default=str, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -8,6 +8,7 @@ never fails the run or touches the local record.
 from __future__ import annotations
 
 import logging
+import math
 import netrc
 import os
 from contextlib import contextmanager
@@ -134,9 +135,9 @@ def _sparsity_line(p: dict) -> str:
 
 
 def _interval(interval: dict | None, fmt: str) -> str:
-    """ `  [95% low, high]`, or nothing for a record from before intervals were kept."""
-    if not interval:
-        return ""
+    """`  [95% low, high]`, or nothing where the record has none."""
+    if not interval or interval.get("low") is None or not math.isfinite(interval["low"]):
+        return ""  # none kept, or too few windows for one (null in the JSON record)
     return f"  [{interval['level']:.0%} {interval['low']:{fmt}}, {interval['high']:{fmt}}]"
 
 

@@ -179,7 +179,7 @@ def _row(r: dict) -> dict:
 
 def _interval(row: dict, column: str, interval: dict | None) -> None:
     """The run's own 95% evaluation interval as `<column>.low` / `.high` (absent in older records)."""
-    if interval:
+    if interval and interval.get("low") is not None:
         row[f"{column}.low"], row[f"{column}.high"] = interval["low"], interval["high"]
 
 

@@ -25,6 +25,8 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from harness import records
+
 PRUNING_KEY = "harness_pruning"  # per-layer shapes, for the model card and the reader
 _MODELING = Path(__file__).with_name("modeling_pruned.py")
 _LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
@@ -183,7 +185,8 @@ def write_card(path: Path, record: dict, route: str) -> None:
     """The run's record and the model card made from it, beside the weights."""
     from harness.models.card import model_card
 
-    (path / "record.json").write_text(json.dumps(record, indent=2, allow_nan=False))
+    # strict JSON as the record itself is written: a NaN (an interval too short to compute) is null
+    (path / "record.json").write_text(json.dumps(records.strict(record), indent=2, allow_nan=False))
     (path / "README.md").write_text(model_card(record, route))
 
 
