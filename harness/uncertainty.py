@@ -149,18 +149,22 @@ def average_stderr(stderrs: Sequence[float]) -> float:
 
 def paired_accuracy(correct_a: np.ndarray, correct_b: np.ndarray, level: float = LEVEL) -> dict:
     """acc_A - acc_B on the same questions: the normal interval of the per-question differences
-    and McNemar's exact two-sided p on the discordant questions; `significant` needs both (the
-    normal interval alone is too liberal when few questions differ)."""
-    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    and, for 0/1 correctness, McNemar's exact two-sided p on the discordant questions;
+    `significant` needs both (the normal interval alone is too liberal when few questions
+    differ). Fractions (a question's correctness averaged over seeds) get the interval only."""
+    a, b = np.asarray(correct_a), np.asarray(correct_b)
     if a.shape != b.shape:
         raise ValueError(f"paired accuracies need the same questions: {len(a)} vs {len(b)}")
-    d = a.astype(np.float64) - b
+    d = a.astype(np.float64) - b.astype(np.float64)
     se = float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
-    only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
-    p = stats.binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
-    out = {"difference": float(d.mean()), **normal_interval(float(d.mean()), se, level), "mcnemar_p": float(p),
-           "only_a": only_a, "only_b": only_b}
-    out["significant"] = _excludes(out["low"], out["high"], 0.0) and p < 1 - level
+    out = {"difference": float(d.mean()), **normal_interval(float(d.mean()), se, level)}
+    significant = _excludes(out["low"], out["high"], 0.0)
+    if a.dtype == bool and b.dtype == bool:
+        only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
+        p = stats.binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+        out.update(mcnemar_p=float(p), only_a=only_a, only_b=only_b)
+        significant = significant and p < 1 - level
+    out["significant"] = significant
     return out
 
 

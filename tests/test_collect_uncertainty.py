@@ -203,3 +203,23 @@ def test_cells_on_different_windows_or_with_constant_seed_differences_are_judged
     same += [synthetic.record("metric=l2", f"seed={s}", ppl={"wikitext2": 100.2}, draw=4) for s in SEEDS]
     cells = collect.pivot(collect.frame(same), ["metric"], ["sparsity"], "ppl.wikitext2").attrs["cells"]
     assert worse(cells.loc["l1", 0.2], cells.loc["l2", 0.2], lower_better=True) is False  # independent noise: not separable
+
+
+def test_a_consistent_seed_difference_smaller_than_the_evaluation_error_is_not_significant():
+    """Seeds share the evaluation windows, so the seeds' spread leaves the evaluation's sampling
+    error out: a tiny difference found on every seed must also clear it on the windows."""
+    from harness.collect.cells import worse
+
+    ours = [synthetic.record("metric=ours", f"seed={s}", ppl={"wikitext2": v}) for s, v in zip(SEEDS, OURS, strict=True)]
+    close = [synthetic.record("metric=flap", f"seed={s}", ppl={"wikitext2": v * (1.003 + 0.0005 * s)}, draw=100 + s)
+             for s, v in zip(SEEDS, OURS, strict=True)]
+    cells = collect.pivot(collect.frame(ours + close), ["metric"], ["sparsity"], "ppl.wikitext2").attrs["cells"]
+    seeds = uncertainty.paired_seeds(np.log([c.value for c in cells.loc["flap", 0.2].runs]),
+                                     np.log([c.value for c in cells.loc["ours", 0.2].runs]))
+    assert seeds["significant"]  # the seeds alone would call it
+    assert worse(cells.loc["ours", 0.2], cells.loc["flap", 0.2], lower_better=True) is False
+    from harness.collect import compare
+
+    _, across = compare.compare(collect.frame(ours + close), ["metric=ours"], ["metric=flap"])
+    assert not across.loc[0, "ppl.wikitext2.significant"]
+    assert across.loc[0, "ppl.wikitext2.eval_low"] < 1 < across.loc[0, "ppl.wikitext2.eval_high"]

@@ -152,17 +152,51 @@ def worse(best: Cell, other: Cell, lower_better: bool) -> bool | None:
         r = uncertainty.paired_seeds([f(other.by_seed[s]) for s in common], [f(best.by_seed[s]) for s in common])
         if r["std"] > 0:  # a constant difference (two seed-invariant methods) says nothing about noise
             direction = r["mean"] > 0 if lower_better else r["mean"] < 0
-            return r["significant"] and direction
+            if not (r["significant"] and direction):
+                return False
+            # The seeds share the windows / questions, so their spread leaves out the evaluation's
+            # own sampling error: the seed-averaged difference must also clear it.
+            verdict = _on_windows(pooled(best, common), pooled(other, common), best.kind, lower_better)
+            return True if verdict is None else verdict  # older records: the seeds' evidence only
     pair = _single_runs(best, other, common)
-    if pair is None:
+    return None if pair is None else _on_windows(pair[0], pair[1], best.kind, lower_better)
+
+
+def _on_windows(raw_best, raw_other, kind: str, lower_better: bool) -> bool | None:
+    """Whether `other` is worse on the same windows / questions; None where it cannot be told."""
+    if not raw_best or not raw_other:
         return None
     try:
-        low, high = paired_interval(pair[1], pair[0], best.kind)
+        low, high = paired_interval(raw_other, raw_best, kind)
     except ValueError:  # not the same windows / questions
         return None
     if not (math.isfinite(low) and math.isfinite(high)):
         return None
     return low > 0 if lower_better else high < 0
+
+
+def pooled(cell: Cell, seeds: list[int]) -> tuple | None:
+    """The cell's raw data averaged over `seeds` (same windows / questions, one run per seed):
+    mean per-window NLL, or each question's correctness as a fraction of seeds."""
+    raws = [_raw_of(cell, s) for s in seeds]
+    return pool(raws, cell.kind) if raws and all(raws) else None
+
+
+def pool(raws: list[tuple], kind: str) -> tuple | None:
+    if kind == "ppl":
+        if len({(r[1], r[2], len(r[0])) for r in raws}) > 1:
+            return None  # not the same windows
+        nll = np.mean([uncertainty.decode_floats(r[0]) for r in raws], axis=0)
+        return uncertainty.encode_floats(nll), raws[0][1], raws[0][2]
+    if kind == "acc":
+        if len({(r[1], r[2]) for r in raws}) > 1:
+            return None
+        return uncertainty.encode_floats(np.mean([_bits(r) for r in raws], axis=0)), raws[0][1], raws[0][2], "mean"
+    tasks = [dict(r) for r in raws]
+    if any(set(t) != set(tasks[0]) for t in tasks):
+        return None
+    parts = tuple((name, pool([t[name] for t in tasks], "acc")) for name in sorted(tasks[0]))
+    return parts if all(part for _, part in parts) else None
 
 
 def _single_runs(best: Cell, other: Cell, common: list[int]) -> tuple | None:
@@ -201,6 +235,9 @@ def paired_ppl(raw_a: tuple, raw_b: tuple) -> dict:
 
 
 def _bits(raw: tuple) -> np.ndarray:
+    """0/1 correctness per question, or (pooled over seeds, a 4th field "mean") fractions."""
+    if len(raw) == 4:
+        return uncertainty.decode_floats(raw[0])
     bits, n, _ = raw
     return uncertainty.decode_bits(bits, n)
 

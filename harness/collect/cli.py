@@ -92,7 +92,9 @@ def write_comparison(df, tables: Path, a: str, b: str) -> list[Path]:
     text = (f"A = {a}\nB = {b}\nPer pair (same {', '.join(keys)}): ppl A/B and accuracy A-B in points, paired 95% "
             f"interval over windows / questions; * = the interval excludes 0 (ratio 1).\n\n"
             f"{comparison.markdown(pairs, keys, values)}\n\nAcross seeds (t interval of the per-seed differences; "
-            f"needs 2+ seeds):\n\n{comparison.markdown(seeds, keys, values)}\n")
+            f"needs 2+ seeds; * = it excludes no change and so does the seed-averaged difference's paired interval "
+            f"over the shared windows / questions, in the CSV as eval_low / eval_high):\n\n"
+            f"{comparison.markdown(seeds, keys, values)}\n")
     print(text)
     stem = "compare_" + "_vs_".join(side.replace("=", "-").replace(",", "_") for side in (a, b))
     paths = [tables / f"{stem}.md", tables / f"{stem}_pairs.csv", tables / f"{stem}_seeds.csv"]

@@ -6,7 +6,8 @@ windows, ...): same seed = same calibration draw, same windows and questions. Pe
 ppl_A / ppl_B with the paired block-bootstrap interval over windows, and acc_A - acc_B (in
 points) per task and for the task average with the paired interval over questions (McNemar's
 exact p beside each task). Across the seeds of a setting: the mean per-seed log-ratio /
-difference with its t interval (two or more seeds).
+difference with its t interval (two or more seeds), significant only where the seed-averaged
+difference also clears the evaluation's sampling error on the shared windows / questions.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from harness import uncertainty
-from harness.collect.cells import RAW, paired_acc, paired_avg, paired_ppl
+from harness.collect.cells import RAW, kind_of, paired_acc, paired_avg, paired_ppl, pool
 from harness.collect.frame import METHOD, OWNER, SETTINGS, ppl_columns, where
 
 IDENTITY = ["model", *METHOD, *SETTINGS, "sparsity", "seed"]
@@ -82,34 +83,41 @@ def compare(df: pd.DataFrame, a: list[str], b: list[str]) -> tuple[pd.DataFrame,
         row["run A"], row["run B"] = p["run_id A"], p["run_id B"]
         for v in values:
             row[f"{v} A"], row[f"{v} B"] = p[f"{v} A"], p[f"{v} B"]
+            row[f"{RAW}{v} A"], row[f"{RAW}{v} B"] = p.get(f"{RAW}{v} A"), p.get(f"{RAW}{v} B")
             r = _paired(p.get(f"{RAW}{v} A"), p.get(f"{RAW}{v} B"), v)
             for field, x in (r or {}).items():
                 row[v if field == "estimate" else f"{v}.{field}"] = x
         rows.append(row)
-    pair_frame = pd.DataFrame(rows)
-    return pair_frame, across_seeds(pair_frame, [k for k in keys if k != "seed"], values)
+    pair_frame = pd.DataFrame(rows).sort_values(keys, kind="stable", ignore_index=True)
+    seeds = across_seeds(pair_frame, [k for k in keys if k != "seed"], values)
+    return pair_frame[[c for c in pair_frame.columns if not c.startswith(RAW)]], seeds
 
 
 def across_seeds(pairs: pd.DataFrame, keys: list[str], values: list[str]) -> pd.DataFrame:
     """Per setting: the per-seed differences' mean and t interval (perplexity: of log(ppl_A/ppl_B),
-    printed as a ratio; accuracy: of acc_A - acc_B in points)."""
+    printed as a ratio; accuracy: of acc_A - acc_B in points). The seeds share the windows and
+    questions, so their spread leaves out the evaluation's own sampling error: `.significant`
+    also needs the seed-averaged difference's paired interval over windows / questions
+    (`.eval_low`, `.eval_high`) to exclude no change."""
     rows = []
     for key, g in pairs.groupby(keys, dropna=False) if keys else [((), pairs)]:
         key = key if isinstance(key, tuple) else (key,)
-        columns = [f"{v} {side}" for v in values for side in "AB"]
-        per_seed = g.groupby("seed")[columns].mean() if "seed" in g else g[columns]  # duplicates: one seed
-        row = {**dict(zip(keys, key, strict=True)), "seeds": len(per_seed)}
+        first = g.groupby("seed").head(1) if "seed" in g else g  # a repeated seed counts once
+        row = {**dict(zip(keys, key, strict=True)), "seeds": len(first)}
         for v in values:
-            a, b = per_seed[f"{v} A"].to_numpy(dtype=float), per_seed[f"{v} B"].to_numpy(dtype=float)
+            a, b = first[f"{v} A"].to_numpy(dtype=float), first[f"{v} B"].to_numpy(dtype=float)
             ok = ~(np.isnan(a) | np.isnan(b))
-            if v.startswith("ppl."):
-                r = uncertainty.paired_seeds(np.log(a[ok]), np.log(b[ok]))
-                row[v], row[f"{v}.low"], row[f"{v}.high"] = (math.exp(r["mean"]), math.exp(r["low"]),
-                                                             math.exp(r["high"]))
-            else:
-                r = uncertainty.paired_seeds(100 * a[ok], 100 * b[ok])
-                row[v], row[f"{v}.low"], row[f"{v}.high"] = r["mean"], r["low"], r["high"]
-            row[f"{v}.significant"] = r["significant"]
+            ppl = v.startswith("ppl.")
+            r = uncertainty.paired_seeds(np.log(a[ok]), np.log(b[ok])) if ppl else \
+                uncertainty.paired_seeds(100 * a[ok], 100 * b[ok])
+            show = math.exp if ppl else float
+            row[v], row[f"{v}.low"], row[f"{v}.high"] = show(r["mean"]), show(r["low"]), show(r["high"])
+            evaluation = _paired(*(pool(list(first[f"{RAW}{v} {side}"]), kind_of(v))
+                                   if first[f"{RAW}{v} {side}"].map(lambda x: isinstance(x, tuple)).all() else None
+                                   for side in "AB"), v)
+            if evaluation:
+                row[f"{v}.eval_low"], row[f"{v}.eval_high"] = evaluation["low"], evaluation["high"]
+            row[f"{v}.significant"] = r["significant"] and (evaluation is None or evaluation["significant"])
         rows.append(row)
     return pd.DataFrame(rows)
 
