@@ -183,15 +183,15 @@ def pooled(cell: Cell, seeds: list[int]) -> tuple | None:
 
 
 def pool(raws: list[tuple], kind: str) -> tuple | None:
+    """Several runs' raw data on the same windows / questions, averaged (arrays, not encoded)."""
     if kind == "ppl":
         if len({(r[1], r[2], len(r[0])) for r in raws}) > 1:
             return None  # not the same windows
-        nll = np.mean([uncertainty.decode_floats(r[0]) for r in raws], axis=0)
-        return uncertainty.encode_floats(nll), raws[0][1], raws[0][2]
+        return np.mean([_floats(r[0]) for r in raws], axis=0), raws[0][1], raws[0][2]
     if kind == "acc":
         if len({(r[1], r[2]) for r in raws}) > 1:
             return None
-        return uncertainty.encode_floats(np.mean([_bits(r) for r in raws], axis=0)), raws[0][1], raws[0][2], "mean"
+        return np.mean([_correct(r) for r in raws], axis=0), raws[0][1], raws[0][2]
     tasks = [dict(r) for r in raws]
     if any(set(t) != set(tasks[0]) for t in tasks):
         return None
@@ -216,45 +216,47 @@ def _raw_of(cell: Cell, seed: int) -> tuple | None:
     return runs[0].raw if len(runs) == 1 else None
 
 
+def paired(raw_a: tuple, raw_b: tuple, kind: str) -> dict:
+    """A against B on the same windows / questions (uncertainty's paired tests): ppl_A / ppl_B
+    (`ratio`) for perplexity, acc_A - acc_B (`difference`) for a task or the task average; with
+    `low`, `high` and `significant`. ValueError where the windows / questions differ."""
+    if kind == "ppl":
+        (nll_a, per_window_a, digest_a), (nll_b, per_window_b, digest_b) = raw_a, raw_b
+        if per_window_a != per_window_b or (digest_a and digest_b and digest_a != digest_b):
+            raise ValueError("different windows")
+        return uncertainty.paired_ppl_ratio(_floats(nll_a), _floats(nll_b), per_window_a)
+    if kind == "acc":
+        if raw_a[2] != raw_b[2]:
+            raise ValueError("different questions")
+        return uncertainty.paired_accuracy(_correct(raw_a), _correct(raw_b))
+    return _paired_average(raw_a, raw_b)
+
+
 def paired_interval(raw_a: tuple, raw_b: tuple, kind: str) -> tuple[float, float]:
     """95% interval of A - B on the same windows / questions: log(ppl_A / ppl_B) for perplexity,
     the accuracy difference for a task, the difference of task averages for the average."""
-    if kind == "ppl":
-        r = paired_ppl(raw_a, raw_b)
-        return math.log(r["low"]), math.log(r["high"])
-    r = paired_acc(raw_a, raw_b) if kind == "acc" else paired_avg(raw_a, raw_b)
-    return r["low"], r["high"]
+    r = paired(raw_a, raw_b, kind)
+    return (math.log(r["low"]), math.log(r["high"])) if kind == "ppl" else (r["low"], r["high"])
 
 
-def paired_ppl(raw_a: tuple, raw_b: tuple) -> dict:
-    (nll_a, per_window_a, digest_a), (nll_b, per_window_b, digest_b) = raw_a, raw_b
-    if per_window_a != per_window_b or (digest_a and digest_b and digest_a != digest_b):
-        raise ValueError("different windows")
-    return uncertainty.paired_ppl_ratio(uncertainty.decode_floats(nll_a), uncertainty.decode_floats(nll_b),
-                                        per_window_a)
+def _floats(nll) -> np.ndarray:
+    """Per-window sums: stored (base64) or pooled over seeds (an array)."""
+    return nll if isinstance(nll, np.ndarray) else uncertainty.decode_floats(nll)
 
 
-def _bits(raw: tuple) -> np.ndarray:
-    """0/1 correctness per question, or (pooled over seeds, a 4th field "mean") fractions."""
-    if len(raw) == 4:
-        return uncertainty.decode_floats(raw[0])
+def _correct(raw: tuple) -> np.ndarray:
+    """Per-question correctness: stored bits, or (pooled over seeds) each question's fraction."""
     bits, n, _ = raw
-    return uncertainty.decode_bits(bits, n)
+    return bits if isinstance(bits, np.ndarray) else uncertainty.decode_bits(bits, n)
 
 
-def paired_acc(raw_a: tuple, raw_b: tuple) -> dict:
-    if raw_a[2] != raw_b[2]:
-        raise ValueError("different questions")
-    return uncertainty.paired_accuracy(_bits(raw_a), _bits(raw_b))
-
-
-def paired_avg(raw_a: tuple, raw_b: tuple) -> dict:
+def _paired_average(raw_a: tuple, raw_b: tuple) -> dict:
     """Difference of task averages: per task the paired difference and its se, combined as
     sqrt(sum se_t^2) / T (tasks have independent questions); `raw` is ((task, data), ...)."""
     a, b = dict(raw_a), dict(raw_b)
     if set(a) != set(b):
         raise ValueError("different tasks")
-    tasks = [paired_acc(a[t], b[t]) for t in sorted(a)]
+    tasks = [paired(a[t], b[t], "acc") for t in sorted(a)]
     difference = float(np.mean([t["difference"] for t in tasks]))
     out = uncertainty.normal_interval(difference, uncertainty.average_stderr([t["se"] for t in tasks]))
     low, high = out["low"], out["high"]

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from harness import uncertainty
-from harness.collect.cells import RAW, kind_of, paired_acc, paired_avg, paired_ppl, pool
+from harness.collect.cells import RAW, kind_of, paired, pool
 from harness.collect.frame import METHOD, OWNER, SETTINGS, ppl_columns, where
 
 IDENTITY = ["model", *METHOD, *SETTINGS, "sparsity", "seed"]
@@ -52,12 +52,11 @@ def _paired(raw_a, raw_b, column: str) -> dict | None:
     if not isinstance(raw_a, tuple) or not isinstance(raw_b, tuple):
         return None
     try:
-        if column.startswith("ppl."):
-            r = paired_ppl(raw_a, raw_b)
-            return {"estimate": r["ratio"], "low": r["low"], "high": r["high"], "significant": r["significant"]}
-        r = paired_avg(raw_a, raw_b) if column == "zs.avg" else paired_acc(raw_a, raw_b)
+        r = paired(raw_a, raw_b, kind_of(column))
     except ValueError:  # not the same windows / questions
         return None
+    if "ratio" in r:
+        return {"estimate": r["ratio"], "low": r["low"], "high": r["high"], "significant": r["significant"]}
     out = {"estimate": 100 * r["difference"], "low": 100 * r["low"], "high": 100 * r["high"],
            "significant": r["significant"]}
     if "mcnemar_p" in r:

@@ -146,11 +146,18 @@ def _cells(t: pd.DataFrame) -> pd.DataFrame:
     return t.map(lambda v: None if pd.isna(v) else Cell((Run(0, "", float(v), None, None, None),), "acc"))
 
 
-def marked_text(t: pd.DataFrame, lower_better: dict[str, bool], latex: bool) -> tuple[pd.DataFrame, int]:
+def marks_of(t: pd.DataFrame, lower_better: dict[str, bool]) -> tuple[pd.DataFrame, int]:
+    """cells.best_marks of the table (its dense reference rows never marked)."""
+    return best_marks(_cells(t), lower_better, _reference_rows(t))
+
+
+def marked_text(t: pd.DataFrame, lower_better: dict[str, bool], latex: bool,
+                marked: tuple[pd.DataFrame, int] | None = None) -> tuple[pd.DataFrame, int]:
     """Each cell as text (cells.Cell.text), the best of each column and every cell not
-    significantly worse than it in bold; and how many cells could not be tested."""
+    significantly worse than it in bold (`marked`: marks_of, when already computed); and how
+    many cells could not be tested."""
     cells = _cells(t)
-    marks, untested = best_marks(cells, lower_better, _reference_rows(t))
+    marks, untested = marked or marks_of(t, lower_better)
     body = pd.DataFrame("", index=t.index, columns=t.columns, dtype=object)
     for c in t.columns:
         for idx in t.index:
@@ -172,10 +179,11 @@ def significance_note(untested: int) -> str:
     return note
 
 
-def to_latex(t: pd.DataFrame, lower_better: dict[str, bool], caption: str | None = None) -> str:
+def to_latex(t: pd.DataFrame, lower_better: dict[str, bool], caption: str | None = None,
+             marked: tuple[pd.DataFrame, int] | None = None) -> str:
     """booktabs table; per column the best value and every value not significantly worse than
     it in bold (among the pruned models: a dense reference row is never marked)."""
-    body, untested = marked_text(t, lower_better, latex=True)
+    body, untested = marked_text(t, lower_better, latex=True, marked=marked)
     caption = " ".join(part for part in (caption, significance_note(untested)) if part)
     # Labels and caption are text (second_moment, acc_norm, 20%); the cells carry our markup.
     body.index, body.columns = _tex_index(body.index), _tex_index(body.columns)
@@ -224,14 +232,15 @@ def write_table(t: pd.DataFrame, out: Path, name: str, lower_better: bool | None
     t.attrs["cells"] = cells
     lower = {c: is_lower_better(c) if lower_better is None else lower_better for c in t.columns}
     paths = [out / f"{name}.md", out / f"{name}.tex", out / f"{name}.csv"]
-    body, untested = marked_text(t, lower, latex=False)
+    marked = marks_of(t, lower)  # the paired tests run once for both formats
+    body, untested = marked_text(t, lower, latex=False, marked=marked)
     if isinstance(body.columns, pd.MultiIndex):  # pivot with several column keys: "0.2 bias"
         body.columns = [" ".join(str(k) for k in c) for c in body.columns]
     caption = " ".join(part for part in (t.attrs.get("caption"), significance_note(untested)) if part)
     align = ("left",) * body.index.nlevels + ("right",) * len(body.columns)
     markdown = body.reset_index().to_markdown(index=False, colalign=align) + "\n"
     paths[0].write_text(f"{caption}\n\n{markdown}")
-    paths[1].write_text(to_latex(t, lower, t.attrs.get("caption")))
+    paths[1].write_text(to_latex(t, lower, t.attrs.get("caption"), marked))
     statistics_csv(t, cells).to_csv(paths[2])
     return paths
 
