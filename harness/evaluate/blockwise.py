@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from harness.environment import free_memory
-from harness.evaluate.perplexity import ppl_of, window_nll, windows
+from harness.evaluate.perplexity import ppl_of, resumable, window_nll, windows
 from harness.prune.stream import advance, capture, chunks_at, forwards_replaced
 
 
@@ -83,10 +83,7 @@ def blockwise_perplexity_of(store, ids: torch.Tensor, seqlen: int, batch_size: i
     blocks = adapter_for(model).layers(model)
     w = windows(ids, seqlen, max_tokens, bos_id)
     group = group_windows(model.config.hidden_size, seqlen, batch_size, free_bytes)
-    state = progress if progress is not None else {}
-    if state.get("windows_total") != len(w) or state.get("group") != group or "nll_windows" not in state:
-        state.update({"windows_total": len(w), "group": group, "windows_done": 0, "nll_windows": [], "tokens": 0})
-        state.pop("nll", None)
+    state = resumable(progress, windows_total=len(w), group=group)
     first = state["resumed_from"] = state["windows_done"]
     start = time.perf_counter()
     for part in w[first:].split(group):

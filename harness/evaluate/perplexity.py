@@ -90,6 +90,16 @@ def ppl_of(nll_windows: list[float], tokens: int) -> float:
     return math.exp(math.fsum(nll_windows) / tokens)
 
 
+def resumable(progress: dict | None, **layout) -> dict:
+    """The progress to continue from: `progress` as it is when an earlier attempt ran the same
+    windows in the same `layout` (and kept per-window sums), else emptied to start over."""
+    state = progress if progress is not None else {}
+    if any(state.get(k) != v for k, v in layout.items()) or "nll_windows" not in state:
+        state.update({**layout, "windows_done": 0, "nll_windows": [], "tokens": 0})
+        state.pop("nll", None)  # the single sum of an attempt from before per-window sums were kept
+    return state
+
+
 @torch.no_grad()
 def perplexity_of(model, ids: torch.Tensor, seqlen: int, batch_size: int = 8, max_tokens: int | None = None,
                   desc: str = "perplexity", bos_id: int | None = None, progress: dict | None = None,
@@ -103,12 +113,7 @@ def perplexity_of(model, ids: torch.Tensor, seqlen: int, batch_size: int = 8, ma
     leaves no time to write. tokens/s counts the windows this call ran."""
     device = next(model.parameters()).device
     w = windows(ids, seqlen, max_tokens, bos_id)
-    state = progress if progress is not None else {}
-    if (state.get("windows_total") != len(w) or state.get("batch_size") != batch_size
-            or "nll_windows" not in state):  # an attempt from before per-window sums were kept starts over
-        state.update({"windows_total": len(w), "batch_size": batch_size, "windows_done": 0, "nll_windows": [],
-                      "tokens": 0})
-        state.pop("nll", None)
+    state = resumable(progress, windows_total=len(w), batch_size=batch_size)
     start, last_save = time.perf_counter(), -math.inf
     first = state["resumed_from"] = state["windows_done"]
     for batch in tqdm(w[first:].split(batch_size), desc=desc, disable=None, initial=first // batch_size,
