@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 
-from harness.prune.settings import PruneSettings, SettingsError, integer, one_of
+from harness.checks import ConfigError, integer, number, one_of
+from harness.prune.settings import PruneSettings
 
 
 def _config_dir() -> Path:
@@ -37,17 +39,21 @@ def _config_dir() -> Path:
 
 
 CONFIG_DIR = _config_dir()
-ConfigError = SettingsError  # one error type for every refused value, whichever component checks it
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
-def _writable_dir(key: str, path: str) -> None:
-    """The nearest existing folder of `path` must be writable (the run creates the rest)."""
+def writable_dir(key: str, path: str | Path) -> None:
+    """The nearest existing folder of `path` must take a new folder (tried: a temporary one is
+    made and removed, since permission bits say nothing for root or for /proc and read-only mounts)."""
     p = Path(path).expanduser().resolve()
     existing = next(q for q in (p, *p.parents) if q.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}={path!r} is not writable ({existing} is not a writable folder); "
-                          "accepted: a folder this user can create files in")
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(existing)
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".harness-probe-"))
+    except OSError as e:
+        raise ConfigError(f"{key}={str(path)!r} is not writable ({existing}: {e.strerror or 'not a folder'}); "
+                          "accepted: a folder this user can create files in") from None
 
 
 @dataclass
@@ -101,13 +107,15 @@ class MetricConfig:
         from harness import metrics, sparse
 
         structured = sparsity_type == "structured"
-        accepted = metrics.names() if structured else sorted(sparse.METHODS)
+        accepted = metrics.names() if structured else sparse.names()
         if self.name not in accepted:
             raise ConfigError(f"metric={self.name!r} is not accepted with sparsity_type={sparsity_type}; "
                               f"accepted: {', '.join(accepted)}")
         try:
             (metrics.build if structured else sparse.build)(self.name, self.params)
-        except (ValueError, TypeError) as e:
+        except ConfigError:
+            raise
+        except ValueError as e:  # a metric's own check of a parameter's value
             raise ConfigError(f"metric: {e}") from e
 
 
@@ -197,11 +205,11 @@ class FinetuneConfig:
         integer("finetune.rank", self.rank, 1)
         integer("finetune.steps", self.steps, 1)
         integer("finetune.batch_size", self.batch_size, 1)
-        for key, value, ok, accepted in (("alpha", self.alpha, self.alpha > 0, "a number > 0"),
-                                         ("lr", self.lr, self.lr > 0, "a number > 0"),
-                                         ("dropout", self.dropout, 0 <= self.dropout < 1, "0 <= dropout < 1")):
-            if not ok:
-                raise ConfigError(f"finetune.{key}={value!r} is out of range; accepted: {accepted}")
+        number("finetune.alpha", self.alpha, 0, open_low=True)
+        number("finetune.lr", self.lr, 0, open_low=True)
+        number("finetune.dropout", self.dropout, 0)
+        if self.dropout >= 1:
+            raise ConfigError(f"finetune.dropout={self.dropout!r} is out of range; accepted: 0 <= dropout < 1")
         if self.targets is not None and not self.targets:
             raise ConfigError("finetune.targets=[] adapts nothing; accepted: null (every linear layer) or layer names")
         if self.name != "none":
@@ -350,7 +358,7 @@ class RunConfig:
             if index >= torch.cuda.device_count():
                 raise ConfigError(f"device={self.device!r}: this machine has {torch.cuda.device_count()} CUDA "
                                   f"devices; accepted: cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-        _writable_dir("out_dir", self.out_dir)
+        writable_dir("out_dir", self.out_dir)
 
     def check_lazy(self, why: str = "model.lazy=true") -> None:
         """What a model that is never whole in memory cannot do, refused before anything loads
@@ -430,45 +438,3 @@ def compose(*overrides: str, return_hydra: bool = False) -> DictConfig:
 
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
         return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra)
-
-
-
-def check_against_model(cfg: RunConfig, model) -> None:
-    """The checks that need the model's shape (after loading, before calibration and pruning)."""
-    from harness.models import adapter_for
-    from harness.prune import allocation, module_shapes, n_params, prunable_layers
-
-    adapter = adapter_for(model)  # names the model_type and the supported ones
-    n_layers = len(adapter.layers(model))
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    lengths = {"calibration.seqlen": cfg.calibration.seqlen, "remedy.calibration.seqlen": cfg.remedy.calibration.seqlen}
-    if cfg.eval.ppl is not None:
-        lengths["eval.ppl.seqlen"] = cfg.eval.ppl.seqlen
-    if cfg.finetune.name != "none":
-        lengths["finetune.data.seqlen"] = cfg.finetune.data.seqlen
-    for key, n in lengths.items():
-        if context and n > context:
-            raise ConfigError(f"{key}={n} exceeds the model's context of {context} tokens; accepted: 2 .. {context}")
-    if cfg.finetune.name != "none":
-        from harness.finetune import lora_targets
-
-        try:
-            lora_targets(model, adapter.layers(model), cfg.finetune.targets)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
-    settings = cfg.prune_settings()
-    layer_range = prunable_layers(n_layers, settings.layers)
-    if settings.sparsity_type != "structured":
-        from harness.sparse.pipeline import check_widths
-
-        try:
-            check_widths(adapter, model, settings, settings.pattern)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
-        return
-    shapes = module_shapes(adapter, model, layer_range, settings.modules, settings.attention_unit)
-    try:
-        allocation.budget(shapes, n_params(model), settings.sparsity, settings.sparsity_mode, settings.allocation,
-                          layer_range)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e

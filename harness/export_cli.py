@@ -33,8 +33,34 @@ def _locate(run: str, out_dir: Path) -> tuple[Path | None, Path | None]:
     raise SystemExit(f"harness export: {run!r} is not a record, a run folder, a model folder or a run id under {out_dir}")
 
 
-def _removed(record: dict) -> list:
+def _pruned(record: dict) -> list:
+    """What pruning did, to compare a re-pruned run with its record: per block, the units removed
+    (structured) or each masked layer's fraction of zeros (unstructured / N:M)."""
+    if "pattern" in record["pruning"]:
+        return [row.get("sparsity") for row in record["pruning"]["per_layer"]]
     return [(row["attention_units_removed"], row["mlp_channels_removed"]) for row in record["pruning"]["per_layer"]]
+
+
+def check_target(out: Path, run_id: str | None, overwrite: bool) -> None:
+    """Before any model loads: `out` must be creatable, and empty unless it holds an earlier
+    export of the same run (replaced) or `overwrite` is given."""
+    from harness.checks import ConfigError
+    from harness.config import writable_dir
+
+    try:
+        writable_dir("--out", out)
+    except ConfigError as e:
+        raise SystemExit(f"harness export: {e}") from None
+    if out.is_file():
+        raise SystemExit(f"harness export: --out {out} is a file; accepted: a folder (new, empty, or an earlier export)")
+    if not out.is_dir() or not any(out.iterdir()) or overwrite:
+        return
+    earlier = out / "record.json"
+    if earlier.exists() and run_id is not None and json.loads(earlier.read_text()).get("run_id") == run_id:
+        log.info("replacing the earlier export of run %s in %s", run_id, out)
+        return
+    raise SystemExit(f"harness export: --out {out} is not empty and holds no earlier export of this run; "
+                     "accepted: a new or empty folder, or --overwrite to write into it anyway")
 
 
 def model_for(record_path: Path | None, folder: Path | None):
@@ -62,9 +88,9 @@ def model_for(record_path: Path | None, folder: Path | None):
     again: dict = {}
     model, tok = _load_and_prune(run_config, schema.as_dict(run_config), again, device,
                                  loading.resolve_dtype(run_config.dtype, device))
-    if _removed(again) != _removed(record):
-        raise SystemExit(f"harness export: pruning run {record['run_id']} again removed other units than its record "
-                         "lists (a changed version or nondeterministic device); export refused")
+    if _pruned(again) != _pruned(record):
+        raise SystemExit(f"harness export: pruning run {record['run_id']} again removed other units (or masked other "
+                         "weights) than its record lists (a changed version or nondeterministic device); export refused")
     return model, tok, record
 
 
@@ -73,13 +99,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run", help="run id, record, run folder, or saved-model / checkpoint folder")
     parser.add_argument("--out", type=Path, help="target folder (default: <run folder>/export)")
     parser.add_argument("--out-dir", type=Path, default=Path("results/runs"), help="where run ids are looked up")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     record_path, folder = _locate(args.run, args.out_dir)
+    out = args.out or ((record_path.parent if record_path else folder.parent) / "export")
+    run_id = json.loads(record_path.read_text()).get("run_id") if record_path else None
+    check_target(out, run_id, args.overwrite)
     model, tok, record = model_for(record_path, folder)
     from harness.models.export import export
 
-    out = args.out or ((record_path.parent if record_path else folder.parent) / "export")
     export(model, tok, out, record)
     route = json.loads((out / "config.json").read_text())["harness_pruning"]["route"]
     print(f"exported to {out} ({'stock config' if route == 'stock' else 'with modeling_pruned.py: trust_remote_code=True'})")

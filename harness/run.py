@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer
 
 from harness import config as schema
-from harness import metrics, records, resume, sparse, tracking
+from harness import metrics, preflight, records, resume, sparse, tracking
+from harness.checks import ConfigError
 from harness.data import calibration
 from harness.environment import environment, now
 from harness.evaluate import efficiency, perplexity
@@ -40,6 +43,9 @@ def run(cfg: schema.RunConfig | DictConfig | dict, group: str | None = None) -> 
     if records.is_complete(path) and not config["force"]:
         log.info("complete record exists, skipping (force=true to redo): %s", path)
         return records.read(path)
+    device = loading.resolve_device(config["device"])
+    dtype = loading.resolve_dtype(config["dtype"], device)
+    memory = preflight.check_model(run_config, dtype, device)  # shapes and memory, before any weight loads
 
     with records.claim(path.parent):  # a concurrent run of this config waits here
         if records.is_complete(path) and not config["force"]:
@@ -48,10 +54,9 @@ def run(cfg: schema.RunConfig | DictConfig | dict, group: str | None = None) -> 
         if config["force"] and records.is_complete(path):
             # Redone on request; the replaced result is kept until nothing can be lost.
             shutil.copy2(path, path.with_name("result.replaced.json"))
-        device = loading.resolve_device(config["device"])
-        dtype = loading.resolve_dtype(config["dtype"], device)
         record = {"schema_version": records.SCHEMA_VERSION, "run_id": run_id, "path": str(path), "config": config,
-                  "status": "running", "started_at": now(), "process": records.process(), "env": environment(device)}
+                  "status": "running", "started_at": now(), "process": records.process(), "env": environment(device),
+                  "memory_estimate": memory}
 
         def mark_requeued(signum: int) -> None:
             record.update(status="interrupted", error=f"signal {signum} (requeued)", requeued=True, finished_at=now())
@@ -84,9 +89,9 @@ def check_data(config: dict) -> None:
     for key, cal in used:
         try:
             calibration.check_available(cal["dataset"], cal["n_samples"], config["data_dir"], cal["downstream_tasks"],
-                                        cal["downstream_split"], key)
+                                        cal["downstream_split"], key, cal["seqlen"])
         except ValueError as e:  # e.g. more downstream examples asked for than the splits hold
-            raise schema.ConfigError(str(e)) from e
+            raise ConfigError(str(e)) from e
 
 
 def _lazy(run_config: schema.RunConfig, config: dict, record: dict, dtype, prior: dict) -> bool:
@@ -201,7 +206,6 @@ def _prune_loaded(run_config: schema.RunConfig, config: dict, record: dict, mode
     settings = run_config.prune_settings()
     structured = settings.sparsity_type == "structured"
     metric = (metrics.build if structured else sparse.build)(config["metric"]["name"], config["metric"]["params"])
-    schema.check_against_model(run_config, model)
     adapter = adapter_for(model)
     record["model"] = model_entry(model_config, model, adapter)
     save()
@@ -302,4 +306,11 @@ def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     hydra_config = HydraConfig.get()
     group = Path(hydra_config.sweep.dir).name if hydra_config.mode.name == "MULTIRUN" else None
-    run(cfg, group=group)
+    try:
+        run(cfg, group=group)
+    except ConfigError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":  # Hydra's convention for the whole trace
+            raise
+        # A refused value is the user's to fix: its one line, not a traceback (exit status 2, as argparse).
+        print(f"harness: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -191,7 +191,10 @@ def test_sparse_table_puts_patterns_side_by_side_under_the_dense_row(tmp_path):
             synthetic.record(*masked, "sparsity_type=nm", "nm=2:4", "metric=mrp_m", ppl={"wikitext2": 55.0, "ptb": 65.0}),
             synthetic.record("sparsity=0.5", "metric=ours", ppl={"wikitext2": 900.0, "ptb": 900.0})]  # structured: not here
     df = collect.frame(recs)
-    assert sorted(set(df["sparsity_type"])) == ["2:4", "structured", "unstructured"]
+    assert sorted(set(df["sparsity_type"])) == ["nm", "structured", "unstructured"]  # the config's values
+    assert len(collect.where(df, ["sparsity_type=nm"])) == 2 and len(collect.where(df, ["nm=2:4"])) == 2
+    (t3,) = collect.table3(df).values()  # the structured track only: a masked 50% is another thing
+    assert list(t3.index.get_level_values("metric")) == ["ours", "random"] and "structured" in t3.attrs["caption"]
     assert set(df.loc[df["metric"] == "sparsegpt", "family"]) == {"inference-aware"}
     (name, t), = collect.table_sparse(df).items()
     assert list(t.columns) == ["50% ptb", "50% wikitext2", "2:4 ptb", "2:4 wikitext2"]

@@ -35,7 +35,7 @@ def _names(group):
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
 def test_every_group_option_composes_into_a_checked_run_config(group, option):
     overrides = [f"+{group}={option}"] if group == "debug" else [f"{group}={option}"]
-    if group == "metric" and option in sparse.METHODS and option not in metrics.names():
+    if group == "metric" and option in sparse.names() and option not in metrics.names():
         overrides.append("sparsity_type=unstructured")  # a method of the masking track only
     run_config = OmegaConf.structured(typed(compose(*overrides)))
     if group in CHOSEN_BY:
@@ -45,7 +45,7 @@ def test_every_group_option_composes_into_a_checked_run_config(group, option):
 
 
 def test_every_registered_method_has_its_config_and_every_config_a_method():
-    assert _names("metric") == set(metrics.names()) | set(sparse.METHODS)
+    assert _names("metric") == set(metrics.names()) | set(sparse.names())
     assert _names("remedy") == set(remedies.names())
     assert _names("allocation") == set(allocation.POLICIES)
 

@@ -95,3 +95,63 @@ def test_save_model_and_harness_export_write_the_same_model_with_its_card(tmp_pa
                         "--output_path", str(tmp_path / "lm_eval")], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert r.returncode == 0 and "arc_easy" in r.stdout and "acc_norm" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("track", [("sparsity_type=unstructured", "sparsity=0.5", "metric=magnitude"),
+                                   ("sparsity_type=nm", "nm=2:4", "sparsity=0.5", "metric=wanda")],
+                         ids=["unstructured", "2:4"])
+def test_a_masked_run_saves_and_exports_with_its_zeros_and_a_card_that_says_so(tmp_path, track):
+    """save_model=true on the masking track, `harness export` from the saved folder and from a
+    run pruned again: the same weights, the zeros where the record counts them, a true card."""
+    import shutil
+
+    from harness.config import compose
+    from harness.export_cli import main as export_main
+    from harness.models.export import load
+    from harness.run import run
+
+    runs = tmp_path / "runs"
+    rec = run(compose("+debug=fast", "model=tiny-llama", *track, "save_model=true", f"out_dir={runs}"))
+    assert rec["status"] == "complete"
+    saved = Path(rec["saved_model"])
+    export_main([rec["run_id"], "--out-dir", str(runs), "--out", str(tmp_path / "from-saved")])
+    shutil.rmtree(saved)
+    export_main([str(runs / rec["run_id"] / "result.json"), "--out", str(tmp_path / "pruned-again")])
+    x = ids(2, 16)
+    outputs = []
+    for folder in (tmp_path / "from-saved", tmp_path / "pruned-again"):
+        model = load(folder)
+        zeros = sum(int((m.weight == 0).sum()) for b in model.model.layers for m in b.modules()
+                    if isinstance(m, torch.nn.Linear))
+        assert zeros == rec["pruning"]["zero_weights"]
+        outputs.append(logits(model, x))
+        card = (folder / "README.md").read_text()
+        assert "weights zeroed" in card and rec["pruning"]["pattern"] in card and "structurally removed" not in card
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_the_card_of_a_fine_tuned_run_says_it_was_fine_tuned(tmp_path):
+    from harness.config import compose
+    from harness.run import run
+
+    rec = run(compose("+debug=fast", "model=tiny-llama", "finetune=lora", "finetune.steps=2",
+                      "finetune.data.n_samples=8", "save_model=true", f"out_dir={tmp_path}"))
+    card = (Path(rec["saved_model"]) / "README.md").read_text()
+    assert "without retraining" not in card
+    assert "fine-tuned with LoRA" in card and f"LORA rank {rec['finetune']['rank']}" in card
+
+
+def test_export_refuses_a_bad_target_before_loading_anything(tmp_path, monkeypatch):
+    from harness import export_cli
+    from harness.config import compose
+    from harness.run import run
+
+    rec = run(compose("+debug=fast", "model=tiny-llama", f"out_dir={tmp_path / 'runs'}"))
+    monkeypatch.setattr(export_cli, "model_for", lambda *a: pytest.fail("the model was loaded"))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    for out, message in (("/proc/x", "--out='/proc/x' is not writable"), (str(busy), "is not empty")):
+        with pytest.raises(SystemExit, match=message):
+            export_cli.main([rec["run_id"], "--out-dir", str(tmp_path / "runs"), "--out", out])
+    assert (busy / "notes.txt").read_text() == "mine"

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from harness import records, resume
 from harness.config import ConfigError, compose
@@ -90,8 +91,25 @@ BAD_VALUES = [  # override, the start of the message that must name it
     ("metric=hywia metric.params.policy=cosine", "metric: unknown hywia policy 'cosine'; accepted: fixed, depth, softmax"),
     ("metric=hywia metric.params.alpha=2", "metric: hywia alpha=2 is out of range; accepted: 0 <= alpha <= 1"),
     ("finetune=lora finetune.rank=0", "finetune.rank=0; accepted: an integer >= 1"),
-    ("finetune=lora finetune.lr=0", "finetune.lr=0.0 is out of range; accepted: a number > 0"),
+    ("finetune=lora finetune.lr=0", "finetune.lr=0.0; accepted: a finite number > 0"),
+    ("finetune=lora finetune.lr=inf", "finetune.lr=inf; accepted: a finite number > 0"),
+    ("finetune=lora finetune.alpha=inf", "finetune.alpha=inf; accepted: a finite number > 0"),
+    ("finetune=lora finetune.alpha=nan", "finetune.alpha=nan; accepted: a finite number > 0"),
     ("finetune=lora finetune.dropout=1", "finetune.dropout=1.0 is out of range; accepted: 0 <= dropout < 1"),
+    ("finetune=lora finetune.rank=100000", "finetune.rank=100000 exceeds the width of the adapted layer"),
+    # parameters and values the methods' own code would only trip over deep inside
+    ("sparsity_type=unstructured sparsity=0.5 metric=sparsegpt metric.params.damp=nan",
+     "metric.params.damp=nan; accepted: a finite number >= 0"),
+    ("sparsity_type=unstructured sparsity=0.5 metric=sparsegpt metric.params.damp=inf",
+     "metric.params.damp=inf; accepted: a finite number >= 0"),
+    ("+metric.params.bogus=1", "metric.params.bogus is not a parameter of metric=ours; accepted: tau, data_free"),
+    ("metric=l2 +metric.params.bogus=1", "metric.params.bogus is not a parameter of metric=l2; accepted: none"),
+    ("sparsity_type=nm sparsity=0.5 metric=wanda +metric.params.damp=0.1",
+     "metric.params.damp is not a parameter of metric=wanda; accepted: none"),
+    # more than the data or the machine can hold
+    ("remedy=recovery remedy.calibration.n_samples=100000",
+     "remedy.calibration.n_samples=100000: 100000 windows of 128 tokens from c4 need 12,800,000 tokens"),
+    ("out_dir=/proc/forbidden", "out_dir='/proc/forbidden' is not writable"),
     ("finetune=lora finetune.data.n_samples=0", "finetune.data.n_samples=0; accepted: an integer >= 1"),
     ("finetune=lora sparsity_type=unstructured metric=wanda",
      "finetune=lora would make the masked weights dense again"),
@@ -298,3 +316,40 @@ def test_a_run_over_a_malformed_record_warns_and_completes(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert run(cfg)["status"] == "complete"
     assert f"ignoring {path}: not a record (a JSON list)" in caplog.text
+
+
+def test_a_run_that_would_not_fit_in_memory_is_refused_before_loading(tmp_path, no_model, monkeypatch):
+    from harness import preflight
+
+    monkeypatch.setattr(preflight, "free_memory", lambda device: 10_000_000)  # 10 MB free
+    with pytest.raises(ConfigError, match=r"this run needs at least 0\.\d+ GB \(weights .*calibration stream .*\) and "
+                                          r"0\.01 GB are free on cpu"):
+        run(_cfg(tmp_path / "runs", "calibration.n_samples=64"))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_memory_estimate_counts_what_the_run_holds():
+    """By hand for tiny-gpt2: its parameters at 4 bytes; the stream into and out of a block,
+    float32, doubled by recovery's dense stream beside it."""
+    from harness import preflight
+    from harness.config import typed
+    from harness.prune import n_params
+
+    cfg = typed(compose(*FAST, "calibration.n_samples=10", "remedy=recovery"))
+    model = preflight.skeleton(OmegaConf.structured(cfg.model), torch.float32)
+    parts = preflight.memory_estimate(cfg, model, torch.float32)
+    hidden = model.config.n_embd
+    assert parts == {"weights": 4 * n_params(model), "calibration stream": 4 * 10 * cfg.calibration.seqlen * hidden * 4}
+
+
+def test_a_refused_value_reaches_the_command_line_as_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "harness", "+debug=fast", "sparsity=1.5", f"out_dir={tmp_path}"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("harness: sparsity=1.5 is outside [0, 1); accepted: a number with 0 <= sparsity < 1"), r.stderr
+    full = subprocess.run(args, capture_output=True, text=True, timeout=300, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    assert "Traceback" in full.stderr and "ConfigError" in full.stderr  # the whole trace on request

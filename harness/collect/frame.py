@@ -16,7 +16,7 @@ METHOD = ["metric", "remedy", "allocation"]
 # Settings that change a result besides the method; where the records of a table differ in
 # one, it becomes an extra row level, so different configurations are never averaged
 # (only repeated seeds are).
-SETTINGS = ["sparsity_type", "finetune", "metric_params", "remedy_params", "remedy_data", "attention_unit",
+SETTINGS = ["sparsity_type", "nm", "finetune", "metric_params", "remedy_params", "remedy_data", "attention_unit",
             "calibration", "n_samples", "sparsity_mode", "modules", "ppl_tokens", "zs_limit", "bos"]
 # The method part a parameter setting belongs to: with that part as a table column, the
 # setting varies with the column, not within a row.
@@ -61,10 +61,9 @@ def _label(config: dict) -> str:
         return config["metric"]["name"]
 
 
-def _sparsity_type(config: dict) -> str:
-    """structured, unstructured, or the N:M pattern itself (2:4)."""
-    kind = config.get("sparsity_type", "structured")
-    return config["nm"] if kind == "nm" else kind
+def _nm(config: dict) -> str:
+    """The N:M pattern of an nm run (2:4), "-" for every other sparsity type."""
+    return config["nm"] if config.get("sparsity_type") == "nm" else "-"
 
 
 def _finetune(config: dict) -> str:
@@ -130,7 +129,7 @@ def _row(r: dict) -> dict:
     c, ev, p = r["config"], r.get("eval", {}), r["pruning"]
     row = {
         "model": c["model"]["name"], "family": family(c), "metric": _label(c), "remedy": c["remedy"]["name"],
-        "sparsity_type": _sparsity_type(c), "finetune": _finetune(c),
+        "sparsity_type": c.get("sparsity_type", "structured"), "nm": _nm(c), "finetune": _finetune(c),
         "allocation": c["allocation"]["name"], "calibration": c["calibration"]["dataset"],
         "n_samples": c["calibration"]["n_samples"], "sparsity": c["sparsity"], "sparsity_mode": c["sparsity_mode"],
         "sparsity_achieved": round(p["sparsity_achieved"], 4), "seed": c["seed"], "modules": "+".join(c["prune"]["modules"]),
@@ -189,7 +188,8 @@ def public(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def where(df: pd.DataFrame, conditions: list[str]) -> pd.DataFrame:
-    """Keep the rows matching every `column=value` condition (`a|b`: any of the values)."""
+    """Keep the rows matching every `column=value` condition (`a|b`: any of the values); the
+    columns hold the values the config accepts (sparsity_type=nm, nm=2:4)."""
     for cond in conditions:
         key, sep, values = cond.partition("=")
         if not sep or key not in df:

@@ -30,13 +30,20 @@ def _scale(column: str) -> float:
 
 
 def table3(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Per model: methods (metric/remedy/allocation) x (sparsity, dataset) perplexities."""
+    """Per model, the structured track: methods (metric/remedy/allocation) x (sparsity, dataset)
+    perplexities. Masked runs (unstructured, N:M) have their own table (table_sparse): a
+    sparsity means another thing there."""
+    if "sparsity_type" in df:
+        df = df[df["sparsity_type"] == "structured"]
     ppl_cols = ppl_columns(df)
     out = {}
     for model, sub in df.groupby("model"):
         t = cell_frame(sub, rows_of(sub, METHOD, exclude=("sparsity",)), ["sparsity"], ppl_cols)
         t.columns = [f"{s:g} {c.removeprefix('ppl.')}" for c, s in t.columns]
-        out[model] = means(t.sort_index(axis=1))
+        t = means(t.sort_index(axis=1))
+        t.attrs["caption"] = (f"{model}, structured pruning (heads and channels removed): perplexity by fraction of "
+                              "parameters removed, lower is better.")
+        out[model] = t
     return out
 
 
@@ -49,9 +56,9 @@ def table_sparse(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     ppl_cols = ppl_columns(masked)
     out = {}
     for model, sub in masked.groupby("model"):
-        sub = sub.assign(pattern=[f"{s:.0%}" if kind == "unstructured" else kind
-                                  for kind, s in zip(sub["sparsity_type"], sub["sparsity"], strict=True)])
-        t = cell_frame(sub, rows_of(sub, ["metric"], exclude=("sparsity_type", "sparsity", "pattern")), ["pattern"],
+        sub = sub.assign(pattern=[f"{s:.0%}" if kind == "unstructured" else nm
+                                  for kind, nm, s in zip(sub["sparsity_type"], sub["nm"], sub["sparsity"], strict=True)])
+        t = cell_frame(sub, rows_of(sub, ["metric"], exclude=("sparsity_type", "nm", "sparsity", "pattern")), ["pattern"],
                        ppl_cols)
         t.columns = [f"{pattern} {c.removeprefix('ppl.')}" for c, pattern in t.columns]
         t = t.rename_axis(index={"metric": "method"})

@@ -147,10 +147,16 @@ def self_generated(model, tokenizer, n_samples: int, seqlen: int, gen: torch.Gen
 
 
 def check_available(dataset: str, n_samples: int, data_dir: str | None, downstream_tasks: Sequence[str] | None,
-                    downstream_split: str, key: str = "calibration") -> None:
-    """Read every source's text (and the task examples) so that missing data fails before a model loads."""
+                    downstream_split: str, key: str = "calibration", seqlen: int | None = None) -> None:
+    """Read every source's text (and the task examples) so that missing data fails before a model
+    loads; with `seqlen`, refuse more window tokens than a source has characters (an upper bound on
+    its tokens): such windows could only repeat the same text."""
     for source, count in sources(dataset, n_samples, key):
         if source in DATASETS:
-            documents(*DATASETS[source], data_dir)
+            chars = sum(len(d) for d in documents(*DATASETS[source], data_dir))
+            if seqlen and count * seqlen > chars:
+                raise ValueError(f"{key}.n_samples={n_samples}: {count} windows of {seqlen} tokens from {source} "
+                                 f"need {count * seqlen:,} tokens and its text has {chars:,} characters; accepted: "
+                                 f"at most {chars // seqlen:,} windows of {seqlen} tokens from {source}")
         elif source == "downstream":
             downstream.sample_pool(downstream_tasks, downstream_split, count, key)

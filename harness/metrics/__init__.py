@@ -57,10 +57,6 @@ class Metric:
     needs_attention: frozenset[str] = frozenset()
     needs_mlp: frozenset[str] = frozenset()
 
-    def __init__(self, **params):
-        if params:
-            raise ValueError(f"metric {self.name!r} takes no parameters; got {sorted(params)}")
-
     def needs(self, kind: str) -> frozenset[str]:
         return self.needs_attention if kind == "attention" else self.needs_mlp
 
@@ -90,13 +86,8 @@ class Metric:
         raise NotImplementedError
 
 
-_REGISTRY: Registry[type[Metric]] = Registry("metric", __name__)
-register = _REGISTRY.register
-names = _REGISTRY.names
-
-
-def build(name: str, params: dict | None = None) -> Metric:
-    return _REGISTRY.get(name)(**(params or {}))
+_REGISTRY: Registry[type[Metric]] = Registry("structured metric", __name__, "metric")
+register, names, build = _REGISTRY.register, _REGISTRY.names, _REGISTRY.build
 
 
 def per_unit(channel_scores: torch.Tensor, view: DepthTwo) -> torch.Tensor:

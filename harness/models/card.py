@@ -17,37 +17,78 @@ def _calibration(entry: dict | None) -> str:
             f"`{entry.get('sha256', '-')}`")
 
 
+def _finetune(entry: dict | None) -> list[str]:
+    if not entry:
+        return []
+    data = entry.get("data", {})
+    return [f"| fine-tune | {entry['method'].upper()} rank {entry['rank']}, alpha {entry['alpha']:g}, lr {entry['lr']:g}, "
+            f"{entry['steps']} steps of {entry['batch_size']} sequences ({entry['tokens']:,} tokens) on "
+            f"`{data.get('dataset', '-')}`, loss {entry['loss_first']:.3f} -> {entry['loss_last']:.3f}, merged into "
+            "the weights |"]
+
+
+def _params(config: dict) -> str:
+    params = config["metric"].get("params")
+    return f" {params}" if params else ""
+
+
+def _what(record: dict) -> tuple[str, str, str]:
+    """(title, the tags, the method row) for the run's track."""
+    c, m, p = record["config"], record["model"], record["pruning"]
+    if "pattern" in p:  # the masking track: shapes unchanged, weights zeroed in place
+        kind = "unstructured" if p["sparsity_type"] == "unstructured" else "semi-structured"
+        title = (f"# {m['name']}, {p['sparsity_achieved']:.1%} of its linear layers' weights zeroed "
+                 f"({'N:M ' + p['pattern'] if p['sparsity_type'] == 'nm' else 'unstructured'})")
+        method = (f"| method | `{c['metric']['name']}`{_params(c)}, pattern `{p['pattern']}`, "
+                  f"modules {'+'.join(c['prune']['modules'])}; shapes unchanged, zeros stored densely |")
+        return title, f"[pruned, {kind}-sparsity, harness]", method
+    title = f"# {m['name']}, {p['sparsity_achieved']:.1%} of its parameters structurally removed"
+    method = (f"| method | metric `{c['metric']['name']}`{_params(c)}, allocation "
+              f"`{c['allocation']['name']}`, units `{p.get('attention_unit', 'kv_group')}`, modules "
+              f"{'+'.join(c['prune']['modules'])} |")
+    return title, "[pruned, structured-pruning, harness]", method
+
+
+def _sparsity(p: dict) -> str:
+    if "pattern" in p:
+        return (f"| sparsity | target {p['sparsity_target']:g} ({p['pattern']}), achieved {p['sparsity_achieved']:.4f} "
+                f"of the pruned layers' weights, {p['sparsity_of_model']:.4f} of all parameters |")
+    return f"| sparsity | target {p['sparsity_target']:g} ({p['sparsity_mode']}), achieved {p['sparsity_achieved']:.4f} |"
+
+
 def model_card(record: dict, route: str) -> str:
     c, m, p, ev = record["config"], record["model"], record["pruning"], record.get("eval", {})
     load = ("AutoModelForCausalLM.from_pretrained(folder)" if route == "stock"
             else "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)")
     remedy = c["remedy"]["name"]
+    title, tags, method = _what(record)
+    how = ("Pruned, then fine-tuned with LoRA (merged; see the fine-tune row)," if record.get("finetune")
+           else "Pruned without retraining")
     lines = [
-        "---", "library_name: transformers", f"base_model: {m['id']}", "tags: [pruned, structured-pruning, harness]",
-        "---", "",
-        f"# {m['name']}, {p['sparsity_achieved']:.1%} of its parameters structurally removed",
-        "",
-        f"Pruned without retraining by [harness](https://arxiv.org/abs/2407.19126) (run `{record['run_id']}`).",
+        "---", "library_name: transformers", f"base_model: {m['id']}", f"tags: {tags}", "---", "", title, "",
+        f"{how} by [harness](https://arxiv.org/abs/2407.19126) (run `{record['run_id']}`).",
         f"Load with `{load}`"
         + ("" if route == "stock" else " (`modeling_pruned.py`, in this folder, builds the per-layer shapes)") + ".",
         "",
         "| | |", "| --- | --- |",
         f"| base model | `{m['id']}` (revision `{c['model'].get('revision') or 'main'}`, model_type `{m['model_type']}`) |",
-        f"| method | metric `{c['metric']['name']}` {c['metric'].get('params') or ''}, allocation "
-        f"`{c['allocation']['name']}`, units `{p.get('attention_unit', 'kv_group')}`, modules {'+'.join(c['prune']['modules'])} |",
+        method,
         f"| remedy | `{remedy}`" + (f" (damp {c['remedy']['damp']}, toward {c['remedy']['toward']})" if remedy == "recovery" else "")
         + " |",
         f"| scoring calibration | {_calibration(p.get('calibration'))} |",
     ]
     if "remedy_calibration" in p:
         lines.append(f"| recovery calibration | {_calibration(p['remedy_calibration'])} |")
+    lines += _finetune(record.get("finetune"))
     lines += [
-        f"| sparsity | target {p['sparsity_target']:g} ({p['sparsity_mode']}), achieved {p['sparsity_achieved']:.4f} |",
+        _sparsity(p),
         f"| parameters | {m['params_before']:,} -> {m['params_after']:,} |",
         f"| layers pruned | [{p['layers'][0]}, {p['layers'][1]}) |",
     ]
     for name, v in ev.get("ppl", {}).items():
-        lines.append(f"| perplexity {name} | {v['value']:.2f} ({v.get('split', '')}, seqlen {v.get('seqlen', '')}, "
+        interval = v.get("interval") or {}
+        ci = f" [95% {interval['low']:.2f}, {interval['high']:.2f}]" if interval.get("low") is not None else ""
+        lines.append(f"| perplexity {name} | {v['value']:.2f}{ci} ({v.get('split', '')}, seqlen {v.get('seqlen', '')}, "
                      f"{v['tokens']:,} tokens, protocol `{c['eval']['ppl']['protocol']}`) |")
     for task, v in ev.get("zeroshot", {}).items():
         lines.append(f"| {PAPER_NAMES.get(task, task)} | acc {v['acc']:.4f}"

@@ -6,10 +6,9 @@ from harness.prune.pipeline import Pipeline, module_shapes, module_view, prune
 from harness.prune.settings import (
            PruneReport,
            PruneSettings,
-           SettingsError,
            n_params,
            prunable_layers,
 )
 
-__all__ = ["Pipeline", "PruneReport", "PruneSettings", "SettingsError", "module_shapes", "module_view",
+__all__ = ["Pipeline", "PruneReport", "PruneSettings", "module_shapes", "module_view",
            "n_params", "prunable_layers", "prune"]

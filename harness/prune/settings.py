@@ -11,28 +11,11 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from harness import remedy as remedies
+from harness.checks import ConfigError, integer, one_of
 from harness.models.base import ATTENTION_UNITS
 from harness.prune import allocation
 
 MODULES = ("attention", "mlp")
-
-
-class SettingsError(ValueError):
-    """A setting outside what is accepted; the message names the key and the accepted values."""
-
-
-def one_of(key: str, value, accepted) -> None:
-    if value not in accepted:
-        raise SettingsError(f"{key}={value!r} is not accepted; accepted: {', '.join(map(str, accepted))}")
-
-
-def integer(key: str, value, low: int, none: str | None = None) -> None:
-    """An integer >= low (bool is not one); `none` says what null means where null is allowed."""
-    if value is None and none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        accepted = f"an integer >= {low}" + (f", or null ({none})" if none else "")
-        raise SettingsError(f"{key}={value!r}; accepted: {accepted}")
 
 
 @dataclass(frozen=True)
@@ -55,17 +38,17 @@ class PruneSettings:
     def __post_init__(self):
         sparsity = self.sparsity
         if isinstance(sparsity, bool) or not isinstance(sparsity, int | float) or not 0 <= sparsity < 1:
-            raise SettingsError(f"sparsity={sparsity!r} is outside [0, 1); accepted: a number with 0 <= sparsity < 1")
+            raise ConfigError(f"sparsity={sparsity!r} is outside [0, 1); accepted: a number with 0 <= sparsity < 1")
         one_of("sparsity_mode", self.sparsity_mode, allocation.SPARSITY_MODES)
         one_of("allocation", self.allocation, allocation.POLICIES)
         one_of("remedy", self.remedy, remedies.names())
         one_of("prune.attention_unit", self.attention_unit, ATTENTION_UNITS)
         mods = self.modules
         if not mods or any(m not in MODULES for m in mods) or len(set(mods)) != len(mods):
-            raise SettingsError(f"prune.modules={list(mods)!r}; accepted: a non-empty subset of "
+            raise ConfigError(f"prune.modules={list(mods)!r}; accepted: a non-empty subset of "
                                 f"[{', '.join(MODULES)}], each at most once")
         if self.layers is not None and (len(self.layers) != 2 or not 0 <= self.layers[0] < self.layers[1]):
-            raise SettingsError(f"model.layers={list(self.layers)!r}; accepted: [start, end) with "
+            raise ConfigError(f"model.layers={list(self.layers)!r}; accepted: [start, end) with "
                                 "0 <= start < end, or null for all blocks")
         integer("prune.chunk_size", self.chunk_size, 1)
         integer("seed", self.seed, 0)
@@ -80,18 +63,18 @@ class PruneSettings:
             return
         # Masking keeps every shape: the structured track's remedies and allocations do not apply.
         if self.remedy != "none":
-            raise SettingsError(f"remedy={self.remedy!r} acts on removed units; with sparsity_type="
+            raise ConfigError(f"remedy={self.remedy!r} acts on removed units; with sparsity_type="
                                 f"{self.sparsity_type} accepted: none")
         if self.allocation != "uniform":
-            raise SettingsError(f"allocation={self.allocation!r} is structured-only; with sparsity_type="
+            raise ConfigError(f"allocation={self.allocation!r} is structured-only; with sparsity_type="
                                 f"{self.sparsity_type} accepted: uniform (every layer loses the same fraction)")
         if self.sparsity_type == "nm":
             try:
                 n, m = parse_nm(self.nm)
             except ValueError as e:
-                raise SettingsError(str(e)) from e
+                raise ConfigError(str(e)) from e
             if abs(self.sparsity - n / m) > 1e-9:
-                raise SettingsError(f"sparsity={self.sparsity!r} does not match nm={self.nm} (which removes "
+                raise ConfigError(f"sparsity={self.sparsity!r} does not match nm={self.nm} (which removes "
                                     f"{n / m:g}); accepted: sparsity={n / m:g}")
 
     @property
@@ -131,6 +114,6 @@ def prunable_layers(n_layers: int, layers: tuple[int, int] | None) -> range:
         return range(n_layers)
     start, end = layers
     if not (0 <= start < end <= n_layers):
-        raise SettingsError(f"model.layers={[start, end]} is outside the model's {n_layers} blocks; "
+        raise ConfigError(f"model.layers={[start, end]} is outside the model's {n_layers} blocks; "
                             f"accepted: [start, end) with 0 <= start < end <= {n_layers}")
     return range(start, end)

@@ -70,7 +70,7 @@ class Remedy:
         return {}
 
 
-_REGISTRY: Registry[type[Remedy]] = Registry("remedy", __name__)
+_REGISTRY: Registry[type[Remedy]] = Registry("remedy", __name__, "remedy")
 register, names, get = _REGISTRY.register, _REGISTRY.names, _REGISTRY.get
 register("none")(Remedy)
 

@@ -24,9 +24,9 @@ import warnings
 
 import torch
 
+from harness.checks import ConfigError
 from harness.models.base import weight
 from harness.prune.observe import module_input
-from harness.prune.settings import SettingsError
 from harness.remedy import FitContext, Remedy, register
 
 log = logging.getLogger(__name__)
@@ -166,9 +166,9 @@ class Recovery(Remedy):
     def check(cls, settings) -> None:
         damp = settings.damp
         if isinstance(damp, bool) or not isinstance(damp, int | float) or not math.isfinite(damp) or damp <= 0:
-            raise SettingsError(f"remedy.damp={damp!r}; accepted: a finite number > 0 (lambda = damp * mean diag X^T X)")
+            raise ConfigError(f"remedy.damp={damp!r}; accepted: a finite number > 0 (lambda = damp * mean diag X^T X)")
         if settings.ridge_toward not in TOWARD:
-            raise SettingsError(f"remedy.toward={settings.ridge_toward!r} is not accepted; accepted: {', '.join(TOWARD)}")
+            raise ConfigError(f"remedy.toward={settings.ridge_toward!r} is not accepted; accepted: {', '.join(TOWARD)}")
 
     def before_observing(self, fit: FitContext) -> None:
         inputs = (module_input(fit.block, fit.view.module_input, chunk) for chunk in fit.stream)

@@ -25,6 +25,8 @@ from typing import ClassVar
 
 import torch
 
+from harness.checks import integer, number
+from harness.registry import Registry
 from harness.sparse.masks import Pattern, candidates, n_of_m, select
 
 # Rows solved at once: bounds the gathered k x k systems to about 2^25 entries.
@@ -40,27 +42,29 @@ def hessian(gram: torch.Tensor, tokens: int, damp: float) -> tuple[torch.Tensor,
     return h, dead
 
 
+_REGISTRY: Registry[type[Method]] = Registry("masking method", __name__, "metric")
+register, names, build = _REGISTRY.register, _REGISTRY.names, _REGISTRY.build
+
+
 def inverse(h: torch.Tensor) -> torch.Tensor:
     return torch.cholesky_inverse(torch.linalg.cholesky(h))
 
 
 class Method:
-    name: ClassVar[str] = ""
+    name: ClassVar[str] = ""  # set by @register
     family: ClassVar[str] = "inference-aware"  # the paper's Table 1 groups (collect.frame.FAMILIES)
     needs_data: ClassVar[bool] = True
 
     def __init__(self, damp: float = 0.01):
-        if not isinstance(damp, int | float) or isinstance(damp, bool) or damp < 0:
-            raise ValueError(f"metric.params.damp={damp!r}; accepted: a number >= 0")
-        self.damp = float(damp)
+        self.damp = number("metric.params.damp", damp, 0)
 
     def prune(self, w: torch.Tensor, gram: torch.Tensor | None, tokens: int,
               pattern: Pattern) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
 
+@register("magnitude")
 class Magnitude(Method):
-    name = "magnitude"
     family = "data-free"
     needs_data = False
 
@@ -72,8 +76,8 @@ class Magnitude(Method):
         return w.masked_fill(mask, 0), mask
 
 
+@register("wanda")
 class Wanda(Method):
-    name = "wanda"
 
     def __init__(self):
         super().__init__()
@@ -83,13 +87,12 @@ class Wanda(Method):
         return w.masked_fill(mask, 0), mask
 
 
+@register("sparsegpt")
 class SparseGPT(Method):
-    name = "sparsegpt"
 
     def __init__(self, damp: float = 0.01, blocksize: int = 128):
         super().__init__(damp)
-        if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
-            raise ValueError(f"metric.params.blocksize={blocksize!r}; accepted: an integer >= 1")
+        integer("metric.params.blocksize", blocksize, 1)
         self.blocksize = blocksize
 
     def prune(self, w, gram, tokens, pattern):
@@ -147,13 +150,13 @@ class MRP(Method):
         return (solve_m(w, h_inv, mask) if self.exact else solve_s(w, h_inv, mask)), mask
 
 
+@register("mrp_s")
 class MRPS(MRP):
-    name = "mrp_s"
     exact = False
 
 
+@register("mrp_m")
 class MRPM(MRP):
-    name = "mrp_m"
     exact = True
 
 
@@ -208,12 +211,3 @@ def solve_s(w: torch.Tensor, h_inv: torch.Tensor, mask: torch.Tensor) -> torch.T
     """Solution S: each removed weight's own OBS update, summed, then the removed set zeroed."""
     coef = torch.where(mask, w / torch.diagonal(h_inv)[None], torch.zeros_like(w))
     return (w - coef @ h_inv).masked_fill_(mask, 0)
-
-
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Magnitude, Wanda, SparseGPT, MRPS, MRPM)}
-
-
-def build(name: str, params: dict | None = None) -> Method:
-    if name not in METHODS:
-        raise ValueError(f"unknown unstructured method {name!r}; accepted: {', '.join(sorted(METHODS))}")
-    return METHODS[name](**(params or {}))
