@@ -146,8 +146,8 @@ def prune_case(model, label: str, metric: str, remedy: str, ids: torch.Tensor, d
 def plain_block_forward(model, ids: torch.Tensor, device: torch.device, chunk_size: int = 8) -> float:
     """Seconds per block of one plain forward of every block over the calibration stream (the
     model's own attention implementation, nothing observed): the unit pruning costs are counted in."""
+    from harness.blocks.stream import advance, capture, chunks_at
     from harness.models import adapter_for
-    from harness.prune.stream import advance, capture, chunks_at
 
     blocks = adapter_for(model).layers(model)
     model.to(device)

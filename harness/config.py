@@ -26,7 +26,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 
 from harness.checks import ConfigError, integer, number, one_of
-from harness.prune.settings import PruneSettings
+from harness.settings import PruneSettings
 
 
 def _config_dir() -> Path:
@@ -365,7 +365,7 @@ class RunConfig:
         (`why`: what made the run lazy, for the message)."""
         from harness import metrics
 
-        refused = {"sparsity_type": (self.sparsity_type, "structured"), "finetune": (self.finetune.name, "none"),
+        refused = {"finetune": (self.finetune.name, "none"),
                    "eval.efficiency": (None if self.eval.efficiency is None else "on", None)}
         for key, cal in (("calibration", self.calibration), ("remedy.calibration", self.remedy.calibration)):
             if "selfgen" in (cal.dataset if isinstance(cal.dataset, str) else list(cal.dataset)):
@@ -375,6 +375,8 @@ class RunConfig:
             if value != accepted:
                 raise ConfigError(f"{key}={value} is not accepted with {why} (the model is never whole in "
                                   f"memory); accepted: {key}={accepted if accepted is not None else 'null'}")
+        if self.sparsity_type != "structured":
+            return  # every masking method reads one layer's inputs only
         metric = metrics.build(self.metric.name, self.metric.params)
         if metric.needs_gradients(self.prune.modules):
             raise ConfigError(f"metric={self.metric.name} needs whole-model gradients, which {why} never "

@@ -68,13 +68,13 @@ def model_for(record_path: Path | None, folder: Path | None):
     from transformers import AutoTokenizer
 
     from harness import records
-    from harness.models.pruned import load_pruned
+    from harness.models.export import load_exported
 
     record = records.read(record_path) if record_path else None
     for candidate in [folder] if folder else [record_path.parent / "model", record_path.parent / "checkpoint"]:
         if candidate is not None and (candidate / "config.json").exists():
             log.info("exporting the saved model in %s", candidate)
-            return load_pruned(candidate), AutoTokenizer.from_pretrained(candidate), record
+            return load_exported(candidate), AutoTokenizer.from_pretrained(candidate), record
     if record is None or "pruning" not in record:
         raise SystemExit(f"harness export: {record_path} has no pruning entry and no saved model to export")
     from harness import config as schema

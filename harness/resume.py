@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from harness.models.pruned import load_pruned, save_pruned
+from harness.models.export import export, load_exported
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DONE = ".complete"  # written last: a checkpoint folder without it is discarded
@@ -22,7 +22,7 @@ def _partial(checkpoint: Path) -> Path:
 
 
 def save_checkpoint(model, tok, checkpoint: Path) -> None:
-    write_checkpoint(checkpoint, lambda folder: save_pruned(model, tok, folder))
+    write_checkpoint(checkpoint, lambda folder: export(model, tok, folder))
 
 
 def write_checkpoint(checkpoint: Path, write: Callable[[Path], object]) -> None:
@@ -44,7 +44,7 @@ def load_checkpoint(checkpoint: Path, dtype):
         shutil.rmtree(_partial(checkpoint), ignore_errors=True)
         return None
     try:
-        return load_pruned(checkpoint, dtype), AutoTokenizer.from_pretrained(checkpoint)
+        return load_exported(checkpoint, dtype), AutoTokenizer.from_pretrained(checkpoint)
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is redone, never trusted
         log.warning("discarding the checkpoint in %s (%s: %s); pruning again", checkpoint, type(e).__name__, e)
         shutil.rmtree(checkpoint, ignore_errors=True)

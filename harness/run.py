@@ -25,7 +25,7 @@ from harness.environment import environment, now
 from harness.evaluate import efficiency, perplexity
 from harness.interrupts import is_interrupt, sigterm_marks
 from harness.models import adapter_for, loading
-from harness.models.pruned import save_pruned
+from harness.models.export import export
 from harness.prune import prunable_layers, prune
 from harness.record_entries import model_entry, pruning_entry, scalars, sparse_pruning_entry
 from harness.remedy import fits_on_data as remedy_fits_on_data
@@ -138,7 +138,7 @@ def _execute(run_config: schema.RunConfig, config: dict, record: dict, device, d
     evaluate(model, tok, config["eval"], config["data_dir"], record["eval"], lambda: records.write(path, record))
     if config["save_model"]:  # a transformers folder with a model card from the finished record
         record["saved_model"] = str(path.parent / "model")
-        save_pruned(model, tok, path.parent / "model", {**record, "status": "complete", "finished_at": now()})
+        export(model, tok, path.parent / "model", {**record, "status": "complete", "finished_at": now()})
     _complete(record, path, tracker)
     shutil.rmtree(checkpoint, ignore_errors=True)
     return record
@@ -220,7 +220,8 @@ def _prune_loaded(run_config: schema.RunConfig, config: dict, record: dict, mode
     layer_range = prunable_layers(len(adapter.layers(model)), settings.layers)
     calibration_entry = {**cal, **scoring.describe()}
     if not structured:
-        sparse_report = sparse.prune_sparse(model, scoring.ids, metric, settings, settings.pattern, device)
+        sparse_report = sparse.prune_sparse(model, scoring.ids, metric, settings, settings.pattern, device,
+                                            store=store, out=out)
         record["model"]["params_after"] = sparse_report.params
         record["pruning"] = sparse_pruning_entry(sparse_report, settings, layer_range, calibration_entry,
                                                  calibration_seconds)

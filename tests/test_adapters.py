@@ -10,11 +10,12 @@ import torch
 import transformers as tf
 
 from harness import metrics
+from harness.blocks.engine import BlockEngine
+from harness.blocks.stream import Chunk, advance
 from harness.models import ADAPTERS, adapter_for
 from harness.models.base import ATTENTION_UNITS, weight
-from harness.models.pruned import load_pruned, save_pruned
-from harness.prune import Pipeline, PruneSettings, prune
-from harness.prune.stream import Chunk, advance
+from harness.models.export import export, load_exported
+from harness.prune import PruneSettings, prune
 
 VOCAB, SEQ, WINDOW = 128, 32, 8
 _IDS = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -100,8 +101,7 @@ def test_block_by_block_propagation_equals_the_models_forward(model_type):
     logits(model, x)
     for h in handles:
         h.remove()
-    pipe = Pipeline(model, ad, metrics.build("random"), PruneSettings(chunk_size=2), torch.device("cpu"))
-    h, calls = pipe.capture_inputs(x)
+    h, calls = BlockEngine(model, torch.device("cpu"), chunk_size=2).capture(x)
     with torch.no_grad():
         for k, block in enumerate(blocks):
             h = advance(block, k, h, calls)
@@ -215,8 +215,8 @@ def test_save_and_reload_is_exact(model_type, unit, tmp_path):
     model = _pruned(model_type, unit, remedy="bias")  # bias adds level-2 biases the stock model lacks
     ad = adapter_for(model)
     tok = tf.PreTrainedTokenizerFast(tokenizer_object=_tokenizer())
-    save_pruned(model, tok, tmp_path / "m")
-    back = load_pruned(tmp_path / "m")
+    export(model, tok, tmp_path / "m")
+    back = load_exported(tmp_path / "m")
     model.set_attn_implementation(back.config._attn_implementation)
     assert [ad.shape(b) for b in ad.layers(back)] == [ad.shape(b) for b in ad.layers(model)]
     x = ids()
@@ -246,7 +246,7 @@ def _tokenizer():
 def test_recording_leaves_the_blocks_as_it_found_them():
     """The recorder restores each block's forward, including one set on the instance (as
     accelerate's offloading hooks do)."""
-    from harness.prune.stream import capture
+    from harness.blocks.stream import capture
 
     model = build("gpt2")
     blocks = adapter_for(model).layers(model)

@@ -65,7 +65,7 @@ def test_save_model_and_harness_export_write_the_same_model_with_its_card(tmp_pa
 
     from harness.config import compose
     from harness.export_cli import main as export_main
-    from harness.models.export import load
+    from harness.models.export import load_exported
     from harness.run import run
 
     runs = tmp_path / "runs"
@@ -78,7 +78,7 @@ def test_save_model_and_harness_export_write_the_same_model_with_its_card(tmp_pa
     x = ids(2, 16)
     reference = None
     for folder in (tmp_path / "from-saved", tmp_path / "pruned-again"):
-        model = load(folder)
+        model = load_exported(folder)
         assert n_params(model) == rec["model"]["params_after"]
         out = logits(model, x)
         reference = out if reference is None else reference
@@ -107,7 +107,7 @@ def test_a_masked_run_saves_and_exports_with_its_zeros_and_a_card_that_says_so(t
 
     from harness.config import compose
     from harness.export_cli import main as export_main
-    from harness.models.export import load
+    from harness.models.export import load_exported
     from harness.run import run
 
     runs = tmp_path / "runs"
@@ -120,7 +120,7 @@ def test_a_masked_run_saves_and_exports_with_its_zeros_and_a_card_that_says_so(t
     x = ids(2, 16)
     outputs = []
     for folder in (tmp_path / "from-saved", tmp_path / "pruned-again"):
-        model = load(folder)
+        model = load_exported(folder)
         zeros = sum(int((m.weight == 0).sum()) for b in model.model.layers for m in b.modules()
                     if isinstance(m, torch.nn.Linear))
         assert zeros == rec["pruning"]["zero_weights"]

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from harness import metrics
+from harness.blocks.stats import ModuleStats
 from harness.metrics.hywia import HyWIA
 from harness.models import adapter_for
 from harness.models.base import is_conv1d, weight
 from harness.prune import PruneSettings, prune
 from harness.prune.gradients import taylor_gradients
-from harness.prune.stats import ModuleStats
 from tests.conftest import random_model
 
 

@@ -38,7 +38,7 @@ def test_lazy_pruning_equals_pruning_in_memory(zoo, tmp_path, name, metric, reme
 def test_lazy_export_loads_in_transformers_and_its_blockwise_perplexity_is_the_models(zoo, tmp_path, name):
     from harness.evaluate.blockwise import blockwise_perplexity_of
     from harness.evaluate.perplexity import perplexity_of
-    from harness.models.export import load
+    from harness.models.export import load_exported
 
     model, tok = zoo(name)
     model.save_pretrained(tmp_path / "dense", max_shard_size="300KB")
@@ -49,7 +49,7 @@ def test_lazy_export_loads_in_transformers_and_its_blockwise_perplexity_is_the_m
     prune(store.skeleton(), ids, metrics.build("flap"), settings, store=store, out=tmp_path / "pruned")
     store.export(tok, tmp_path / "pruned", tmp_path / "model")
 
-    back = load(tmp_path / "model")  # plain transformers (the remote route: per-layer shapes)
+    back = load_exported(tmp_path / "model")  # plain transformers (the remote route: per-layer shapes)
     text = torch.randint(0, model.config.vocab_size, (600,), generator=torch.Generator().manual_seed(1))
     model.set_attn_implementation(back.config._attn_implementation)
     with torch.no_grad():

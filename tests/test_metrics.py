@@ -4,11 +4,11 @@ import torch
 from torch import nn
 
 from harness import metrics
+from harness.blocks.stats import ChannelMoments, ModuleStats
 from harness.metrics.second_moment import mlp_scores
 from harness.metrics.similarity import greedy_candidates
 from harness.models import adapter_for
 from harness.models.base import DepthTwo
-from harness.prune.stats import ChannelMoments, ModuleStats
 from tests.conftest import random_model
 
 

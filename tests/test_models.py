@@ -6,7 +6,7 @@ import torch
 
 from harness.models import UnsupportedArchitectureError, adapter_for
 from harness.models.base import set_weight, weight
-from harness.models.pruned import load_pruned, save_pruned
+from harness.models.export import export, load_exported
 from tests.conftest import random_model
 
 
@@ -67,8 +67,8 @@ def test_save_reload_round_trips_exactly(model_type, tmp_path):
     with torch.no_grad():
         ensure_bias(o).add_(0.5)  # an added bias (FLAP remedy) must survive too
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0}, unk_token="a")))
-    save_pruned(model, tok, tmp_path)
-    reloaded = load_pruned(tmp_path)
+    export(model, tok, tmp_path)
+    reloaded = load_exported(tmp_path)
     assert ad.shape(ad.layers(reloaded)[0]) == ad.shape(block)
     x = torch.randint(0, 128, (2, 16))
     with torch.no_grad():

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from harness import metrics
+from harness.blocks.engine import BlockEngine
+from harness.blocks.stats import Gram
 from harness.models import adapter_for
 from harness.prune import PruneSettings, n_params, prune
 from harness.prune import allocation as alloc
-from harness.remedy.recovery import CrossMoments, add_lower_gram, mirror_lower, refit
+from harness.remedy.recovery import CrossMoments, refit
 from tests.conftest import random_model
 
 ALL_METRICS = ["ours", "second_moment", "similarity", "random", "l1", "l2", "wanda", "flap"]
@@ -98,15 +100,31 @@ def test_recovery_refit_equals_least_squares_and_lowers_error(outputs):
 
 @pytest.mark.parametrize("width", [1, 3, 16, 17, 53])
 @pytest.mark.parametrize("pieces", [1, 2, 4, 7])
-def test_lower_block_gram_is_x_transpose_x(width, pieces):
+@pytest.mark.parametrize("exact", [True, False])
+def test_lower_block_gram_is_x_transpose_x(width, pieces, exact):
     """The Gram matrix from its lower block triangle alone, accumulated over chunks, equals the
     brute-force X^T X (odd widths, more pieces than columns included)."""
     x = torch.randn(40, width, dtype=torch.float64, generator=torch.Generator().manual_seed(width))
-    acc = torch.zeros(width, width, dtype=torch.float64)
+    gram = Gram(width, torch.float64, torch.device("cpu"), exact=exact, pieces=pieces)
     for part in x.split(15):
-        add_lower_gram(acc, part, pieces)
-        mirror_lower(acc, pieces)  # mirroring between updates must not leak into the sums
-    torch.testing.assert_close(acc, x.T @ x, rtol=1e-12, atol=1e-12)
+        gram.add(part)
+        gram.matrix  # noqa: B018 - mirroring between updates must not leak into the sums
+    torch.testing.assert_close(gram.matrix, x.T @ x, rtol=1e-12, atol=1e-12)
+    assert gram.tokens == 40
+
+
+@pytest.mark.parametrize("width", [128, 576])
+def test_exact_gram_sums_bit_identically_to_one_full_product(width):
+    """The masking track's Gram (float64 products, accumulated in place block by block) equals
+    a full in-place X^T X to the last bit: moving it onto the lower triangle changed no number."""
+    gram = Gram(width, torch.float64, torch.device("cpu"), exact=True)
+    full = torch.zeros(width, width, dtype=torch.float64)
+    for seed in range(3):
+        x = torch.randn(512, width, generator=torch.Generator().manual_seed(seed))
+        gram.update(x.view(2, 256, width))
+        x = x.to(torch.float64)
+        full.addmm_(x.T, x)
+    assert torch.equal(gram.matrix, full)
 
 
 def test_cross_moments_gram_read_between_updates_stays_exact():
@@ -221,14 +239,15 @@ def test_params_count_shared_embeddings_once():
 def test_level1_moments_equal_the_quadratic_form_of_the_input_second_moment(model_type):
     """The MLP statistics (per-channel moments of level-1 outputs, bias removed) equal
     diag(A Sigma_X A^T) with Sigma_X built from the module's captured inputs."""
+    from harness.blocks.hooks import module_input
     from harness.prune import Pipeline
-    from harness.prune.observe import module_input, observe
+    from harness.prune.observe import observe
 
     model = random_model(model_type)
     adapter = adapter_for(model)
     model.set_attn_implementation("eager")
-    pipe = Pipeline(model, adapter, metrics.build("second_moment"), PruneSettings(chunk_size=4), torch.device("cpu"))
-    chunks, _ = pipe.capture_inputs(_calib())
+    pipe = Pipeline(BlockEngine(model, torch.device("cpu"), 4), metrics.build("second_moment"), PruneSettings(chunk_size=4))
+    chunks, _ = pipe.engine.capture(_calib())
     block = adapter.layers(model)[0]
     view = adapter.mlp(block)
     stats = observe(block, view, adapter.attention_module(block), chunks, frozenset({"level1"}), {}, torch.float64,

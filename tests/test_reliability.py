@@ -218,21 +218,21 @@ def test_a_live_running_record_is_not_reported_as_dead(tmp_path, caplog):
 def test_a_checkpoint_write_failing_midway_is_discarded_and_the_rerun_completes(tmp_path, monkeypatch):
 
 
-    real_save = resume.save_pruned
+    real_save = resume.export
 
     def full_disk(model, tok, path):
         real_save(model, tok, path)
         next(path.glob("*.safetensors")).write_bytes(b"\0" * 10)  # the weights are cut short
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(resume, "save_pruned", full_disk)
+    monkeypatch.setattr(resume, "export", full_disk)
     cfg = _cfg(tmp_path)
     with pytest.raises(OSError, match="No space left"):
         run(cfg)
     (path,) = tmp_path.glob("*/result.json")
     assert records.read(path)["status"] == "failed"
     assert not (path.parent / "checkpoint").exists()  # only the marked-incomplete temporary folder
-    monkeypatch.setattr(resume, "save_pruned", real_save)
+    monkeypatch.setattr(resume, "export", real_save)
     rec = run(cfg)
     assert rec["status"] == "complete" and "attempts" not in rec  # pruned again, not resumed from junk
     assert not (path.parent / "checkpoint.partial").exists()

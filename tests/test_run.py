@@ -208,7 +208,7 @@ def test_lazy_run_records_what_the_in_memory_run_does(tmp_path, model):
     """model.lazy=true: pruned and evaluated (perplexity, zero-shot) one block at a time from
     the safetensors, the pruned model exported shard by shard; the same run (one run id), the
     same numbers."""
-    from harness.models.export import load
+    from harness.models.export import load_exported
 
     overrides = (f"model={model}", "metric=flap", "remedy=bias", "allocation=adaptive", "save_model=true", "eval=full",
                  "eval.efficiency=null", "eval.zeroshot.tasks=[piqa,arc_challenge]", "eval.zeroshot.limit=5")
@@ -222,9 +222,32 @@ def test_lazy_run_records_what_the_in_memory_run_does(tmp_path, model):
         assert [lazy["eval"]["zeroshot"][task][k] for k in ("acc", "acc_norm", "n")] == [scores[k] for k in ("acc", "acc_norm", "n")]
     assert lazy["eval"]["zeroshot_avg"] == held["eval"]["zeroshot_avg"]
     assert not (tmp_path / "lazy" / lazy["run_id"] / "checkpoint").exists()
-    exported, reference = load(lazy["saved_model"]), load(held["saved_model"])
+    exported, reference = load_exported(lazy["saved_model"]), load_exported(held["saved_model"])
     for (name, a), (_, b) in zip(exported.state_dict().items(), reference.state_dict().items(), strict=True):
         assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("track", [("sparsity_type=unstructured", "sparsity=0.5", "metric=sparsegpt"),
+                                   ("sparsity_type=nm", "nm=2:4", "sparsity=0.5", "metric=wanda"),
+                                   ("sparsity_type=unstructured", "sparsity=0.5", "metric=magnitude", "model.layers=[1,3]")],
+                         ids=["sparsegpt", "wanda-2:4", "magnitude-data-free-layers"])
+def test_a_lazy_masked_run_masks_and_evaluates_as_the_in_memory_run(tmp_path, track):
+    """The masking track on the block engine with model.lazy=true: the same masks (every layer's
+    zeros where the in-memory run put them) and the same perplexities, the model never whole."""
+    from harness.models.export import load_exported
+
+    overrides = ("model=tiny-llama", *track, "save_model=true", "eval.efficiency=null")
+    held = run(_cfg(tmp_path / "held", *overrides))
+    lazy = run(_cfg(tmp_path / "lazy", *overrides, "model.lazy=true"))
+    assert lazy["run_id"] == held["run_id"] and lazy["status"] == "complete"
+    assert lazy["pruning"]["per_layer"] == held["pruning"]["per_layer"]
+    assert lazy["pruning"]["zero_weights"] == held["pruning"]["zero_weights"] > 0
+    for dataset, ppl in held["eval"]["ppl"].items():
+        assert lazy["eval"]["ppl"][dataset]["value"] == pytest.approx(ppl["value"], rel=1e-5)
+    exported, reference = load_exported(lazy["saved_model"]), load_exported(held["saved_model"])
+    for (name, a), (_, b) in zip(exported.state_dict().items(), reference.state_dict().items(), strict=True):
+        assert torch.equal(a == 0, b == 0), name  # the same mask
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 

@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
+from harness.settings import Pattern, parse_nm
 from harness.sparse import masks
-from harness.sparse.masks import Pattern
 from harness.sparse.methods import (
     build,
     hessian,
@@ -186,7 +186,7 @@ def test_dead_input_columns_are_removed_first_and_the_solve_stays_finite():
 
 
 def test_parse_nm_names_the_accepted_form():
-    assert masks.parse_nm("2:4") == (2, 4)
+    assert parse_nm("2:4") == (2, 4)
     for bad in ("4:2", "2-4", "a:b", "0:4"):
         with pytest.raises(ValueError, match="accepted: N:M"):
-            masks.parse_nm(bad)
+            parse_nm(bad)

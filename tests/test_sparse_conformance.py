@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from harness import sparse
-from harness.models import adapter_for
+from harness.models import adapter_for, module_view
 from harness.models.base import set_weight, weight
+from harness.models.export import export
 from harness.prune import PruneSettings
-from harness.prune.pipeline import module_view
+from harness.settings import Pattern
 from harness.sparse.pipeline import linear_layers
 from tests.test_adapters import TYPES, build, ids
 
@@ -45,7 +46,7 @@ def _reference(model, x: torch.Tensor, method, pattern) -> dict[str, torch.Tenso
 @pytest.mark.parametrize("model_type", TYPES)
 def test_masked_weights_equal_those_from_the_models_own_forward(model_type, method):
     x = ids(4)
-    pattern = sparse.Pattern(0.5, 2, 4)
+    pattern = Pattern(0.5, 2, 4)
     settings = PruneSettings(sparsity=0.5, sparsity_type="nm", nm="2:4", chunk_size=2)
     model, reference = build(model_type), build(model_type)
     report = sparse.prune_sparse(model, x, sparse.build(method), settings, pattern)
@@ -62,13 +63,12 @@ def test_masked_weights_equal_those_from_the_models_own_forward(model_type, meth
 def test_a_masked_model_saves_and_loads_in_stock_transformers_with_its_zeros(model_type, tmp_path):
     import transformers as tf
 
-    from harness.models.pruned import save_pruned
     from tests.test_adapters import _tokenizer, logits
 
     model = build(model_type)
     settings = PruneSettings(sparsity=0.5, sparsity_type="unstructured")
     sparse.prune_sparse(model, ids(4), sparse.build("sparsegpt"), settings, settings.pattern)
-    save_pruned(model, tf.PreTrainedTokenizerFast(tokenizer_object=_tokenizer()), tmp_path / "m")
+    export(model, tf.PreTrainedTokenizerFast(tokenizer_object=_tokenizer()), tmp_path / "m")
     back = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)  # no harness code
     back.set_attn_implementation(model.config._attn_implementation)
     block = adapter_for(back).layers(back)[0]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from harness.prune.stats import ChannelMoments, FlapSampleMoments, js_distance_sums
+from harness.blocks.stats import ChannelMoments, FlapSampleMoments, js_distance_sums
 
 MASKS = {"causal": lambda s: torch.tril(torch.ones(s, s, dtype=torch.bool)),
          "sliding window 3": lambda s: torch.tril(torch.ones(s, s, dtype=torch.bool)).triu(-2),

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from harness import metrics
+from harness.blocks.stats import ModuleStats
 from harness.models import adapter_for
 from harness.models.base import weight
 from harness.prune import PruneSettings, prune
 from harness.prune.gradients import taylor_gradients
-from harness.prune.stats import ModuleStats
 from tests.conftest import random_model
 
 

@@ -21,9 +21,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from harness.blocks.stream import advance, capture, chunks_at, forwards_replaced
 from harness.environment import free_memory
 from harness.evaluate.perplexity import ppl_of, resumable, window_nll, windows
-from harness.prune.stream import advance, capture, chunks_at, forwards_replaced
 
 
 def group_tokens(hidden_size: int, free_bytes: int | None = None) -> int:

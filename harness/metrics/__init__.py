@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from harness.blocks.stats import ModuleStats
 from harness.models.base import DepthTwo
-from harness.prune.stats import ModuleStats
 from harness.registry import Registry
 
 

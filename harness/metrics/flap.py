@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from harness.blocks.stats import ModuleStats
 from harness.metrics import Metric, Ranking, per_unit, register, standardise
 from harness.models.base import DepthTwo, weight
-from harness.prune.stats import ModuleStats
 
 SCORES = ("ifv", "wifv", "wifn")
 

@@ -27,10 +27,10 @@ import math
 
 import torch
 
+from harness.blocks.stats import ModuleStats
 from harness.metrics import Metric, Ranking, register
 from harness.metrics.magnitude import group_sum
 from harness.models.base import DepthTwo, weight
-from harness.prune.stats import ModuleStats
 
 POLICIES = ("fixed", "depth", "softmax")
 NORMS = ("sum", "max")

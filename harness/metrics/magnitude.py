@@ -8,9 +8,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from harness.blocks.stats import ModuleStats
 from harness.metrics import Metric, Ranking, per_unit, register
 from harness.models.base import DepthTwo, weight
-from harness.prune.stats import ModuleStats
 
 
 def group_sum(view: DepthTwo, per_weight: Callable[[nn.Module], torch.Tensor],

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
+from harness.blocks.stats import ModuleStats
 from harness.metrics import Metric, Ranking, register, standardise
 from harness.metrics.second_moment import head_scores, mlp_scores
 from harness.metrics.similarity import similarity_ranking
 from harness.models.base import DepthTwo
-from harness.prune.stats import ModuleStats
 
 
 @register("ours")

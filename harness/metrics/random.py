@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from harness.blocks.stats import ModuleStats
 from harness.metrics import Metric, Ranking, register
 from harness.models.base import DepthTwo
-from harness.prune.stats import ModuleStats
 
 
 @register("random")

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from harness.blocks.stats import ModuleStats
 from harness.metrics import Metric, Ranking, per_unit, register
 from harness.models.base import DepthTwo, weight
-from harness.prune.stats import ModuleStats
 
 
 def mlp_scores(view: DepthTwo, level1_moments: list[torch.Tensor] | None) -> torch.Tensor:

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from harness.blocks.stats import ModuleStats
 from harness.metrics import Metric, Ranking, register
 from harness.metrics.second_moment import head_scores, mlp_scores
 from harness.models.base import DepthTwo
-from harness.prune.stats import ModuleStats
 
 
 def unit_divergence(js: torch.Tensor, heads_per_unit: int) -> torch.Tensor:

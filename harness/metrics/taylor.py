@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
+from harness.blocks.stats import ModuleStats
 from harness.metrics import Metric, Ranking, register
 from harness.metrics.magnitude import group_sum
 from harness.models.base import DepthTwo, weight
-from harness.prune.stats import ModuleStats
 
 # The gradient moments (prune/gradients.py) each variant reads: g = "mean", a = "square".
 MOMENTS_READ = {"element1": frozenset({"mean"}), "element2": frozenset({"square"}),

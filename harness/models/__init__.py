@@ -22,3 +22,8 @@ def adapter_for(model_or_type: nn.Module | str) -> ModuleType:
             f"no adapter for model_type {model_type!r}; supported: {', '.join(sorted(ADAPTERS))}"
         )
     return ADAPTERS[model_type]
+
+
+def module_view(adapter: ModuleType, block: nn.Module, kind: str, attention_unit: str = "kv_group"):
+    """Block's `kind` module (attention, mlp) as a DepthTwo view (models/base.py)."""
+    return adapter.attention(block, attention_unit) if kind == "attention" else adapter.mlp(block)

@@ -22,7 +22,7 @@ The attention module's output (first element) and the MLP module's output must b
 level-2 map applied to its input: the pipeline replays them from that input (stream.Replay).
 and is listed in `harness.models.ADAPTERS`. How a block is *called* is not part of the
 contract: the pipeline records each block's own arguments from the model's forward
-(harness/prune/stream.py). A model type is supported only when `tests/test_adapters.py` passes for
+(harness/blocks/stream.py). A model type is supported only when `tests/test_adapters.py` passes for
 it: block-by-block propagation equals the model's forward, keep-all pruning is the identity,
 removing a unit equals masking it, save -> reload is exact, and cached generation equals
 the full forward on the pruned model.

@@ -190,7 +190,7 @@ def write_card(path: Path, record: dict, route: str) -> None:
     (path / "README.md").write_text(model_card(record, route))
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.float32):
+def load_exported(path: str | Path, dtype: torch.dtype = torch.float32):
     """An exported folder back in memory, through transformers as any user loads it."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True)
     return model.eval()

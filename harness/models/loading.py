@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from harness.environment import free_memory
-from harness.models.pruned import PRUNING_KEY, load_pruned
+from harness.models.export import PRUNING_KEY, load_exported
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def load(cfg, device: torch.device, dtype: torch.dtype):
     config = AutoConfig.from_pretrained(where, revision=cfg.get("revision"))
     try:
         if getattr(config, PRUNING_KEY, None):
-            model = load_pruned(where, dtype=dtype)
+            model = load_exported(where, dtype=dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, revision=cfg.get("revision"))
     except Exception as e:

@@ -1,14 +1,10 @@
-"""Pruning, block by block: settings.py (what to do), stream.py (the calibration stream and
-each block's own arguments), observe.py (statistics hooks), allocation.py (how many units
-each module loses), gradients.py (Taylor), pipeline.py (the loop)."""
+"""The structured track: heads and channels removed, block by block on the block engine
+(harness/blocks). allocation.py (how many units each module loses), observe.py (a module's
+statistics from hooks), gradients.py (Taylor), pipeline.py (what it does to a block),
+report.py (what it did)."""
 
-from harness.prune.pipeline import Pipeline, module_shapes, module_view, prune
-from harness.prune.settings import (
-           PruneReport,
-           PruneSettings,
-           n_params,
-           prunable_layers,
-)
+from harness.prune.pipeline import Pipeline, module_shapes, prune
+from harness.prune.report import PruneReport
+from harness.settings import PruneSettings, n_params, prunable_layers
 
-__all__ = ["Pipeline", "PruneReport", "PruneSettings", "module_shapes", "module_view",
-           "n_params", "prunable_layers", "prune"]
+__all__ = ["Pipeline", "PruneReport", "PruneSettings", "module_shapes", "n_params", "prunable_layers", "prune"]

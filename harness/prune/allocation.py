@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-SPARSITY_MODES = ("model", "module")
+from harness.settings import ALLOCATIONS
 
 
 @dataclass(frozen=True)
@@ -132,3 +132,4 @@ class Adaptive:
 
 # A new policy is one class here plus one YAML under conf/allocation/ naming it.
 POLICIES = {"uniform": Uniform(), "adaptive": Adaptive()}
+assert tuple(POLICIES) == ALLOCATIONS  # the names PruneSettings accepts

@@ -11,44 +11,15 @@ Only what is needed is observed, and the block stops as soon as it has been seen
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
-
 import torch
 from torch import nn
 
+from harness.blocks.hooks import hooks, run_until_stop
+from harness.blocks.stats import ChannelMoments, FlapSampleMoments, ModuleStats
+from harness.blocks.stream import Chunk, Stop
 from harness.models.base import DepthTwo, in_features, weight
-from harness.prune.stats import ChannelMoments, FlapSampleMoments, ModuleStats
-from harness.prune.stream import Chunk, Stop
 
 NEEDS = frozenset({"level1", "level2", "centered", "js", "grad"})
-
-
-@contextmanager
-def hooks(handles: list) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def run_until_stop(block: nn.Module, chunk: Chunk) -> None:
-    with suppress(Stop):
-        chunk.forward(block)
-
-
-def module_input(block: nn.Module, module: nn.Module, chunk: Chunk) -> torch.Tensor:
-    """The input of `module` when `block` runs on `chunk` (the rest of the block is skipped)."""
-    seen = {}
-
-    def hook(_module, args):
-        seen["x"] = args[0].detach()
-        raise Stop
-
-    with hooks([module.register_forward_pre_hook(hook)]):
-        run_until_stop(block, chunk)
-    return seen["x"]
 
 
 def _output_moments(moments: ChannelMoments):

@@ -1,14 +1,14 @@
-"""The block-by-block pruning loop (DESIGN.md, "One run, as data flows").
+"""The structured track on the block engine (harness/blocks; DESIGN.md, "One run, as data flows").
 
 Calibration tokens go through the embeddings once; from then on only hidden states move,
 and each block is called with the arguments the model's own forward gives that block
-(stream.py: masks, positions, rotary tables, per layer). For each block k in the layer
+(blocks/stream.py: masks, positions, rotary tables, per layer). For each block k in the layer
 range, module by module in forward order (attention, then MLP):
   [remedy before scoring] -> statistics (observe.py) -> scores -> units to remove
   -> [remedy after selection] -> physical cut
 then the pruned block's outputs become block k+1's inputs. Only block k is on the compute
 device and only its statistics exist at a time (with a LazyCheckpoint as `store`, only block
-k is in memory at all: models/lazy.py). Each module is computed once per block: once cut, it
+k is in memory at all: blocks/engine.py, models/lazy.py). Each module is computed once per block: once cut, it
 is replayed from the level-2 inputs its statistics pass recorded (stream.Replay) in the
 later passes over the block. A remedy that fits weights (recovery) sees the stream of the
 model pruned so far and what the dense block computes on the dense model's stream (one pass
@@ -21,12 +21,8 @@ module's scores first (adaptive) gets them from one extra scoring pass over the 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -35,18 +31,19 @@ from tqdm.auto import tqdm
 
 from harness import metrics as metrics_registry
 from harness import remedy as remedies
+from harness.blocks.engine import BlockEngine
+from harness.blocks.hooks import hooks
+from harness.blocks.stats import ModuleStats, check_finite
+from harness.blocks.stream import BlockCall, Chunk, Replay, advance
+from harness.models import module_view
 from harness.models.base import DepthTwo
 from harness.prune import allocation as alloc
-from harness.prune.observe import hooks, observe
-from harness.prune.settings import PruneReport, PruneSettings, n_params, prunable_layers
-from harness.prune.stats import ModuleStats, check_finite
-from harness.prune.stream import BlockCall, Chunk, Replay, advance, capture, chunks_at
+from harness.prune.gradients import taylor_gradients
+from harness.prune.observe import observe
+from harness.prune.report import PruneReport
+from harness.settings import PruneSettings, n_params, prunable_layers
 
 log = logging.getLogger(__name__)
-
-
-def module_view(adapter, block: nn.Module, kind: str, attention_unit: str = "kv_group") -> DepthTwo:
-    return adapter.attention(block, attention_unit) if kind == "attention" else adapter.mlp(block)
 
 
 def module_shapes(adapter, model, layer_range: range, modules: tuple[str, ...],
@@ -61,58 +58,27 @@ def module_shapes(adapter, model, layer_range: range, modules: tuple[str, ...],
     return shapes
 
 
-@contextmanager
-def on_device(block: nn.Module, device: torch.device) -> Iterator[nn.Module]:
-    """A CPU-resident model visits the compute device one block at a time."""
-    home = next(block.parameters()).device
-    try:
-        yield block.to(device)
-    finally:
-        block.to(home)
-
-
 class Pipeline:
-    def __init__(self, model: nn.Module, adapter, metric: metrics_registry.Metric, settings: PruneSettings,
-                 device: torch.device, store=None, out: Path | None = None):
-        self.model, self.adapter, self.metric, self.settings, self.device = model, adapter, metric, settings, device
-        self.store, self.out = store, out  # a LazyCheckpoint, and where its pruned blocks go
-        self.remedy = remedies.get(settings.remedy)(settings)
+    """What the structured track does to each block, on a BlockEngine (resident or lazy)."""
+
+    def __init__(self, engine: BlockEngine, metric: metrics_registry.Metric, settings: PruneSettings):
+        self.engine, self.metric, self.settings = engine, metric, settings
+        self.model, self.adapter, self.device, self.blocks = engine.model, engine.adapter, engine.device, engine.blocks
+        remedy = remedies.get(settings.remedy)
+        remedy.check(settings)
+        self.remedy = remedy(settings)
         self.policy = alloc.POLICIES[settings.allocation]
-        self.stats_dtype = torch.float64 if device.type == "cpu" else torch.float32
         self.generator = torch.Generator().manual_seed(settings.seed)
-        self.times: dict[str, float] = defaultdict(float)
         self.removed: dict[tuple[int, str], list[int]] = {}
         self.divergence: dict[int, list[list[float]]] = {}
         self.grads: dict = {}
         self.calls: list[list[BlockCall]] = []  # [block][chunk]: how the model calls each block
         self.cut_upstream = False  # whether any unit before the current module was removed
         self.unchanged_inputs = 0  # modules the remedy skipped: their input was still the dense one
-        self.blocks = adapter.layers(model)
         self.layer_range = prunable_layers(len(self.blocks), settings.layers)
 
     def view(self, block: nn.Module, kind: str) -> DepthTwo:
         return module_view(self.adapter, block, kind, self.settings.attention_unit)
-
-    @contextmanager
-    def _timed(self, stage: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        self.times[stage] += time.perf_counter() - start
-
-    # ---- the calibration stream -----------------------------------------------------------
-
-    def capture_inputs(self, input_ids: torch.Tensor) -> tuple[list[Chunk], list[list[BlockCall]]]:
-        """The stream entering block 0, and every block's own arguments for it ([block][chunk])."""
-        with contextlib.nullcontext() if self.store is None else self.store.outside_blocks(self.device):
-            hidden, calls = capture(self.model, self.blocks, input_ids, self.settings.chunk_size, self.device)
-        return chunks_at(hidden, calls[0]), calls
-
-    def visit(self, k: int, pruning: bool) -> contextlib.AbstractContextManager[nn.Module]:
-        """Block k on the compute device for the duration (from the checkpoint for a lazy model,
-        then freed, and written to `out` first when `pruning`)."""
-        if self.store is None:
-            return on_device(self.blocks[k], self.device)
-        return self.store.block(k, self.blocks[k], self.device, self.out if pruning else None)
 
     # ---- one module ----------------------------------------------------------------------
 
@@ -120,18 +86,18 @@ class Pipeline:
              fit: remedies.FitContext | None = None) -> tuple[metrics_registry.Ranking, ModuleStats]:
         """Observe and score one module; with `fit`, the remedy re-fits it in between."""
         needs = frozenset(self.metric.needs(view.kind)) | self.remedy.needs
-        with self._timed("statistics"):
+        with self.engine.timed("statistics"):
             stats = observe(block, view, self.adapter.attention_module(block), stream, needs, self.grads,
-                            self.stats_dtype, self.device, self.settings.flap_faithful, record)
+                            self.engine.stats_dtype, self.device, self.settings.flap_faithful, record)
         if fit is not None:
             seen = stats.level2_inputs if fit.stream is stream and stats.level2_inputs else None
-            with self._timed(self.remedy.name), torch.no_grad():
+            with self.engine.timed(self.remedy.name), torch.no_grad():
                 self.remedy.before_scoring(fit, seen)
         position, count = layer - self.layer_range.start, len(self.layer_range)
         stats.depth = position / (count - 1) if count > 1 else 0.0
         if stats.js_sum is not None:
             self.divergence[layer] = stats.js.tolist()  # kept for the head-similarity figure
-        with self._timed("scoring"):
+        with self.engine.timed("scoring"):
             ranking = self.metric.rank(view, stats, self.generator)
         check_finite(ranking.scores, f"{self.metric.name} scores of block {layer} {view.kind}")
         return ranking, stats
@@ -147,8 +113,8 @@ class Pipeline:
         if fit is not None and not self.cut_upstream:
             self.unchanged_inputs += 1
         elif fit is not None:
-            context = remedies.FitContext(block, view, *fit, f"block {layer} {kind}", self.stats_dtype, self.device)
-            with self._timed(self.remedy.name), torch.no_grad():
+            context = remedies.FitContext(block, view, *fit, f"block {layer} {kind}", self.engine.stats_dtype, self.device)
+            with self.engine.timed(self.remedy.name), torch.no_grad():
                 self.remedy.before_observing(context)
         module = self.adapter.attention_module(block) if kind == "attention" else self.adapter.mlp_module(block)
         # Level-2 inputs are kept for the replay, and for the remedy when it fits on this stream.
@@ -157,7 +123,7 @@ class Pipeline:
         columns = None
         if n_remove:
             self.cut_upstream = True
-            with self._timed("cut"), torch.no_grad():
+            with self.engine.timed("cut"), torch.no_grad():
                 removed = alloc.first_per_group(ranking.removal_order(), view.groups, view.per_group, n_remove)
                 self.removed[(layer, kind)] = sorted(removed.tolist())
                 mask = torch.ones(view.n_units, dtype=torch.bool)
@@ -172,7 +138,7 @@ class Pipeline:
         if module is None or not stats.level2_inputs:
             return stream
         inputs, stats.level2_inputs = stats.level2_inputs, []
-        with self._timed("forward"), torch.no_grad():
+        with self.engine.timed("forward"), torch.no_grad():
             outputs = [view.level2(x if columns is None else x.index_select(-1, columns.to(x.device))) for x in inputs]
         return [chunk.replaying(Replay(module, out, stats.arity)) for chunk, out in zip(stream, outputs, strict=True)]
 
@@ -197,13 +163,13 @@ class Pipeline:
         """Every module's allocation scores on the dense model (for `adaptive`)."""
         scores = []
         for k in tqdm(range(self.layer_range.stop), desc="scoring (dense pass)", disable=None):
-            with self.visit(k, pruning=False) as block:
+            with self.engine.visit(k, write=False) as block:
                 if k in self.layer_range:
                     for kind in self.settings.modules:
                         view = self.view(block, kind)
                         ranking, _ = self.rank(block, view, stream, k)
                         scores.append(alloc.step_scores(ranking.for_allocation(), view.groups))
-                with torch.no_grad(), self._timed("forward"):
+                with torch.no_grad(), self.engine.timed("forward"):
                     stream = advance(block, k, stream, calls)
         return scores
 
@@ -215,32 +181,30 @@ class Pipeline:
         ratio, target = alloc.budget(shapes, total, settings.sparsity, settings.sparsity_mode, settings.allocation,
                                      self.layer_range)
         if self.metric.needs_gradients(settings.modules):
-            from harness.prune.gradients import taylor_gradients
-
             modules = [m for k in self.layer_range for kind in settings.modules
                        for view in [self.view(self.blocks[k], kind)] for m in (*view.level1, view.level2)]
-            with self._timed("gradients"):
+            with self.engine.timed("gradients"):
                 self.grads = taylor_gradients(self.model, modules, input_ids, self.device,
                                                self.metric.gradient_moments())
-        with self._timed("forward"):
-            stream, calls = self.capture_inputs(input_ids)
+        with self.engine.timed("forward"):
+            stream, calls = self.engine.capture(input_ids)
             # The remedy's own data (a second stream, its own block arguments), or the scoring stream.
             separate = self.remedy.dense_reference and fit_ids is not None
-            fit_stream, fit_calls = self.capture_inputs(fit_ids) if separate else (stream, calls)
+            fit_stream, fit_calls = self.engine.capture(fit_ids) if separate else (stream, calls)
         scores = self.dense_allocation_scores(stream, calls) if self.policy.uses_dense_scores else None
         counts = self.policy.counts(shapes, ratio, target, scores)
         plan = {(shape.layer, shape.kind): n for shape, n in zip(shapes, counts, strict=True)}
 
         dense_stream = fit_stream if self.remedy.dense_reference else None
         for k in tqdm(range(self.layer_range.stop), desc=f"pruning ({self.metric.name})", disable=None):
-            with self.visit(k, pruning=True) as block:
+            with self.engine.visit(k, write=True) as block:
                 pruned_here = k in self.layer_range
                 # Before the first cut the dense stream is the fit stream itself (LLaMA-7B's
                 # blocks 0..3): it is advanced once, below, not a second time here.
                 lead = dense_stream is not None and not self.cut_upstream and not pruned_here
                 dense_inputs = None
                 if dense_stream is not None and not lead:  # the block is still dense: its pass over the dense stream first
-                    with torch.no_grad(), self._timed("forward"):
+                    with torch.no_grad(), self.engine.timed("forward"):
                         dense_inputs, dense_stream = self.dense_pass(block, k, dense_stream, fit_calls,
                                                                      settings.modules if pruned_here else ())
                 in_block = stream  # gains a replay per module whose level-2 inputs were seen
@@ -248,7 +212,7 @@ class Pipeline:
                     for kind in settings.modules:
                         fit = None if dense_inputs is None else (fit_stream if separate else in_block, dense_inputs[kind])
                         in_block = self.prune_module(block, kind, plan[(k, kind)], in_block, fit, k)
-                with torch.no_grad(), self._timed("forward"):
+                with torch.no_grad(), self.engine.timed("forward"):
                     stream = advance(block, k, in_block, calls)
                     if separate:
                         fit_stream = advance(block, k, fit_stream, fit_calls)
@@ -260,7 +224,7 @@ class Pipeline:
         if self.remedy.dense_reference:
             remedy_report["unchanged_inputs"] = self.unchanged_inputs
         per_layer = [self.adapter.shape(b) for b in self.blocks]
-        return PruneReport(ratio, total, n_params(self.model), per_layer, time.perf_counter() - start, dict(self.times),
+        return PruneReport(ratio, total, n_params(self.model), per_layer, time.perf_counter() - start, dict(self.engine.times),
                            self.removed, self.divergence, remedy_report)
 
 
@@ -271,18 +235,14 @@ def prune(model: nn.Module, input_ids: torch.Tensor, metric: metrics_registry.Me
     weights fits on `fit_ids` [M, seqlen'] when given (else on `input_ids`). See the module doc.
     `store`: the LazyCheckpoint `model` is the skeleton of (models/lazy.py); the pruned
     blocks are then written to `out`/blocks and the model stays on the meta device."""
-    from harness.models import adapter_for
-
-    if store is not None and out is None:
-        raise ValueError("a lazily loaded model needs `out`, the folder its pruned blocks are written to")
     if store is not None and metric.needs_gradients(settings.modules):
         raise ValueError(f"metric {metric.name!r} needs gradients of the whole model, which a lazily loaded model "
                          "never holds; accepted with lazy loading: metrics without gradients (not taylor, hywia)")
     device = device or (torch.device("cpu") if store is not None else next(model.parameters()).device)
-    adapter = adapter_for(model)
+    engine = BlockEngine(model, device, settings.chunk_size, store, out)
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")  # attention probabilities for the similarity statistics
     try:
-        return Pipeline(model, adapter, metric, settings, device, store, out).run(input_ids, fit_ids)
+        return Pipeline(engine, metric, settings).run(input_ids, fit_ids)
     finally:
         model.set_attn_implementation(previous)

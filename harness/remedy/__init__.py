@@ -14,18 +14,17 @@ A remedy declares what it needs and hooks into the pipeline at three points of e
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
+import torch
+from torch import nn
+
+from harness.blocks.stats import ModuleStats
+from harness.blocks.stream import Chunk
+from harness.models.base import DepthTwo
 from harness.registry import Registry
+from harness.settings import PruneSettings
 
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
-
-    from harness.models.base import DepthTwo
-    from harness.prune.settings import PruneSettings
-    from harness.prune.stats import ModuleStats
-    from harness.prune.stream import Chunk
 
 @dataclass(frozen=True)
 class FitContext:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from harness.blocks.stats import ModuleStats
 from harness.models.base import DepthTwo, ensure_bias, weight
-from harness.prune.stats import ModuleStats
 from harness.remedy import Remedy, register
 
 

@@ -9,40 +9,10 @@ True where a weight is removed.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class Pattern:
-    """What one layer loses: a fraction of every row, or n of every m columns."""
-
-    sparsity: float
-    n: int = 0  # n:m when n > 0
-    m: int = 0
-
-    @property
-    def is_nm(self) -> bool:
-        return self.n > 0
-
-    def removed_per_row(self, columns: int) -> int:
-        return columns // self.m * self.n if self.is_nm else int(columns * self.sparsity)
-
-    def label(self) -> str:
-        return f"{self.n}:{self.m}" if self.is_nm else f"{self.sparsity:g}"
-
-
-def parse_nm(value: str, key: str = "nm") -> tuple[int, int]:
-    """'2:4' -> (2, 4): n zeros in each group of m (0 < n < m)."""
-    n, sep, m = str(value).partition(":")
-    try:
-        n_, m_ = int(n), int(m)
-    except ValueError:
-        n_ = m_ = 0
-    if not sep or not 0 < n_ < m_:
-        raise ValueError(f"{key}={value!r} is not accepted; accepted: N:M with 0 < N < M, e.g. 2:4 or 4:8")
-    return n_, m_
+from harness.settings import Pattern
 
 
 def per_row(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -25,9 +25,11 @@ from typing import ClassVar
 
 import torch
 
+from harness.blocks.stats import damping
 from harness.checks import integer, number
 from harness.registry import Registry
-from harness.sparse.masks import Pattern, candidates, n_of_m, select
+from harness.settings import Pattern
+from harness.sparse.masks import candidates, n_of_m, select
 
 # Rows solved at once: bounds the gathered k x k systems to about 2^25 entries.
 _SOLVE_ENTRIES = 1 << 25
@@ -38,7 +40,7 @@ def hessian(gram: torch.Tensor, tokens: int, damp: float) -> tuple[torch.Tensor,
     h = gram * (2.0 / max(tokens, 1))
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
-    h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    h += damping(h, damp)
     return h, dead
 
 

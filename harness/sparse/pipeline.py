@@ -1,7 +1,9 @@
-"""The unstructured / N:M track: weights masked in place, block by block (METHOD.md section 9).
+"""The unstructured / N:M track on the block engine: weights masked in place, block by block
+(METHOD.md section 9).
 
-The calibration stream is the structured track's (harness/prune/stream.py: each block called
-with the arguments the model's own forward gives it). For each block in the layer range: one
+The block engine (harness/blocks) runs the calibration stream, each block called with the
+arguments the model's own forward gives it, resident or lazily loaded (`model.lazy`, where
+each masked block is written out as it is done). For each block in the layer range: one
 pass over the stream accumulates the Gram matrix of each depth-2 module's two inputs (the
 level-1 maps share one input, the level-2 map has its own), every linear layer of the chosen
 modules is pruned from it, then the pruned block runs again to feed the next block. Only one
@@ -11,20 +13,20 @@ block's Gram matrices exist at a time; nothing per token is kept.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from harness.blocks.engine import BlockEngine
+from harness.blocks.hooks import hooks
+from harness.blocks.stats import Gram, check_finite
+from harness.blocks.stream import Chunk
+from harness.models import module_view
 from harness.models.base import DepthTwo, in_features, set_weight, weight
-from harness.prune.observe import hooks
-from harness.prune.pipeline import module_view, on_device
-from harness.prune.settings import PruneSettings, n_params, prunable_layers
-from harness.prune.stats import check_finite
-from harness.prune.stream import Chunk, advance, capture, chunks_at
-from harness.sparse.masks import Pattern
+from harness.settings import Pattern, PruneSettings, n_params, prunable_layers
 from harness.sparse.methods import Method
 
 
@@ -42,19 +44,6 @@ class SparseReport:
     def sparsity_achieved(self) -> float:
         """Zeros over the pruned linear layers' weights (how the unstructured papers count)."""
         return self.zero_weights / max(self.pruned_weights, 1)
-
-
-class Gram:
-    """sum over tokens of x x^T for one layer input, and the token count."""
-
-    def __init__(self, width: int, dtype: torch.dtype, device: torch.device):
-        self.matrix = torch.zeros(width, width, dtype=dtype, device=device)
-        self.tokens = 0
-
-    def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(self.matrix.dtype)
-        self.matrix.addmm_(x.T, x)
-        self.tokens += x.shape[0]
 
 
 def linear_layers(views: list[DepthTwo]) -> list[tuple[nn.Module, int]]:
@@ -104,64 +93,64 @@ def check_widths(adapter, model: nn.Module, settings: PruneSettings, pattern: Pa
 
 
 def prune_sparse(model: nn.Module, input_ids: torch.Tensor, method: Method, settings: PruneSettings,
-                 pattern: Pattern, device: torch.device | None = None) -> SparseReport:
-    """Mask `model`'s linear layers in place to `pattern` with `method` on calibration `input_ids`."""
-    from harness.models import adapter_for
-
+                 pattern: Pattern, device: torch.device | None = None, store=None, out: Path | None = None
+                 ) -> SparseReport:
+    """Mask `model`'s linear layers in place to `pattern` with `method` on calibration `input_ids`
+    (`store`: the LazyCheckpoint `model` is the skeleton of; the masked blocks go to `out`/blocks)."""
     start = time.perf_counter()
-    device = device or next(model.parameters()).device
-    adapter = adapter_for(model)
-    blocks = adapter.layers(model)
+    device = device or (torch.device("cpu") if store is not None else next(model.parameters()).device)
+    engine = BlockEngine(model, device, settings.chunk_size, store, out)
+    adapter, blocks = engine.adapter, engine.blocks
     layer_range = prunable_layers(len(blocks), settings.layers)
     check_widths(adapter, model, settings, pattern)
-    dtype = torch.float64 if device.type == "cpu" else torch.float32
-    times: dict[str, float] = defaultdict(float)
     stream, calls = [], []
     if method.needs_data:
-        t0 = time.perf_counter()
-        hidden, calls = capture(model, blocks, input_ids, settings.chunk_size, device)
-        stream = chunks_at(hidden, calls[0])
-        times["forward"] += time.perf_counter() - t0
-    per_layer, pruned, zeros = [], 0, 0
-    last = layer_range.stop if method.needs_data else 0  # data-free: no block needs running
-    for k in tqdm(range(len(blocks)), desc=f"pruning ({method.name}, {pattern.label()})", disable=None):
-        entry = {"layer": k, **_shape(adapter.shape(blocks[k]))}
-        if k in layer_range:
-            with on_device(blocks[k], device) as block:
+        with engine.timed("forward"):
+            stream, calls = engine.capture(input_ids)
+    per_layer: dict[int, dict] = {}
+    pruned, zeros = 0, 0
+    # Blocks before the range run only to feed it; data-free methods run none.
+    visited = range(layer_range.stop) if method.needs_data else layer_range
+    for k in tqdm(visited, desc=f"pruning ({method.name}, {pattern.label()})", disable=None):
+        with engine.visit(k, write=k in layer_range) as block:
+            entry = per_layer[k] = {"layer": k, **_shape(adapter.shape(block))}
+            if k in layer_range:
                 views = [module_view(adapter, block, kind) for kind in settings.modules]
                 grams = None
                 if method.needs_data:
-                    t0 = time.perf_counter()
-                    grams = input_grams(block, views, stream, dtype, device)
-                    times["statistics"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                entry["sparsity"], entry["output_error"] = {}, {}
-                names = {id(m): n for n, m in block.named_modules()}
-                for module, role in linear_layers(views):
-                    old = weight(module).detach().to(dtype)
-                    gram = grams[role] if grams else None
-                    new, _ = method.prune(old.clone(), None if gram is None else gram.matrix.clone(),
-                                          0 if gram is None else gram.tokens, pattern)
-                    check_finite(new, f"{method.name} weights of block {k} {names[id(module)]}")
-                    set_weight(module, new)
-                    stored = weight(module)
-                    n_zero = int((stored == 0).sum())
-                    pruned, zeros = pruned + stored.numel(), zeros + n_zero
-                    entry["sparsity"][names[id(module)]] = n_zero / stored.numel()
-                    if gram is not None:
-                        entry["output_error"][names[id(module)]] = relative_output_error(old, new, gram.matrix)
-                times["prune"] += time.perf_counter() - t0
-                if k + 1 < last:
-                    t0 = time.perf_counter()
-                    with torch.no_grad():
-                        stream = advance(block, k, stream, calls)
-                    times["forward"] += time.perf_counter() - t0
-        elif k + 1 < last:
-            with on_device(blocks[k], device) as block, torch.no_grad():
-                stream = advance(block, k, stream, calls)
-        per_layer.append(entry)
-    return SparseReport(pattern.label(), pruned, zeros, n_params(model), per_layer, time.perf_counter() - start,
-                        dict(times))
+                    with engine.timed("statistics"):
+                        grams = input_grams(block, views, stream, engine.stats_dtype, device)
+                with engine.timed("prune"):
+                    n_pruned, n_zero = _mask_block(block, k, views, grams, method, pattern, engine.stats_dtype, entry)
+                pruned, zeros = pruned + n_pruned, zeros + n_zero
+            if method.needs_data and k + 1 < layer_range.stop:
+                stream = engine.advance(block, k, stream, calls)
+    rows = [per_layer.get(k) or {"layer": k, **_shape(adapter.shape(b))} for k, b in enumerate(blocks)]
+    return SparseReport(pattern.label(), pruned, zeros, n_params(model), rows, time.perf_counter() - start,
+                        dict(engine.times))
+
+
+def _mask_block(block: nn.Module, k: int, views: list[DepthTwo], grams: list[Gram] | None, method: Method,
+                pattern: Pattern, dtype: torch.dtype, entry: dict) -> tuple[int, int]:
+    """Mask every linear layer of the block's chosen modules; (their weights, the zeros among
+    them); each layer's fraction of zeros and relative output error go into `entry`."""
+    pruned = zeros = 0
+    entry["sparsity"], entry["output_error"] = {}, {}
+    names = {id(m): n for n, m in block.named_modules()}
+    for module, role in linear_layers(views):
+        old = weight(module).detach().to(dtype)
+        gram = grams[role] if grams else None
+        new, _ = method.prune(old.clone(), None if gram is None else gram.matrix.clone(),
+                              0 if gram is None else gram.tokens, pattern)
+        check_finite(new, f"{method.name} weights of block {k} {names[id(module)]}")
+        set_weight(module, new)
+        stored = weight(module)
+        n_zero = int((stored == 0).sum())
+        pruned, zeros = pruned + stored.numel(), zeros + n_zero
+        entry["sparsity"][names[id(module)]] = n_zero / stored.numel()
+        if gram is not None:
+            entry["output_error"][names[id(module)]] = relative_output_error(old, new, gram.matrix)
+    return pruned, zeros
 
 
 def _shape(shape: dict) -> dict:

@@ -1,29 +1,63 @@
-"""What one pruning run is asked to do (`PruneSettings`) and what it did (`PruneReport`).
+"""What one pruning run is asked to do, for every track: `PruneSettings` (checked once on
+construction; the run schema, harness/config.py, builds it from a composed config, so its
+defaults are the schema's), the masking `Pattern`, and the counts every track shares.
 
-`PruneSettings` is the library's input, checked once on construction; the run schema
-(harness/config.py) builds it from a composed config, so its defaults are the schema's.
+The names a plugin registers (remedies, metrics) are checked where the plugins are known:
+the run schema and the structured pipeline; this module imports no track and no plugin.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
-from harness import remedy as remedies
 from harness.checks import ConfigError, integer, one_of
 from harness.models.base import ATTENTION_UNITS
-from harness.prune import allocation
 
 MODULES = ("attention", "mlp")
+SPARSITY_TYPES = ("structured", "unstructured", "nm")
+SPARSITY_MODES = ("model", "module")  # of the whole model's parameters, or a per-module ratio (LLM-Pruner)
+ALLOCATIONS = ("uniform", "adaptive")  # prune/allocation.py POLICIES
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """What one layer loses: a fraction of every row, or n of every m columns."""
+
+    sparsity: float
+    n: int = 0  # n:m when n > 0
+    m: int = 0
+
+    @property
+    def is_nm(self) -> bool:
+        return self.n > 0
+
+    def removed_per_row(self, columns: int) -> int:
+        return columns // self.m * self.n if self.is_nm else int(columns * self.sparsity)
+
+    def label(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else f"{self.sparsity:g}"
+
+
+def parse_nm(value: str, key: str = "nm") -> tuple[int, int]:
+    """'2:4' -> (2, 4): n zeros in each group of m (0 < n < m)."""
+    n, sep, m = str(value).partition(":")
+    try:
+        n_, m_ = int(n), int(m)
+    except ValueError:
+        n_ = m_ = 0
+    if not sep or not 0 < n_ < m_:
+        raise ValueError(f"{key}={value!r} is not accepted; accepted: N:M with 0 < N < M, e.g. 2:4 or 4:8")
+    return n_, m_
 
 
 @dataclass(frozen=True)
 class PruneSettings:
     sparsity: float = 0.2  # fraction removed, of the whole model (`sparsity_mode=model`) or per module
-    sparsity_mode: str = "model"  # allocation.SPARSITY_MODES
-    allocation: str = "uniform"  # allocation.POLICIES
-    remedy: str = "none"  # harness.remedy.names()
+    sparsity_mode: str = "model"  # SPARSITY_MODES
+    allocation: str = "uniform"  # ALLOCATIONS (prune/allocation.py)
+    remedy: str = "none"  # harness.remedy.names(), checked by the run schema and the structured pipeline
     layers: tuple[int, int] | None = None  # [start, end) of prunable blocks; None = all
     modules: tuple[str, ...] = MODULES
     damp: float = 1e-2  # recovery: lambda = damp * mean diag X^T X
@@ -39,9 +73,8 @@ class PruneSettings:
         sparsity = self.sparsity
         if isinstance(sparsity, bool) or not isinstance(sparsity, int | float) or not 0 <= sparsity < 1:
             raise ConfigError(f"sparsity={sparsity!r} is outside [0, 1); accepted: a number with 0 <= sparsity < 1")
-        one_of("sparsity_mode", self.sparsity_mode, allocation.SPARSITY_MODES)
-        one_of("allocation", self.allocation, allocation.POLICIES)
-        one_of("remedy", self.remedy, remedies.names())
+        one_of("sparsity_mode", self.sparsity_mode, SPARSITY_MODES)
+        one_of("allocation", self.allocation, ALLOCATIONS)
         one_of("prune.attention_unit", self.attention_unit, ATTENTION_UNITS)
         mods = self.modules
         if not mods or any(m not in MODULES for m in mods) or len(set(mods)) != len(mods):
@@ -52,12 +85,9 @@ class PruneSettings:
                                 "0 <= start < end, or null for all blocks")
         integer("prune.chunk_size", self.chunk_size, 1)
         integer("seed", self.seed, 0)
-        remedies.get(self.remedy).check(self)
         self._check_sparsity_type()
 
     def _check_sparsity_type(self) -> None:
-        from harness.sparse import SPARSITY_TYPES, parse_nm
-
         one_of("sparsity_type", self.sparsity_type, SPARSITY_TYPES)
         if self.sparsity_type == "structured":
             return
@@ -78,31 +108,12 @@ class PruneSettings:
                                     f"{n / m:g}); accepted: sparsity={n / m:g}")
 
     @property
-    def pattern(self):
+    def pattern(self) -> Pattern:
         """What each masked layer loses (the unstructured / N:M track)."""
-        from harness.sparse import Pattern, parse_nm
-
         if self.sparsity_type == "nm":
             n, m = parse_nm(self.nm)
             return Pattern(n / m, n, m)
         return Pattern(self.sparsity)
-
-
-@dataclass
-class PruneReport:
-    ratio: float | None  # the uniform per-module ratio; None under adaptive allocation
-    params_before: int
-    params_after: int
-    per_layer: list[dict]
-    seconds: float
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    removed: dict[tuple[int, str], list[int]] = field(default_factory=dict)  # (layer, module) -> unit ids
-    divergence: dict[int, list[list[float]]] = field(default_factory=dict)  # layer -> head x head mean JS distance
-    remedy: dict = field(default_factory=dict)  # what the remedy reports (recovery: fits and fall-backs)
-
-    @property
-    def sparsity_achieved(self) -> float:
-        return 1 - self.params_after / self.params_before
 
 
 def n_params(model: nn.Module) -> int:
