@@ -169,7 +169,7 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def plain_eval_tokens_per_s(model, stream: torch.Tensor, seqlen: int, batch_size: int) -> float:
     """A plain batched forward loop over the perplexity windows: the bar perplexity_of is held to."""
-    from harness.evaluate.perplexity import windows
+    from harness.evaluate.windows import windows
 
     device = next(model.parameters()).device
     w = windows(stream, seqlen)

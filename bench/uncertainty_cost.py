@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.run import cli, named_model, report
-from harness.evaluate import perplexity
+from harness.evaluate import perplexity, windows
 
 TASK_SIZES = {"boolq": 3270, "piqa": 1838, "hellaswag": 10042, "winogrande": 1267, "arc_easy": 2376,
               "arc_challenge": 1172, "openbookqa": 500}
@@ -37,7 +37,7 @@ TASK_SIZES = {"boolq": 3270, "piqa": 1838, "hellaswag": 10042, "winogrande": 126
 def batch_sum_perplexity(model, ids: torch.Tensor, seqlen: int, batch_size: int) -> float:
     """The loop before per-window sums: one float64 NLL sum per batch."""
     total, tokens = 0.0, 0
-    for batch in perplexity.windows(ids, seqlen).split(batch_size):
+    for batch in windows.windows(ids, seqlen).split(batch_size):
         logits = model(input_ids=batch, use_cache=False).logits
         targets = torch.cat([batch[:, 1:], torch.full_like(batch[:, :1], -100)], 1).reshape(-1)
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, reduction="sum").item()
@@ -72,7 +72,7 @@ def zeroshot_cost(smoke: bool) -> dict:
     from omegaconf import OmegaConf
 
     from harness.config import CONFIG_DIR
-    from harness.evaluate.zeroshot import offline_task_dir
+    from harness.data.zeroshot_tasks import offline_task_dir
     from harness.models import loading
 
     model, tok = loading.load(OmegaConf.load(CONFIG_DIR / "model" / "tiny-llama.yaml"), torch.device("cpu"),

@@ -25,7 +25,15 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 
+from harness import metrics, remedy, sparse
 from harness.checks import ConfigError, integer, number, one_of
+from harness.data import calibration, downstream
+from harness.data.corpora import CORPORA, PROTOCOLS
+from harness.data.tokens import BOS_PLACEMENTS
+from harness.data.zeroshot_tasks import TASKS
+from harness.finetune import METHODS
+from harness.models.loading import DTYPES, SOURCES
+from harness.remedy import fits_on_data
 from harness.settings import PruneSettings
 
 
@@ -85,8 +93,6 @@ class ModelConfig:
     lazy: Any = False  # true, false or auto
 
     def check(self) -> None:
-        from harness.evaluate.perplexity import BOS_PLACEMENTS
-        from harness.models.loading import SOURCES
 
         one_of("model.source", self.source, SOURCES)
         if not (isinstance(self.lazy, bool) or self.lazy == "auto"):
@@ -104,7 +110,6 @@ class MetricConfig:
     params: dict[str, Any] = field(default_factory=dict)  # the metric's own keyword arguments
 
     def check(self, sparsity_type: str = "structured") -> None:
-        from harness import metrics, sparse
 
         structured = sparsity_type == "structured"
         accepted = metrics.names() if structured else sparse.names()
@@ -135,8 +140,6 @@ class CalibrationConfig:
     downstream_split: str = "auto"  # auto: the hub's train splits, offline the shipped validation splits
 
     def check(self, key: str = "calibration") -> None:
-        from harness.data import calibration, downstream
-        from harness.evaluate.perplexity import BOS_PLACEMENTS
 
         integer(f"{key}.n_samples", self.n_samples, 1)
         integer(f"{key}.seqlen", self.seqlen, 2)
@@ -199,7 +202,6 @@ class FinetuneConfig:
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
 
     def check(self) -> None:
-        from harness.finetune import METHODS
 
         one_of("finetune", self.name, METHODS)
         integer("finetune.rank", self.rank, 1)
@@ -226,8 +228,6 @@ class PerplexityConfig:
     bos: str = II("model.bos")
 
     def check(self) -> None:
-        from harness.data.corpora import CORPORA, PROTOCOLS
-        from harness.evaluate.perplexity import BOS_PLACEMENTS
 
         for dataset in self.datasets:
             one_of("eval.ppl.datasets item", dataset, CORPORA[:2])
@@ -249,8 +249,6 @@ class ZeroShotConfig:
     average_metrics: dict[str, str] = field(default_factory=dict)  # per-task override of the averaged metric
 
     def check(self) -> None:
-        from harness.evaluate.perplexity import BOS_PLACEMENTS
-        from harness.evaluate.tasks import TASKS
 
         for task in self.tasks:
             one_of("eval.zeroshot.tasks item", task, TASKS)
@@ -331,9 +329,10 @@ class RunConfig:
     resume: bool = True  # checkpoint the pruned model until the run completes; a re-run continues from it
 
     def check(self) -> None:
-        from harness.models.loading import DTYPES
 
-        self.prune_settings()  # the pruning keys are checked where they are used (first: others interpolate seed)
+        settings = self.prune_settings()  # the pruning keys are checked where they are used (first: others interpolate seed)
+        one_of("remedy", self.remedy.name, remedy.names())
+        remedy.get(self.remedy.name).check(settings)
         self.metric.check(self.sparsity_type)
         for part in (self.model, self.calibration, self.logger, self.eval.ppl, self.eval.zeroshot,
                      self.eval.efficiency):
@@ -363,7 +362,6 @@ class RunConfig:
     def check_lazy(self, why: str = "model.lazy=true") -> None:
         """What a model that is never whole in memory cannot do, refused before anything loads
         (`why`: what made the run lazy, for the message)."""
-        from harness import metrics
 
         refused = {"finetune": (self.finetune.name, "none"),
                    "eval.efficiency": (None if self.eval.efficiency is None else "on", None)}
@@ -412,7 +410,6 @@ def typed(cfg: RunConfig | DictConfig | dict) -> RunConfig:
         cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
     run_config = OmegaConf.to_object(cfg)
     run_config.check()
-    from harness.remedy import fits_on_data
 
     if not fits_on_data(run_config.remedy.name):
         # Read by no stage of this run: recorded as the scoring calibration, so the run is the

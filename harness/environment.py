@@ -17,6 +17,10 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def cache_root() -> Path:
+    return Path(os.environ.get("HARNESS_CACHE", Path.home() / ".cache" / "harness")).expanduser()
+
+
 def free_memory(device: torch.device) -> int:
     """Bytes free on `device`: CUDA's free memory, or the host's MemAvailable."""
     if device.type == "cuda":

@@ -15,6 +15,14 @@ import logging
 import sys
 from pathlib import Path
 
+from harness import config as schema
+from harness import records
+from harness.checks import ConfigError
+from harness.config import writable_dir
+from harness.models import loading
+from harness.models.export import export, load_exported
+from harness.run import _load_and_prune
+
 log = logging.getLogger("harness.export")
 
 
@@ -44,8 +52,6 @@ def _pruned(record: dict) -> list:
 def check_target(out: Path, run_id: str | None, overwrite: bool) -> None:
     """Before any model loads: `out` must be creatable, and empty unless it holds an earlier
     export of the same run (replaced) or `overwrite` is given."""
-    from harness.checks import ConfigError
-    from harness.config import writable_dir
 
     try:
         writable_dir("--out", out)
@@ -67,8 +73,6 @@ def model_for(record_path: Path | None, folder: Path | None):
     """(model, tokenizer, record) for a located run."""
     from transformers import AutoTokenizer
 
-    from harness import records
-    from harness.models.export import load_exported
 
     record = records.read(record_path) if record_path else None
     for candidate in [folder] if folder else [record_path.parent / "model", record_path.parent / "checkpoint"]:
@@ -77,9 +81,6 @@ def model_for(record_path: Path | None, folder: Path | None):
             return load_exported(candidate), AutoTokenizer.from_pretrained(candidate), record
     if record is None or "pruning" not in record:
         raise SystemExit(f"harness export: {record_path} has no pruning entry and no saved model to export")
-    from harness import config as schema
-    from harness.models import loading
-    from harness.run import _load_and_prune
 
     log.info("no saved model for run %s: pruning again from its recorded config", record["run_id"])
     cfg = dict(record["config"], out_dir=str(record_path.parent.parent))
@@ -107,7 +108,6 @@ def main(argv: list[str] | None = None) -> None:
     run_id = json.loads(record_path.read_text()).get("run_id") if record_path else None
     check_target(out, run_id, args.overwrite)
     model, tok, record = model_for(record_path, folder)
-    from harness.models.export import export
 
     export(model, tok, out, record)
     route = json.loads((out / "config.json").read_text())["harness_pruning"]["route"]

@@ -20,12 +20,14 @@ from transformers import AutoTokenizer
 from harness import config as schema
 from harness import metrics, preflight, records, resume, sparse, tracking
 from harness.checks import ConfigError
-from harness.data import calibration
+from harness.data import calibration, evaluation_text
 from harness.environment import environment, now
-from harness.evaluate import efficiency, perplexity
+from harness.evaluate import efficiency, perplexity, zeroshot
+from harness.finetune import lora_finetune
 from harness.interrupts import is_interrupt, sigterm_marks
 from harness.models import adapter_for, loading
-from harness.models.export import export
+from harness.models.export import PRUNING_KEY, export, write_card
+from harness.models.lazy import LazyCheckpoint
 from harness.prune import prunable_layers, prune
 from harness.record_entries import model_entry, pruning_entry, scalars, sparse_pruning_entry
 from harness.remedy import fits_on_data as remedy_fits_on_data
@@ -76,7 +78,6 @@ def run(cfg: schema.RunConfig | DictConfig | dict, group: str | None = None) -> 
 
 def check_data(config: dict) -> None:
     """Read (and hash-check) the evaluation and calibration text before any model loads."""
-    from harness.data import evaluation_text
 
     ppl = config["eval"].get("ppl")
     for dataset in (ppl or {}).get("datasets", []):
@@ -156,7 +157,6 @@ def _execute_lazy(run_config: schema.RunConfig, config: dict, record: dict, devi
     """model.lazy=true: pruned block by block from the checkpoint into `checkpoint/` (the
     exported folder, always written: it is the only place the pruned model exists), then
     evaluated block by block from there. A re-run resumes from a complete `checkpoint/`."""
-    from harness.models.lazy import LazyCheckpoint
 
     checkpoint = path.parent / "checkpoint"
     prior = records.read(path) or {}
@@ -180,7 +180,6 @@ def _execute_lazy(run_config: schema.RunConfig, config: dict, record: dict, devi
     evaluate(pruned.model, tok, config["eval"], config["data_dir"], record["eval"], lambda: records.write(path, record),
              store=pruned, device=device)
     if config["save_model"]:
-        from harness.models.export import PRUNING_KEY, write_card
 
         record["saved_model"] = str(path.parent / "model")
         write_card(checkpoint, {**record, "status": "complete", "finished_at": now()},
@@ -241,7 +240,6 @@ def _prune_loaded(run_config: schema.RunConfig, config: dict, record: dict, mode
 
 def _finetune(config: dict, model, tok, adapter, record: dict, device):
     """LoRA after pruning, merged: the record's `finetune` entry says on what, how long, with what loss."""
-    from harness.finetune import lora_finetune
 
     ft = config["finetune"]
     data = _draw(tok, ft["data"], model, config["data_dir"])
@@ -278,7 +276,6 @@ def evaluate(model, tok, eval_config: dict, data_dir: str | None, out: dict, sav
                     del out["partial"]
                 save()
     if eval_config.get("zeroshot") and "zeroshot_avg" not in out:
-        from harness.evaluate import zeroshot
 
         zeroshot.evaluate(model, tok, eval_config["zeroshot"], out, save, store, device)
         save()

@@ -11,7 +11,7 @@ import numpy as np
 
 from harness import records, uncertainty
 from harness.config import as_dict, compose, typed
-from harness.evaluate.tasks import DEFAULT_AVERAGE_METRICS, TASKS
+from harness.data.zeroshot_tasks import DEFAULT_AVERAGE_METRICS, TASKS
 
 _ids = itertools.count()
 

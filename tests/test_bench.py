@@ -150,7 +150,7 @@ def test_a_failing_gpu_check_case_is_recorded_and_the_rest_still_run(tmp_path, m
     failed = result["resident"][1]
     assert failed["metric"] == "no-such-metric" and "no-such-metric" in failed["error"]
     assert result["resident"][2]["seconds"] > 0 and result["finished"] == ["parity", "resident", "blockwise"]
-    assert "no-such-metric | none | - | - | - | ValueError" in (tmp_path / "gpu.md").read_text()
+    assert "no-such-metric | none | - | - | - | ConfigError" in (tmp_path / "gpu.md").read_text()
 
 
 def test_smoke_lazy_memory_prunes_a_sharded_checkpoint_in_a_fresh_process(tmp_path):

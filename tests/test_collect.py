@@ -115,7 +115,7 @@ def test_pivot_splits_rows_by_attention_unit():
 
 
 def _accuracies(value: float) -> dict:
-    from harness.evaluate.tasks import TASKS
+    from harness.data.zeroshot_tasks import TASKS
 
     return {task: value for task in TASKS}
 

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from harness.data import evaluation_text
-from harness.evaluate.perplexity import evaluate, perplexity_of, windows
+from harness.evaluate import windows as windows_module
+from harness.evaluate.perplexity import evaluate, perplexity_of
+from harness.evaluate.windows import windows
 
 
 def test_windows_are_non_overlapping_and_drop_the_tail():
@@ -52,11 +54,10 @@ PINNED_WIKITEXT2_TOKENS = 523_151
 
 @pytest.mark.parametrize("piece_rows", [None, 5])  # the whole batch in one log-softmax piece, or in pieces of 5 positions
 def test_perplexity_equals_brute_force(zoo, monkeypatch, piece_rows):
-    from harness.evaluate import perplexity
 
     model, tok = zoo("tiny-gpt2")
     if piece_rows:
-        monkeypatch.setattr(perplexity, "NLL_PIECE_BYTES", 4 * model.config.vocab_size * piece_rows)
+        monkeypatch.setattr(windows_module, "NLL_PIECE_BYTES", 4 * model.config.vocab_size * piece_rows)
     ids = torch.randint(0, 4096, (3 * 16 + 5,), generator=torch.Generator().manual_seed(0))
     progress: dict = {}
     ppl, n, _ = perplexity_of(model, ids, seqlen=16, batch_size=2, progress=progress)
@@ -130,7 +131,7 @@ EXPECTED_SIZES = {"boolq": 3270, "piqa": 1838, "hellaswag": 10042, "winogrande":
 
 @pytest.mark.parametrize("task", list(EXPECTED_SIZES))
 def test_offline_task_loads_all_examples(task):
-    from harness.evaluate.zeroshot import _docs
+    from harness.data.zeroshot_tasks import _docs
 
     docs = _docs(task)
     assert len(docs) == EXPECTED_SIZES[task]
@@ -143,8 +144,8 @@ def test_task_by_task_equals_one_lm_eval_call_and_resumes(zoo, monkeypatch):
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from harness.data.zeroshot_tasks import offline_task_dir
     from harness.evaluate.zeroshot import evaluate as zs_evaluate
-    from harness.evaluate.zeroshot import offline_task_dir
 
     model, tok = zoo("tiny-llama")
     tasks = ["piqa", "arc_easy", "winogrande"]

@@ -87,7 +87,7 @@ def test_save_model_and_harness_export_write_the_same_model_with_its_card(tmp_pa
         assert rec["run_id"] in card and f"{rec['model']['params_after']:,}" in card and "trust_remote_code=True" in card
         assert json.loads((folder / "record.json").read_text())["status"] == "complete"
     # lm-eval's own CLI on the exported folder (offline: our task copies as --include_path)
-    from harness.evaluate.zeroshot import offline_task_dir
+    from harness.data.zeroshot_tasks import offline_task_dir
 
     cli = Path(sys.executable).with_name("lm_eval")
     r = subprocess.run([str(cli), "--model", "hf", "--model_args", f"pretrained={tmp_path / 'from-saved'},trust_remote_code=True",

@@ -6,7 +6,7 @@ import logging
 
 import pandas as pd
 
-from harness import metrics, uncertainty
+from harness import metrics, sparse, uncertainty
 from harness import remedy as remedies
 from harness.collect.cells import RAW
 
@@ -47,7 +47,6 @@ def family(config: dict) -> str:
 
 def _method(config: dict):
     """The run's metric (structured track) or masking method (unstructured / N:M track)."""
-    from harness import sparse
 
     build = metrics.build if config.get("sparsity_type", "structured") == "structured" else sparse.build
     return build(config["metric"]["name"], config["metric"].get("params"))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness import metrics
 from harness.collect.frame import METHOD, ppl_columns, rows_of
 
 
@@ -36,7 +37,6 @@ _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
 def _colour(metric: str) -> str:
-    from harness import metrics
 
     palette = ("C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9")  # tab10 without its grey (C7)
     known = metrics.names()

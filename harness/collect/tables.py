@@ -15,7 +15,7 @@ import pandas as pd
 
 from harness.collect.cells import Cell, Run, best_marks, cell_frame, means
 from harness.collect.frame import FAMILIES, METHOD, ppl_columns, rows_of
-from harness.evaluate.tasks import DEFAULT_AVERAGE_METRICS, PAPER_NAMES, TASKS
+from harness.data.zeroshot_tasks import DEFAULT_AVERAGE_METRICS, PAPER_NAMES, TASKS
 
 
 def pivot(df: pd.DataFrame, rows: list[str], cols: list[str], values: str) -> pd.DataFrame:

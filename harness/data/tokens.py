@@ -50,3 +50,18 @@ def token_ids(tokenizer, text: str, add_special_tokens: bool) -> torch.Tensor:
         while len(_streams) > _KEPT_STREAMS:
             _streams.popitem(last=False)
     return ids
+
+
+# Where BOS goes: once at the stream start as the tokenizer adds it, or at the start of every window.
+BOS_PLACEMENTS = ("stream", "window")
+
+
+def bos_token_id(tokenizer, bos: str) -> int | None:
+    """The id to start every window with (`bos=window`), or None (`bos=stream`)."""
+    if bos not in BOS_PLACEMENTS:
+        raise ValueError(f"unknown bos placement {bos!r}; accepted: {', '.join(BOS_PLACEMENTS)}")
+    if bos == "stream":
+        return None
+    if tokenizer.bos_token_id is None:
+        raise ValueError("bos=window but the tokenizer has no BOS token; use bos=stream")
+    return tokenizer.bos_token_id

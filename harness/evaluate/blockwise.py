@@ -23,7 +23,8 @@ from torch import nn
 
 from harness.blocks.stream import advance, capture, chunks_at, forwards_replaced
 from harness.environment import free_memory
-from harness.evaluate.perplexity import ppl_of, resumable, window_nll, windows
+from harness.evaluate.windows import ppl_of, resumable, window_nll, windows
+from harness.models import adapter_for
 
 
 def group_tokens(hidden_size: int, free_bytes: int | None = None) -> int:
@@ -41,8 +42,6 @@ def last_hidden(store, batches: list[torch.Tensor], device: torch.device, read_o
     """The last block's output for each batch of token ids, every block read once. The capture
     runs the weights outside the blocks: with `read_outside` they are read for it and freed
     before the blocks run, else they must be in memory already (store.outside_blocks)."""
-    from harness.models import adapter_for
-
     model = store.model
     blocks = adapter_for(model).layers(model)
     hidden, calls = [], [[] for _ in blocks]
@@ -77,8 +76,6 @@ def blockwise_perplexity_of(store, ids: torch.Tensor, seqlen: int, batch_size: i
                             free_bytes: int | None = None) -> tuple[float, int, float]:
     """(ppl, windows, tokens/s) as perplexity_of, for a LazyCheckpoint's skeleton; resumable
     by group through `progress` like perplexity_of."""
-    from harness.models import adapter_for
-
     model, device = store.model, device or torch.device("cpu")
     blocks = adapter_for(model).layers(model)
     w = windows(ids, seqlen, max_tokens, bos_id)

@@ -7,7 +7,7 @@ import time
 import torch
 
 from harness.models import adapter_for
-from harness.prune import n_params
+from harness.settings import n_params
 
 
 def macs_per_token(model, seqlen: int) -> int:

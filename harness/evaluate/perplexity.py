@@ -18,12 +18,13 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from harness import uncertainty
 from harness.data import evaluation_text
-from harness.data.tokens import token_ids
+from harness.data.tokens import bos_token_id, token_ids
+from harness.evaluate.blockwise import blockwise_perplexity_of
+from harness.evaluate.windows import ppl_of, resumable, window_nll, windows
 
 
 @dataclass
@@ -49,55 +50,6 @@ class Perplexity:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-BOS_PLACEMENTS = ("stream", "window")
-
-
-def windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None = None, bos_id: int | None = None) -> torch.Tensor:
-    """[n, seqlen] windows of the stream; with `bos_id`, each is BOS + seqlen-1 stream tokens."""
-    step = seqlen if bos_id is None else seqlen - 1
-    n = len(ids) // step
-    if max_tokens:
-        n = min(n, max_tokens // seqlen)
-    if n == 0:
-        raise ValueError(f"text of {len(ids)} tokens has no full window of seqlen={seqlen} (max_tokens={max_tokens})")
-    w = ids[: n * step].view(n, step)
-    return w if bos_id is None else torch.cat([torch.full((n, 1), bos_id, dtype=w.dtype), w], 1)
-
-
-# Positions go through the log-softmax in pieces of at most this many bytes: a temporary under
-# glibc's 32 MiB mmap ceiling is reused from the heap instead of mapped and faulted in afresh
-# for every batch (a whole batch's is batch x seqlen x vocab floats, 200 MB for smollm2 at 8 x 128).
-NLL_PIECE_BYTES = 16 * 2**20
-
-
-def window_nll(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-    """Summed NLL (float64) of each window's next tokens, one value per window. The last position
-    has no target: it is ignored rather than sliced off, so the logits are read in place, never
-    copied. Each position's NLL is float32 (as cross_entropy gives it); the sums are float64."""
-    targets = torch.cat([batch[:, 1:], torch.full_like(batch[:, :1], -100)], 1).reshape(-1)
-    flat = logits.reshape(-1, logits.shape[-1])
-    rows = max(1, NLL_PIECE_BYTES // (4 * flat.shape[1]))
-    per_position = torch.cat([F.cross_entropy(flat[i:i + rows].float(), targets[i:i + rows], reduction="none")
-                              for i in range(0, len(flat), rows)])
-    return per_position.view(batch.shape).double().sum(1)
-
-
-def ppl_of(nll_windows: list[float], tokens: int) -> float:
-    """exp(sum of the windows' NLL / tokens), the sum exact (math.fsum): the stored per-window
-    sums give back the recorded value whatever order a reader adds them in."""
-    return math.exp(math.fsum(nll_windows) / tokens)
-
-
-def resumable(progress: dict | None, **layout) -> dict:
-    """The progress to continue from: `progress` as it is when an earlier attempt ran the same
-    windows in the same `layout` (and kept per-window sums), else emptied to start over."""
-    state = progress if progress is not None else {}
-    if any(state.get(k) != v for k, v in layout.items()) or "nll_windows" not in state:
-        state.update({**layout, "windows_done": 0, "nll_windows": [], "tokens": 0})
-        state.pop("nll", None)  # the single sum of an attempt from before per-window sums were kept
-    return state
 
 
 @torch.no_grad()
@@ -134,17 +86,6 @@ def perplexity_of(model, ids: torch.Tensor, seqlen: int, batch_size: int = 8, ma
     return value, len(w), (len(w) - first) * seqlen / max(elapsed, 1e-9)
 
 
-def bos_token_id(tokenizer, bos: str) -> int | None:
-    """The id to start every window with (`bos=window`), or None (`bos=stream`)."""
-    if bos not in BOS_PLACEMENTS:
-        raise ValueError(f"unknown bos placement {bos!r}; accepted: {', '.join(BOS_PLACEMENTS)}")
-    if bos == "stream":
-        return None
-    if tokenizer.bos_token_id is None:
-        raise ValueError("bos=window but the tokenizer has no BOS token; use bos=stream")
-    return tokenizer.bos_token_id
-
-
 def evaluate(model, tokenizer, dataset: str, protocol: str, seqlen: int, batch_size: int = 8,
              max_tokens: int | None = None, data_dir: str | None = None, bos: str = "stream",
              progress: dict | None = None, save=lambda: None, store=None, device=None) -> Perplexity:
@@ -155,8 +96,6 @@ def evaluate(model, tokenizer, dataset: str, protocol: str, seqlen: int, batch_s
     ids = token_ids(tokenizer, text, add_special_tokens=bos_id is None)
     progress = {} if progress is None else progress
     if store is not None:
-        from harness.evaluate.blockwise import blockwise_perplexity_of
-
         value, n, tps = blockwise_perplexity_of(store, ids, seqlen, batch_size, max_tokens, bos_id, progress, save,
                                                 device)
     else:

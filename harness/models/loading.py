@@ -6,14 +6,15 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import logging
-import os
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from harness.environment import free_memory
+from harness.environment import cache_root, free_memory
+from harness.models import zoo
 from harness.models.export import PRUNING_KEY, load_exported
+from harness.models.lazy import LazyCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("HARNESS_CACHE", Path.home() / ".cache" / "harness")).expanduser()
-
-
 def model_dir(cfg) -> str:
     """The folder or hub id `from_pretrained` reads for a model config."""
     if cfg.get("path"):
@@ -57,7 +54,6 @@ def model_dir(cfg) -> str:
             raise ModelNotFoundError(f"model.path={cfg.path!r} does not exist")
         return str(path)
     if cfg.source == "zoo":
-        from harness.models import zoo
 
         return str(zoo.locate(cfg.name))
     if cfg.source == "gguf":
@@ -160,7 +156,6 @@ def lazy_auto(cfg, dtype: torch.dtype) -> dict:
     """What `model.lazy=auto` decides, before anything loads: `lazy` when the checkpoint's
     weights in `dtype` (from its safetensors headers) exceed LAZY_AUTO_SHARE of the memory
     available; a checkpoint without safetensors loads in memory (lazy loading reads only those)."""
-    from harness.models.lazy import LazyCheckpoint
 
     available = free_memory(torch.device("cpu"))
     try:
@@ -177,7 +172,6 @@ def lazy_auto(cfg, dtype: torch.dtype) -> dict:
 def load_lazy(cfg, dtype: torch.dtype):
     """(LazyCheckpoint with its meta-device skeleton built, tokenizer) for `model.lazy=true`:
     nothing but the config and the tokenizer is read (models/lazy.py)."""
-    from harness.models.lazy import LazyCheckpoint
 
     where = _local_folder(cfg)
     tok = AutoTokenizer.from_pretrained(where)
