@@ -21,7 +21,7 @@ from harness.checks import ConfigError
 from harness.config import writable_dir
 from harness.models import loading
 from harness.models.export import export, load_exported
-from harness.run import _load_and_prune
+from harness.run import load_and_prune
 
 log = logging.getLogger("harness.export")
 
@@ -87,12 +87,12 @@ def model_for(record_path: Path | None, folder: Path | None):
     run_config = schema.typed(cfg)
     device = loading.resolve_device(run_config.device)
     again: dict = {}
-    model, tok = _load_and_prune(run_config, schema.as_dict(run_config), again, device,
-                                 loading.resolve_dtype(run_config.dtype, device))
+    held = load_and_prune(run_config, schema.as_dict(run_config), again, device,
+                          loading.resolve_dtype(run_config.dtype, device))
     if _pruned(again) != _pruned(record):
         raise SystemExit(f"harness export: pruning run {record['run_id']} again removed other units (or masked other "
                          "weights) than its record lists (a changed version or nondeterministic device); export refused")
-    return model, tok, record
+    return held.model, held.tok, record
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""One harness run end to end: load -> calibrate -> prune -> evaluate -> record -> track.
+"""One harness run end to end: load -> calibrate -> prune -> finetune -> evaluate -> record -> track.
 
 `run(cfg)` is the Python API (a `RunConfig`, or a composed config: harness.config.compose);
 `main` is the Hydra entry point behind `python -m harness` and the `harness` console script.
@@ -11,14 +11,14 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoTokenizer
 
 from harness import config as schema
-from harness import metrics, preflight, records, resume, sparse, tracking
+from harness import holding, metrics, preflight, records, resume, sparse, tracking
 from harness.checks import ConfigError
 from harness.data import calibration, evaluation_text
 from harness.environment import environment, now
@@ -26,11 +26,9 @@ from harness.evaluate import efficiency, perplexity, zeroshot
 from harness.finetune import lora_finetune
 from harness.interrupts import is_interrupt, sigterm_marks
 from harness.models import adapter_for, loading
-from harness.models.export import PRUNING_KEY, export, write_card
-from harness.models.lazy import LazyCheckpoint
 from harness.prune import prunable_layers, prune
 from harness.record_entries import model_entry, pruning_entry, scalars, sparse_pruning_entry
-from harness.remedy import fits_on_data as remedy_fits_on_data
+from harness.remedy import fits_on_data
 
 log = logging.getLogger("harness")
 
@@ -83,7 +81,7 @@ def check_data(config: dict) -> None:
     for dataset in (ppl or {}).get("datasets", []):
         evaluation_text(dataset, ppl["protocol"], config["data_dir"])
     used = [("calibration", config["calibration"])]
-    if remedy_fits_on_data(config["remedy"]["name"]):
+    if fits_on_data(config["remedy"]["name"]):
         used.append(("remedy.calibration", config["remedy"]["calibration"]))
     if config["finetune"]["name"] != "none":
         used.append(("finetune.data", config["finetune"]["data"]))
@@ -112,37 +110,43 @@ def _lazy(run_config: schema.RunConfig, config: dict, record: dict, dtype, prior
 
 
 def _execute(run_config: schema.RunConfig, config: dict, record: dict, device, dtype, path: Path, tracker) -> dict:
-    prior = records.read(path) or {}
-    if _lazy(run_config, config, record, dtype, prior):
-        return _execute_lazy(run_config, config, record, device, dtype, path, tracker)
-    checkpoint = path.parent / "checkpoint"
-    resumed = None
-    if config["resume"] and not config["force"] and "pruning" in prior:
-        resume.refuse_a_stalled_requeue(prior, config["eval"])
-        resumed = resume.load_checkpoint(checkpoint, dtype)
-    if resumed:
-        # An earlier attempt pruned and checkpointed: continue with its model and finished evaluations.
-        log.info("resuming from %s (attempt %d)", checkpoint, prior.get("attempts", 1) + 1)
-        model, tok = resumed
-        model.to(device).eval()
+    """The data flow: load, calibrate, prune, finetune, evaluate, record, track. How the model is
+    held (in memory or block by block) and an earlier attempt's checkpoint are holding.py's."""
+    folder, prior = path.parent, records.read(path) or {}
+    save = lambda: records.write(path, record)  # noqa: E731 - the record after every part
+    lazy = _lazy(run_config, config, record, dtype, prior)
+    held = _resume(config, record, prior, folder, dtype, device, lazy)
+    if held is None:
+        held = holding.load(config["model"], device, dtype, lazy)
+        record["model"] = model_entry(config["model"], held.model, adapter_for(held.model))
+        save()
+        data = calibrate(run_config, config, held)
+        prune_model(run_config, config, record, held, data, device, holding.pruned_blocks(folder))
+        finetune(config, record, held, device)
+        held = holding.checkpoint(held, folder, dtype, keep=config["resume"])
+        record["eval"] = {}
+    save()
+    evaluate(held.model, held.tok, config["eval"], config["data_dir"], record["eval"], save, held.store, device)
+    if config["save_model"]:  # a transformers folder with a model card from the finished record
+        record["saved_model"] = str(holding.save(held, folder, {**record, "status": "complete", "finished_at": now()}))
+    _complete(record, path, tracker)
+    holding.discard_checkpoint(folder)
+    return record
+
+
+def _resume(config: dict, record: dict, prior: dict, folder: Path, dtype, device, lazy: bool) -> holding.Held | None:
+    """An earlier attempt's pruned model, its record entries and finished evaluations, or None."""
+    if not (config["resume"] and not config["force"] and "pruning" in prior):
+        return None
+    resume.refuse_a_stalled_requeue(prior, config["eval"])
+    held = holding.resumed(folder, dtype, device, lazy)
+    if held is not None:
+        log.info("resuming from %s (attempt %d)", folder / "checkpoint", prior.get("attempts", 1) + 1)
         record.update(model=prior["model"], pruning=prior["pruning"], eval=prior.get("eval", {}),
                       attempts=prior.get("attempts", 1) + 1, progress_at_start=resume.progress(prior.get("eval", {})))
         if "finetune" in prior:
             record["finetune"] = prior["finetune"]
-    else:
-        model, tok = _load_and_prune(run_config, config, record, device, dtype, lambda: records.write(path, record))
-        if config["resume"]:
-            resume.save_checkpoint(model, tok, checkpoint)
-        record["eval"] = {}
-    records.write(path, record)
-
-    evaluate(model, tok, config["eval"], config["data_dir"], record["eval"], lambda: records.write(path, record))
-    if config["save_model"]:  # a transformers folder with a model card from the finished record
-        record["saved_model"] = str(path.parent / "model")
-        export(model, tok, path.parent / "model", {**record, "status": "complete", "finished_at": now()})
-    _complete(record, path, tracker)
-    shutil.rmtree(checkpoint, ignore_errors=True)
-    return record
+    return held
 
 
 def _complete(record: dict, path: Path, tracker) -> None:
@@ -153,101 +157,72 @@ def _complete(record: dict, path: Path, tracker) -> None:
     _track(record, path, tracker)
 
 
-def _execute_lazy(run_config: schema.RunConfig, config: dict, record: dict, device, dtype, path: Path, tracker) -> dict:
-    """model.lazy=true: pruned block by block from the checkpoint into `checkpoint/` (the
-    exported folder, always written: it is the only place the pruned model exists), then
-    evaluated block by block from there. A re-run resumes from a complete `checkpoint/`."""
+@dataclass
+class Calibration:
+    """The scoring set, the remedy's own fit set where it has one, and how long drawing took."""
 
-    checkpoint = path.parent / "checkpoint"
-    prior = records.read(path) or {}
-    if (config["resume"] and not config["force"] and "pruning" in prior
-            and (checkpoint / resume.CHECKPOINT_DONE).exists()):
-        resume.refuse_a_stalled_requeue(prior, config["eval"])
-        record.update(model=prior["model"], pruning=prior["pruning"], eval=prior.get("eval", {}),
-                      attempts=prior.get("attempts", 1) + 1, progress_at_start=resume.progress(prior.get("eval", {})))
-    else:
-        store, tok = loading.load_lazy(OmegaConf.create(config["model"]), dtype)
-        blocks = path.parent / "pruned_blocks"
-        _prune_loaded(run_config, config, record, store.model, tok, device, lambda: records.write(path, record),
-                      store=store, out=blocks)
-        resume.write_checkpoint(checkpoint, lambda folder: store.export(tok, blocks, folder))
-        shutil.rmtree(blocks, ignore_errors=True)
-        record["eval"] = {}
-    records.write(path, record)
-    pruned = LazyCheckpoint(checkpoint, dtype)
-    pruned.skeleton()
-    tok = AutoTokenizer.from_pretrained(checkpoint)
-    evaluate(pruned.model, tok, config["eval"], config["data_dir"], record["eval"], lambda: records.write(path, record),
-             store=pruned, device=device)
-    if config["save_model"]:
-
-        record["saved_model"] = str(path.parent / "model")
-        write_card(checkpoint, {**record, "status": "complete", "finished_at": now()},
-                   getattr(pruned.model.config, PRUNING_KEY)["route"])
-        (checkpoint / resume.CHECKPOINT_DONE).unlink()
-        shutil.rmtree(path.parent / "model", ignore_errors=True)
-        checkpoint.replace(path.parent / "model")
-    _complete(record, path, tracker)
-    shutil.rmtree(checkpoint, ignore_errors=True)
-    return record
+    scoring: calibration.CalibrationSet
+    fitting: calibration.CalibrationSet | None
+    seconds: float
 
 
-def _load_and_prune(run_config: schema.RunConfig, config: dict, record: dict, device, dtype, save=lambda: None):
-    """Load and prune as the config says, filling the record's model and pruning entries (`save` after loading)."""
-    model, tok = loading.load(OmegaConf.create(config["model"]), device, dtype)
-    return _prune_loaded(run_config, config, record, model, tok, device, save)
-
-
-def _prune_loaded(run_config: schema.RunConfig, config: dict, record: dict, model, tok, device, save=lambda: None,
-                  store=None, out: Path | None = None):
-    """Calibrate and prune a loaded model (a lazy skeleton with its `store`: pruned blocks to `out`)."""
-    model_config, cal = config["model"], config["calibration"]
-    settings = run_config.prune_settings()
-    structured = settings.sparsity_type == "structured"
-    metric = (metrics.build if structured else sparse.build)(config["metric"]["name"], config["metric"]["params"])
-    adapter = adapter_for(model)
-    record["model"] = model_entry(model_config, model, adapter)
-    save()
-
+def calibrate(run_config: schema.RunConfig, config: dict, held: holding.Held) -> Calibration:
     start = time.perf_counter()
-    scoring = _draw(tok, cal, model, config["data_dir"])
+    scoring = _draw(held.tok, config["calibration"], held.model, config["data_dir"])
     # The remedy's fit data is a second set only when it is asked for and differs (else: the same stream).
     fitting = None
-    if remedy_fits_on_data(config["remedy"]["name"]) and run_config.remedy.calibration.sampling() != run_config.calibration.sampling():
-        fitting = _draw(tok, config["remedy"]["calibration"], model, config["data_dir"])
-    calibration_seconds = time.perf_counter() - start
-    layer_range = prunable_layers(len(adapter.layers(model)), settings.layers)
-    calibration_entry = {**cal, **scoring.describe()}
-    if not structured:
-        sparse_report = sparse.prune_sparse(model, scoring.ids, metric, settings, settings.pattern, device,
-                                            store=store, out=out)
-        record["model"]["params_after"] = sparse_report.params
-        record["pruning"] = sparse_pruning_entry(sparse_report, settings, layer_range, calibration_entry,
-                                                 calibration_seconds)
-        return model, tok
-    report = prune(model, scoring.ids, metric, settings, device, fit_ids=None if fitting is None else fitting.ids,
-                   store=store, out=out)
+    if fits_on_data(config["remedy"]["name"]) and run_config.remedy.calibration.sampling() != run_config.calibration.sampling():
+        fitting = _draw(held.tok, config["remedy"]["calibration"], held.model, config["data_dir"])
+    return Calibration(scoring, fitting, time.perf_counter() - start)
+
+
+def prune_model(run_config: schema.RunConfig, config: dict, record: dict, held: holding.Held, data: Calibration,
+                device, blocks_out: Path | None = None) -> None:
+    """Prune (structured) or mask (unstructured / N:M) the held model in place, filling the
+    record's pruning entry (a model held block by block writes its blocks to `blocks_out`)."""
+    settings = run_config.prune_settings()
+    model, out = held.model, blocks_out if held.lazy else None
+    layer_range = prunable_layers(len(adapter_for(model).layers(model)), settings.layers)
+    calibration_entry = {**config["calibration"], **data.scoring.describe()}
+    if settings.sparsity_type != "structured":
+        method = sparse.build(config["metric"]["name"], config["metric"]["params"])
+        report = sparse.prune_sparse(model, data.scoring.ids, method, settings, settings.pattern, device,
+                                     store=held.store, out=out)
+        record["model"]["params_after"] = report.params
+        record["pruning"] = sparse_pruning_entry(report, settings, layer_range, calibration_entry, data.seconds)
+        return
+    metric = metrics.build(config["metric"]["name"], config["metric"]["params"])
+    report = prune(model, data.scoring.ids, metric, settings, device,
+                   fit_ids=None if data.fitting is None else data.fitting.ids, store=held.store, out=out)
     record["model"]["params_after"] = report.params_after
-    record["pruning"] = pruning_entry(report, settings, layer_range, calibration_entry, calibration_seconds)
+    record["pruning"] = pruning_entry(report, settings, layer_range, calibration_entry, data.seconds)
     record["pruning"]["method"] = metric.label
-    if remedy_fits_on_data(config["remedy"]["name"]):
-        record["pruning"]["remedy_calibration"] = ({"same_as": "calibration"} if fitting is None else
-                                                   {**config["remedy"]["calibration"], **fitting.describe()})
-    if config["finetune"]["name"] != "none":
-        model = _finetune(config, model, tok, adapter, record, device)
-    return model, tok
+    if fits_on_data(config["remedy"]["name"]):
+        record["pruning"]["remedy_calibration"] = ({"same_as": "calibration"} if data.fitting is None else
+                                                   {**config["remedy"]["calibration"], **data.fitting.describe()})
 
 
-def _finetune(config: dict, model, tok, adapter, record: dict, device):
-    """LoRA after pruning, merged: the record's `finetune` entry says on what, how long, with what loss."""
-
+def finetune(config: dict, record: dict, held: holding.Held, device) -> None:
+    """LoRA after pruning, merged into the held model: the record's `finetune` entry says on
+    what, how long, with what loss (finetune=none: nothing)."""
     ft = config["finetune"]
-    data = _draw(tok, ft["data"], model, config["data_dir"])
-    model, entry = lora_finetune(model, adapter.layers(model), data.ids, rank=ft["rank"], alpha=ft["alpha"],
-                                 dropout=ft["dropout"], targets=ft["targets"], steps=ft["steps"], lr=ft["lr"],
-                                 batch_size=ft["batch_size"], seed=config["seed"], device=device)
+    if ft["name"] == "none":
+        return
+    data = _draw(held.tok, ft["data"], held.model, config["data_dir"])
+    held.model, entry = lora_finetune(held.model, adapter_for(held.model).layers(held.model), data.ids, rank=ft["rank"],
+                                      alpha=ft["alpha"], dropout=ft["dropout"], targets=ft["targets"], steps=ft["steps"],
+                                      lr=ft["lr"], batch_size=ft["batch_size"], seed=config["seed"], device=device)
     record["finetune"] = {**entry, "data": {**ft["data"], **data.describe()}}
-    return model
+
+
+def load_and_prune(run_config: schema.RunConfig, config: dict, record: dict, device, dtype) -> holding.Held:
+    """The pruned (and fine-tuned) model in memory, as a run makes it (`harness export` of a run
+    without a saved model); fills the record's model and pruning entries."""
+    held = holding.load(config["model"], device, dtype, lazy=False)
+    record["model"] = model_entry(config["model"], held.model, adapter_for(held.model))
+    prune_model(run_config, config, record, held, calibrate(run_config, config, held), device)
+    finetune(config, record, held, device)
+    return held
 
 
 def _draw(tok, cal: dict, model, data_dir: str | None) -> calibration.CalibrationSet:

@@ -15,7 +15,7 @@ LAYERS = [
     {"metrics", "remedy", "finetune"},
     {"prune", "sparse"},
     {"evaluate"},
-    {"config", "preflight", "record_entries", "resume", "tracking"},
+    {"config", "preflight", "record_entries", "resume", "holding", "tracking"},
     {"run", "export_cli", "collect"},
     {"cli", "__main__"},
 ]

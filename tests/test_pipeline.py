@@ -312,7 +312,7 @@ def test_the_recovery_set_reaches_only_the_recovery_fits(zoo, monkeypatch):
 
     model, _ = zoo("tiny-llama")
     scoring, refit_on = _calib(n=8, s=32, vocab=4096, seed=0), _calib(n=6, s=24, vocab=4096, seed=5)
-    original = Pipeline.rank
+    original = Pipeline.observe_and_score
 
     def pruned(input_ids, fit_ids):
         scores = {}
@@ -322,7 +322,7 @@ def test_the_recovery_set_reaches_only_the_recovery_fits(zoo, monkeypatch):
             scores.setdefault((layer, view.kind), ranking.scores.clone())
             return ranking, stats
 
-        monkeypatch.setattr(Pipeline, "rank", rank)
+        monkeypatch.setattr(Pipeline, "observe_and_score", rank)
         m = copy.deepcopy(model)
         prune(m, input_ids, metrics.build("wanda"), PruneSettings(sparsity=0.3, remedy="recovery", chunk_size=4),
               fit_ids=fit_ids)

@@ -257,15 +257,15 @@ def test_lazy_auto_holds_the_model_block_by_block_only_when_it_would_not_fit(tmp
     set to 1 MiB, or 1 PiB), records why, and then runs exactly as model.lazy=true or false does."""
     from safetensors.torch import load_file
 
-    import harness.run as run_module
+    from harness import holding
     from harness.models import loading, zoo
 
     monkeypatch.setattr(loading, "free_memory", lambda device: available)
-    paths, lazy_path = [], run_module._execute_lazy
-    monkeypatch.setattr(run_module, "_execute_lazy", lambda *a: paths.append("lazy") or lazy_path(*a))
+    held_lazily, load = [], holding.load
+    monkeypatch.setattr(holding, "load", lambda *a: held_lazily.append(a[-1]) or load(*a))
     overrides = ("model=tiny-llama", "metric=flap", "eval.efficiency=null")
     auto = run(_cfg(tmp_path / "auto", *overrides, "model.lazy=auto"))
-    assert paths == ["lazy"] * lazy
+    assert held_lazily == [lazy]
     fixed = run(_cfg(tmp_path / "fixed", *overrides, f"model.lazy={str(lazy).lower()}"))
     weights = sum(t.numel() * 4 for t in load_file(zoo.locate("tiny-llama") / "model.safetensors").values())  # float32
     assert auto["lazy_auto"] == {"lazy": lazy, "weights_bytes": weights, "available_bytes": available}
@@ -311,8 +311,7 @@ def test_model_lazy_accepts_true_false_and_auto_only(tmp_path):
 
 @pytest.mark.parametrize("override,message", [("metric=taylor", "whole-model gradients"), ("finetune=lora", "finetune=lora"),
                                                ("eval.efficiency.seqlen=16", "eval.efficiency"),
-                                               ("sparsity_type=unstructured metric=wanda",
-                                                                                "sparsity_type=unstructured")])
+                                               ("calibration=selfgen", "samples text from the whole model")])
 def test_lazy_refuses_what_needs_the_whole_model_before_loading(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         run(_cfg(tmp_path, "model=tiny-llama", "model.lazy=true", *(["eval.efficiency=null"] * ("efficiency" not in override)),

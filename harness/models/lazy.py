@@ -169,7 +169,3 @@ class LazyCheckpoint:
         (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
         finish(config, tokenizer, path, route, record)
         return path
-
-
-def block_bytes(block: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in block.parameters())

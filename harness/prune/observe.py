@@ -31,10 +31,10 @@ def _output_moments(moments: ChannelMoments):
 
 def observe(block: nn.Module, unit: DepthTwo, attention: nn.Module, chunks: list[Chunk], needs: frozenset[str],
             grads: dict, dtype: torch.dtype, device: torch.device, flap_faithful: bool = False,
-            record: bool = False) -> ModuleStats:
+            keep_level2_inputs: bool = False) -> ModuleStats:
     """The statistics `needs` asks for of `unit` (a module of `block`; `attention` is the
     block's attention module, whose second output holds the attention probabilities).
-    `record`: also keep each chunk's level-2 input (`stats.level2_inputs`) when a pass runs,
+    `keep_level2_inputs`: also keep each chunk's level-2 input (`stats.level2_inputs`) when a pass runs,
     for later passes to replay the module from (stream.Replay)."""
     unknown = needs - NEEDS
     if unknown:
@@ -64,12 +64,12 @@ def observe(block: nn.Module, unit: DepthTwo, attention: nn.Module, chunks: list
                 stats.add_js(out[1])
             raise Stop  # the MLP is not needed for attention statistics
 
-        if record:
+        if keep_level2_inputs:
             handles.append(unit.level2.register_forward_pre_hook(lambda _m, a: stats.level2_inputs.append(a[0].detach())))
         handles.append(attention.register_forward_hook(after_attention))
     else:
         def stop(_module, args):
-            if record:
+            if keep_level2_inputs:
                 stats.level2_inputs.append(args[0].detach())
             raise Stop
 

@@ -82,13 +82,16 @@ class Pipeline:
 
     # ---- one module ----------------------------------------------------------------------
 
-    def rank(self, block: nn.Module, view: DepthTwo, stream: list[Chunk], layer: int, record: bool = False,
-             fit: remedies.FitContext | None = None) -> tuple[metrics_registry.Ranking, ModuleStats]:
-        """Observe and score one module; with `fit`, the remedy re-fits it in between."""
+    def observe_and_score(self, block: nn.Module, view: DepthTwo, stream: list[Chunk], layer: int,
+                          keep_level2_inputs: bool = False,
+                          fit: remedies.FitContext | None = None) -> tuple[metrics_registry.Ranking, ModuleStats]:
+        """Observe one module's statistics and score it; with `fit`, the remedy re-fits the module in
+        between (`keep_level2_inputs`: keep each chunk's level-2 input for the replay)."""
         needs = frozenset(self.metric.needs(view.kind)) | self.remedy.needs
         with self.engine.timed("statistics"):
             stats = observe(block, view, self.adapter.attention_module(block), stream, needs, self.grads,
-                            self.engine.stats_dtype, self.device, self.settings.flap_faithful, record)
+                            self.engine.stats_dtype, self.device, self.settings.flap_faithful,
+                            keep_level2_inputs)
         if fit is not None:
             seen = stats.level2_inputs if fit.stream is stream and stats.level2_inputs else None
             with self.engine.timed(self.remedy.name), torch.no_grad():
@@ -118,8 +121,8 @@ class Pipeline:
                 self.remedy.before_observing(context)
         module = self.adapter.attention_module(block) if kind == "attention" else self.adapter.mlp_module(block)
         # Level-2 inputs are kept for the replay, and for the remedy when it fits on this stream.
-        record = module is not None or (context is not None and context.stream is stream)
-        ranking, stats = self.rank(block, view, stream, layer, record, context)
+        keep = module is not None or (context is not None and context.stream is stream)
+        ranking, stats = self.observe_and_score(block, view, stream, layer, keep, context)
         columns = None
         if n_remove:
             self.cut_upstream = True
@@ -167,7 +170,7 @@ class Pipeline:
                 if k in self.layer_range:
                     for kind in self.settings.modules:
                         view = self.view(block, kind)
-                        ranking, _ = self.rank(block, view, stream, k)
+                        ranking, _ = self.observe_and_score(block, view, stream, k)
                         scores.append(alloc.step_scores(ranking.for_allocation(), view.groups))
                 with torch.no_grad(), self.engine.timed("forward"):
                     stream = advance(block, k, stream, calls)
@@ -189,13 +192,13 @@ class Pipeline:
         with self.engine.timed("forward"):
             stream, calls = self.engine.capture(input_ids)
             # The remedy's own data (a second stream, its own block arguments), or the scoring stream.
-            separate = self.remedy.dense_reference and fit_ids is not None
+            separate = self.remedy.fits_on_data and fit_ids is not None
             fit_stream, fit_calls = self.engine.capture(fit_ids) if separate else (stream, calls)
         scores = self.dense_allocation_scores(stream, calls) if self.policy.uses_dense_scores else None
         counts = self.policy.counts(shapes, ratio, target, scores)
         plan = {(shape.layer, shape.kind): n for shape, n in zip(shapes, counts, strict=True)}
 
-        dense_stream = fit_stream if self.remedy.dense_reference else None
+        dense_stream = fit_stream if self.remedy.fits_on_data else None
         for k in tqdm(range(self.layer_range.stop), desc=f"pruning ({self.metric.name})", disable=None):
             with self.engine.visit(k, write=True) as block:
                 pruned_here = k in self.layer_range
@@ -221,7 +224,7 @@ class Pipeline:
                 for chunk in stream:
                     check_finite(chunk.hidden, f"the output of block {k} after pruning")
         remedy_report = self.remedy.finish()
-        if self.remedy.dense_reference:
+        if self.remedy.fits_on_data:
             remedy_report["unchanged_inputs"] = self.unchanged_inputs
         per_layer = [self.adapter.shape(b) for b in self.blocks]
         return PruneReport(ratio, total, n_params(self.model), per_layer, time.perf_counter() - start, dict(self.engine.times),

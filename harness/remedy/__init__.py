@@ -28,7 +28,7 @@ from harness.settings import PruneSettings
 
 @dataclass(frozen=True)
 class FitContext:
-    """What a remedy that fits weights (`dense_reference`) sees of one module."""
+    """What a remedy that fits weights on data (`fits_on_data`) sees of one module."""
 
     block: nn.Module
     view: DepthTwo  # the module as pruned so far
@@ -42,7 +42,8 @@ class FitContext:
 class Remedy:
     name: ClassVar[str] = "none"
     needs: ClassVar[frozenset[str]] = frozenset()  # statistics observed at the cut (observe.NEEDS)
-    dense_reference: ClassVar[bool] = False  # keep a dense copy of each block and the dense stream
+    # Fits weights on data: the pipeline keeps each block's dense outputs and the dense stream for it.
+    fits_on_data: ClassVar[bool] = False
     params: ClassVar[tuple[str, ...]] = ()  # the remedy.* keys it reads (the tables label runs by them)
 
     def __init__(self, settings: PruneSettings):
@@ -53,7 +54,7 @@ class Remedy:
         """Refuse settings this remedy cannot honour (at construction, before any work)."""
 
     def before_observing(self, fit: FitContext) -> None:
-        """Called before the module is observed, only when `dense_reference` and something
+        """Called before the module is observed, only when `fits_on_data` and something
         upstream was cut (else its input is the dense one); `fit.dense` comes from one forward
         of the dense block over the dense stream."""
 
@@ -76,4 +77,4 @@ register("none")(Remedy)
 
 def fits_on_data(name: str) -> bool:
     """Whether remedy `name` fits weights on data (and so reads remedy.calibration)."""
-    return get(name).dense_reference
+    return get(name).fits_on_data

@@ -126,7 +126,7 @@ def refit(modules: list[torch.nn.Module], moments: CrossMoments, damp: float, wh
 
 @register("recovery")
 class Recovery(Remedy):
-    dense_reference = True
+    fits_on_data = True
     params = ("damp", "toward")
 
     def __init__(self, settings):
