@@ -18,6 +18,6 @@ def main() -> None:
 
         export_main(sys.argv[2:])
         return
-    from harness.run import main as run_main
+    from harness.run import command_line
 
-    run_main()
+    command_line()

@@ -34,7 +34,7 @@ from harness.data.zeroshot_tasks import TASKS
 from harness.finetune import METHODS
 from harness.models.loading import DTYPES, SOURCES
 from harness.remedy import fits_on_data
-from harness.settings import PruneSettings
+from harness.settings import SPARSITY_TYPES, PruneSettings
 
 
 def _config_dir() -> Path:
@@ -437,3 +437,25 @@ def compose(*overrides: str, return_hydra: bool = False) -> DictConfig:
 
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
         return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra)
+
+
+def metric_choices(sparsity_type: str) -> list[str]:
+    """The `metric=` choices (conf/metric files) a track accepts: those whose class is registered
+    for it (wanda is both a structured metric and a masking method)."""
+    registered = set(metrics.names() if sparsity_type == "structured" else sparse.names())
+    return sorted(p.stem for p in (CONFIG_DIR / "metric").glob("*.yaml") if OmegaConf.load(p).name in registered)
+
+
+def check_choices(overrides: list[str]) -> None:
+    """A `metric=NAME` override that names no conf/metric file: Hydra's own error lists the files
+    of every track; this one names the choices of the run's track (sparsity_type=), before Hydra
+    composes anything."""
+    given = dict(o.split("=", 1) for o in overrides if "=" in o and o[0].isalpha())
+    if "metric" not in given or any(c in given["metric"] for c in "$*[]()"):
+        return
+    types = given.get("sparsity_type", RunConfig.sparsity_type).split(",")
+    for name in given["metric"].split(","):
+        for kind in types:
+            if kind in SPARSITY_TYPES and name not in metric_choices(kind):
+                raise ConfigError(f"metric={name!r} is not accepted with sparsity_type={kind}; accepted: "
+                                  f"{', '.join(metric_choices(kind))}")

@@ -353,3 +353,23 @@ def test_a_refused_value_reaches_the_command_line_as_one_line(tmp_path):
     assert r.stderr.strip() == ("harness: sparsity=1.5 is outside [0, 1); accepted: a number with 0 <= sparsity < 1"), r.stderr
     full = subprocess.run(args, capture_output=True, text=True, timeout=300, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
     assert "Traceback" in full.stderr and "ConfigError" in full.stderr  # the whole trace on request
+
+
+@pytest.mark.parametrize("overrides,accepted", [(["metric=nope"], "flap, hywia"),
+                                                (["metric=nope", "sparsity_type=nm"], "magnitude, mrp_m, mrp_s, sparsegpt, wanda"),
+                                                (["-m", "metric=ours,sparsegpt"], "flap, hywia")])
+def test_an_unknown_metric_choice_lists_the_choices_of_the_runs_track(overrides, accepted):
+    from harness.config import check_choices
+
+    with pytest.raises(ConfigError) as e:
+        check_choices(overrides)
+    track = "nm" if "sparsity_type=nm" in overrides else "structured"
+    assert f"with sparsity_type={track}; accepted: {accepted}" in str(e.value)
+    assert ("ours" in str(e.value)) == (track == "structured")
+
+
+def test_known_metric_choices_pass_the_choice_check():
+    from harness.config import check_choices
+
+    check_choices(["-m", "metric=ours,flap,taylor_mix", "sparsity=0.2,0.5"])
+    check_choices(["metric=sparsegpt", "sparsity_type=unstructured"])
