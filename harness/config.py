@@ -25,7 +25,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 
-from harness import metrics, remedy, sparse
+from harness import depth, metrics, remedy, sparse
 from harness.checks import ConfigError, integer, number, one_of
 from harness.data import calibration, downstream
 from harness.data.corpora import CORPORA, PROTOCOLS
@@ -111,13 +111,12 @@ class MetricConfig:
 
     def check(self, sparsity_type: str = "structured") -> None:
 
-        structured = sparsity_type == "structured"
-        accepted = metrics.names() if structured else sparse.names()
-        if self.name not in accepted:
+        registry = methods_of(sparsity_type)
+        if self.name not in registry.names():
             raise ConfigError(f"metric={self.name!r} is not accepted with sparsity_type={sparsity_type}; "
-                              f"accepted: {', '.join(accepted)}")
+                              f"accepted: {', '.join(registry.names())}")
         try:
-            (metrics.build if structured else sparse.build)(self.name, self.params)
+            registry.build(self.name, self.params)
         except ConfigError:
             raise
         except ValueError as e:  # a metric's own check of a parameter's value
@@ -293,6 +292,7 @@ class PruneConfig:
     attention_unit: str = "kv_group"  # GQA: kv_group (a KV head with its queries) or query_head
     chunk_size: int = 8  # calibration sequences per forward chunk
     flap_faithful: bool = False  # FLAP's per-sample reference statistics (metric=flap)
+    blocks: int | None = None  # sparsity_type=depth: remove this many whole blocks (null: as many as `sparsity` asks)
 
 
 @dataclass
@@ -340,7 +340,7 @@ class RunConfig:
                 part.check()
         self.remedy.calibration.check("remedy.calibration")
         self.finetune.check()
-        if self.finetune.name != "none" and self.sparsity_type != "structured":
+        if self.finetune.name != "none" and self.sparsity_type in ("unstructured", "nm"):
             raise ConfigError(f"finetune={self.finetune.name} would make the masked weights dense again when its "
                               f"adapters merge; with sparsity_type={self.sparsity_type} accepted: finetune=none")
         if self.model.lazy is True:
@@ -363,6 +363,9 @@ class RunConfig:
         """What a model that is never whole in memory cannot do, refused before anything loads
         (`why`: what made the run lazy, for the message)."""
 
+        if self.sparsity_type == "depth":  # SLEB and ReplaceMe run the whole model on the calibration set
+            raise ConfigError(f"sparsity_type=depth is not accepted with {why} (its searches run the whole model); "
+                              "accepted: model.lazy=false, or sparsity_type=structured|unstructured|nm")
         refused = {"finetune": (self.finetune.name, "none"),
                    "eval.efficiency": (None if self.eval.efficiency is None else "on", None)}
         for key, cal in (("calibration", self.calibration), ("remedy.calibration", self.remedy.calibration)):
@@ -387,7 +390,8 @@ class RunConfig:
             remedy=self.remedy.name, layers=tuple(self.model.layers) if self.model.layers else None,
             modules=tuple(self.prune.modules), damp=self.remedy.damp, ridge_toward=self.remedy.toward,
             chunk_size=self.prune.chunk_size, seed=self.seed, flap_faithful=self.prune.flap_faithful,
-            attention_unit=self.prune.attention_unit, sparsity_type=self.sparsity_type, nm=self.nm)
+            attention_unit=self.prune.attention_unit, sparsity_type=self.sparsity_type, nm=self.nm,
+            blocks=self.prune.blocks)
 
 
 def register() -> None:
@@ -439,10 +443,15 @@ def compose(*overrides: str, return_hydra: bool = False) -> DictConfig:
         return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra)
 
 
+def methods_of(sparsity_type: str):
+    """The method registry of a track (a module with `names` and `build`)."""
+    return {"structured": metrics, "unstructured": sparse, "nm": sparse, "depth": depth}[sparsity_type]
+
+
 def metric_choices(sparsity_type: str) -> list[str]:
     """The `metric=` choices (conf/metric files) a track accepts: those whose class is registered
     for it (wanda is both a structured metric and a masking method)."""
-    registered = set(metrics.names() if sparsity_type == "structured" else sparse.names())
+    registered = set(methods_of(sparsity_type).names())
     return sorted(p.stem for p in (CONFIG_DIR / "metric").glob("*.yaml") if OmegaConf.load(p).name in registered)
 
 

@@ -11,8 +11,10 @@ from omegaconf import OmegaConf
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from harness import depth
 from harness.checks import ConfigError
 from harness.config import RunConfig
+from harness.depth.pipeline import blocks_to_remove
 from harness.environment import free_memory
 from harness.finetune import lora_targets
 from harness.models import adapter_for, loading
@@ -57,6 +59,9 @@ def check(cfg: RunConfig, model: nn.Module) -> None:
         _check_lora(cfg, model, blocks)
     settings = cfg.prune_settings()
     layer_range = prunable_layers(len(blocks), settings.layers)
+    if settings.sparsity_type == "depth":
+        _check_depth(cfg, model, blocks)
+        return
     try:
         if settings.sparsity_type != "structured":
             check_widths(adapter, model, settings, settings.pattern)
@@ -66,6 +71,19 @@ def check(cfg: RunConfig, model: nn.Module) -> None:
                           layer_range)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+
+
+def _check_depth(cfg: RunConfig, model: nn.Module, blocks) -> None:
+    """The blocks a depth method would remove must exist outside the blocks it protects."""
+    settings = cfg.prune_settings()
+    method = depth.build(cfg.metric.name, cfg.metric.params)
+    n = blocks_to_remove(model, blocks, settings)
+    protected = {"none": 0, "first": 1, "last": 1, "first and last": 2}[method.protected]
+    if n > len(blocks) - max(protected, 1):
+        key = f"prune.blocks={settings.blocks}" if settings.blocks is not None else f"sparsity={settings.sparsity}"
+        raise ConfigError(f"{key} asks to remove {n} of the model's {len(blocks)} blocks; metric={cfg.metric.name} "
+                          f"protects {method.protected} and at least one block must stay; accepted: at most "
+                          f"{len(blocks) - max(protected, 1)} blocks")
 
 
 def _check_lora(cfg: RunConfig, model: nn.Module, blocks) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from harness.depth import DepthReport
 from harness.prune import PruneReport, PruneSettings, n_params
 from harness.sparse import SparseReport
 
@@ -42,6 +43,23 @@ def sparse_pruning_entry(report: SparseReport, settings: PruneSettings, layer_ra
         "sparsity_achieved": report.sparsity_achieved, "pruned_weights": report.pruned_weights,
         "zero_weights": report.zero_weights, "sparsity_of_model": report.zero_weights / report.params,
         "layers": [layer_range.start, layer_range.stop], "per_layer": report.per_layer,
+        "seconds": report.seconds, "calibration_seconds": calibration_seconds, "stage_seconds": report.stage_seconds,
+        "calibration": {key: calibration[key] for key in _CALIBRATION_KEYS if key in calibration},
+    }
+
+
+def depth_pruning_entry(report: DepthReport, settings: PruneSettings, method, calibration: dict,
+                        calibration_seconds: float) -> dict:
+    """The depth track's entry: the blocks removed (original indices, in the order chosen), the
+    blocks kept, the achieved fraction of parameters, what the method scored, and the cost."""
+    return {
+        "sparsity_type": "depth", "sparsity_target": settings.sparsity, "blocks_requested": settings.blocks,
+        "sparsity_achieved": report.sparsity_achieved, "blocks_removed": report.removed,
+        "blocks_kept": report.kept, "n_blocks_removed": len(report.removed),
+        "protected": method.protected, "scored_on": "raw block inputs and outputs",
+        "scores": report.scores, "full_forwards": report.full_forwards,
+        **({settings.remedy: report.remedy} if report.remedy else {}),
+        "per_layer": [{"layer": new, "original": old} for new, old in enumerate(report.kept)],
         "seconds": report.seconds, "calibration_seconds": calibration_seconds, "stage_seconds": report.stage_seconds,
         "calibration": {key: calibration[key] for key in _CALIBRATION_KEYS if key in calibration},
     }

@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from harness import config as schema
-from harness import holding, metrics, preflight, records, resume, sparse, tracking
+from harness import depth, holding, metrics, preflight, records, resume, sparse, tracking
 from harness.checks import ConfigError
 from harness.data import calibration, evaluation_text
 from harness.environment import environment, now
@@ -27,7 +27,13 @@ from harness.finetune import lora_finetune
 from harness.interrupts import is_interrupt, sigterm_marks
 from harness.models import adapter_for, loading
 from harness.prune import prunable_layers, prune
-from harness.record_entries import model_entry, pruning_entry, scalars, sparse_pruning_entry
+from harness.record_entries import (
+    depth_pruning_entry,
+    model_entry,
+    pruning_entry,
+    scalars,
+    sparse_pruning_entry,
+)
 from harness.remedy import fits_on_data
 
 log = logging.getLogger("harness")
@@ -184,6 +190,12 @@ def prune_model(run_config: schema.RunConfig, config: dict, record: dict, held: 
     model, out = held.model, blocks_out if held.lazy else None
     layer_range = prunable_layers(len(adapter_for(model).layers(model)), settings.layers)
     calibration_entry = {**config["calibration"], **data.scoring.describe()}
+    if settings.sparsity_type == "depth":
+        method = depth.build(config["metric"]["name"], config["metric"]["params"])
+        report = depth.prune_depth(model, data.scoring.ids, method, settings, device)
+        record["model"]["params_after"] = report.params_after
+        record["pruning"] = depth_pruning_entry(report, settings, method, calibration_entry, data.seconds)
+        return
     if settings.sparsity_type != "structured":
         method = sparse.build(config["metric"]["name"], config["metric"]["params"])
         report = sparse.prune_sparse(model, data.scoring.ids, method, settings, settings.pattern, device,

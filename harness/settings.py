@@ -16,7 +16,8 @@ from harness.checks import ConfigError, integer, one_of
 from harness.models.base import ATTENTION_UNITS
 
 MODULES = ("attention", "mlp")
-SPARSITY_TYPES = ("structured", "unstructured", "nm")
+SPARSITY_TYPES = ("structured", "unstructured", "nm", "depth")
+DEPTH_REMEDIES = ("none", "replaceme")  # the depth track's remedies (harness/depth/replaceme.py)
 SPARSITY_MODES = ("model", "module")  # of the whole model's parameters, or a per-module ratio (LLM-Pruner)
 ALLOCATIONS = ("uniform", "adaptive")  # prune/allocation.py POLICIES
 
@@ -68,6 +69,7 @@ class PruneSettings:
     attention_unit: str = "kv_group"  # models.base.ATTENTION_UNITS
     sparsity_type: str = "structured"  # structured (units removed), unstructured or nm (weights masked in place)
     nm: str = "2:4"  # sparsity_type=nm: N zeros in every group of M input columns
+    blocks: int | None = None  # sparsity_type=depth: remove this many blocks (None: as many as `sparsity` asks)
 
     def __post_init__(self):
         sparsity = self.sparsity
@@ -85,14 +87,21 @@ class PruneSettings:
                                 "0 <= start < end, or null for all blocks")
         integer("prune.chunk_size", self.chunk_size, 1)
         integer("seed", self.seed, 0)
+        integer("prune.blocks", self.blocks, 0, none="as many blocks as `sparsity` asks")
         self._check_sparsity_type()
 
     def _check_sparsity_type(self) -> None:
         one_of("sparsity_type", self.sparsity_type, SPARSITY_TYPES)
+        if self.blocks is not None and self.sparsity_type != "depth":
+            raise ConfigError(f"prune.blocks={self.blocks} counts whole blocks; with sparsity_type={self.sparsity_type} "
+                              "accepted: null (or sparsity_type=depth)")
         if self.sparsity_type == "structured":
             return
+        if self.sparsity_type == "depth" and self.remedy not in DEPTH_REMEDIES:
+            raise ConfigError(f"remedy={self.remedy!r} acts on removed units; with sparsity_type=depth accepted: "
+                              f"{', '.join(DEPTH_REMEDIES)}")
         # Masking keeps every shape: the structured track's remedies and allocations do not apply.
-        if self.remedy != "none":
+        if self.remedy != "none" and self.sparsity_type != "depth":
             raise ConfigError(f"remedy={self.remedy!r} acts on removed units; with sparsity_type="
                                 f"{self.sparsity_type} accepted: none")
         if self.allocation != "uniform":

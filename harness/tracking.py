@@ -127,6 +127,9 @@ def tracking(logger_cfg: dict, config: dict, run_id: str, group: str, out_dir: P
 
 
 def _sparsity_line(p: dict) -> str:
+    if p.get("sparsity_type") == "depth":
+        return (f"sparsity   depth: blocks {p['blocks_removed']} removed ({p['n_blocks_removed']}), achieved "
+                f"{p['sparsity_achieved']:.3f} of the model  in {p['seconds']:.1f} s")
     if p.get("sparsity_type", "structured") != "structured":  # masked in place
         return (f"sparsity   {p['sparsity_type']} {p['pattern']}  achieved {p['sparsity_achieved']:.3f} of the pruned "
                 f"linear layers ({p['sparsity_of_model']:.3f} of the model)  in {p['seconds']:.1f} s")

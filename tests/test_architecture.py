@@ -15,6 +15,7 @@ LAYERS = [
     {"metrics", "remedy", "finetune"},
     {"prune", "sparse"},
     {"evaluate"},
+    {"depth"},  # its searches score by the calibration NLL (SLEB), with evaluate's windows
     {"config", "preflight", "record_entries", "resume", "holding", "tracking"},
     {"run", "export_cli", "collect"},
     {"cli", "__main__"},

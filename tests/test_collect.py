@@ -226,3 +226,22 @@ def test_parameter_labels_keep_a_zero_and_drop_unset_values():
 
     assert _params({"tau": 0, "alpha": 0.0, "data_free": False, "policy": None}) == "alpha=0.0,tau=0"
     assert _params({"data_free": False}) == "-"
+
+
+def test_the_depth_table_puts_width_and_depth_side_by_side_labelled_by_track(tmp_path):
+    """Thinner or shallower: structured and depth runs at the same target in one table whose rows
+    name their track and whose `removed` columns give the fraction each run removed."""
+    recs = [synthetic.record("sparsity=0.2", "metric=ours", ppl={"wikitext2": 40.0, "ptb": 50.0}),
+            synthetic.record("sparsity=0.2", "sparsity_type=depth", "metric=shortgpt", ppl={"wikitext2": 90.0, "ptb": 95.0}),
+            synthetic.record("sparsity=0.2", "sparsity_type=depth", "metric=angular", "remedy=replaceme",
+                             ppl={"wikitext2": 70.0, "ptb": 75.0}),
+            synthetic.record("sparsity=0.5", "sparsity_type=unstructured", "metric=wanda")]  # masked: not here
+    df = collect.frame(recs)
+    assert set(df.loc[df["sparsity_type"] == "depth", "family"]) == {"inference-aware"}
+    (name, t), = collect.table_depth(df).items()
+    assert list(t.index.get_level_values("sparsity_type")) == ["depth", "depth", "structured"]
+    assert t.loc[("depth", "shortgpt", "none", "uniform"), "0.2 wikitext2"] == 90.0
+    assert "0.2 removed" in t.columns and "width" in t.attrs["caption"]
+    assert collect.table_sparse(df)[name].index.tolist() == ["wanda"]  # the depth runs stay out of the masked table
+    paths = collect.collect(synthetic.write(tmp_path / "runs", recs), tmp_path)
+    assert tmp_path / "tables" / f"depth_{name}.md" in paths

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from harness import metrics, sparse
+from harness import depth, metrics, sparse
 from harness import remedy as remedies
 from harness.config import CONFIG_DIR, ConfigError, RunConfig, as_dict, compose, typed
 from harness.prune import allocation
@@ -37,6 +37,10 @@ def test_every_group_option_composes_into_a_checked_run_config(group, option):
     overrides = [f"+{group}={option}"] if group == "debug" else [f"{group}={option}"]
     if group == "metric" and option in sparse.names() and option not in metrics.names():
         overrides.append("sparsity_type=unstructured")  # a method of the masking track only
+    if group == "metric" and option in depth.names() and option not in metrics.names():
+        overrides.append("sparsity_type=depth")  # a method of the depth track only
+    if group == "remedy" and option == "replaceme":
+        overrides += ["sparsity_type=depth", "metric=angular"]
     run_config = OmegaConf.structured(typed(compose(*overrides)))
     if group in CHOSEN_BY:
         key = CHOSEN_BY[group]
@@ -45,7 +49,7 @@ def test_every_group_option_composes_into_a_checked_run_config(group, option):
 
 
 def test_every_registered_method_has_its_config_and_every_config_a_method():
-    assert _names("metric") == set(metrics.names()) | set(sparse.names())
+    assert _names("metric") == set(metrics.names()) | set(sparse.names()) | set(depth.names())
     assert _names("remedy") == set(remedies.names())
     assert _names("allocation") == set(allocation.POLICIES)
 
@@ -105,7 +109,7 @@ def test_run_takes_a_typed_config_from_python():
 
 def test_contract_groups_exist():
     assert {"smollm2-135m", "tiny-llama", "tiny-gpt2", "gpt2", "llama-7b"} <= set(_options("model"))
-    assert {"none", "recovery", "bias"} == set(_options("remedy"))
+    assert {"none", "recovery", "bias", "replaceme"} == set(_options("remedy"))
     assert {"wikitext2", "ptb", "c4", "selfgen", "bookcorpus", "downstream", "paper"} == set(_options("calibration"))
     assert {"ppl", "quick", "full"} <= set(_options("eval"))
     assert {"wandb", "none"} == set(_options("logger"))
@@ -146,7 +150,7 @@ def test_every_experiment_composes_and_validates(experiment):
             for key, value in zip(keys, point, strict=True):
                 OmegaConf.update(cfg, key, yaml.safe_load(value), merge=False)
             typed(cfg)
-    assert experiment.startswith(("table", "fig", "compare", "architectures", "unstructured", "hywia", "seeds"))
+    assert experiment.startswith(("table", "fig", "compare", "architectures", "unstructured", "hywia", "seeds", "depth"))
 
 
 @pytest.mark.parametrize("method", _options("method"))
@@ -157,7 +161,7 @@ def test_every_method_bundle_chooses_its_metric_and_remedy(method):
     text = (CONFIG_DIR / "method" / f"{method}.yaml").read_text()
     assert f"override /metric: {config['metric']['name']}" in text
     assert f"override /remedy: {config['remedy']['name']}" in text
-    assert method.split("_")[0] == config["metric"]["name"]
+    assert method.removeprefix("depth_").split("_")[0] == config["metric"]["name"]
 
 
 def test_the_top_level_experiments_folder_is_the_experiment_group():

@@ -10,10 +10,11 @@ from harness.collect.tables import (
            table1,
            table2,
            table3,
+           table_depth,
            table_sparse,
            to_latex,
            write_table,
 )
 
 __all__ = ["collect", "frame", "main", "pivot", "plot_head_graph", "plot_ppl_vs", "rows_of", "table1", "table2",
-           "table3", "table_sparse", "to_latex", "where", "write_table"]
+           "table3", "table_depth", "table_sparse", "to_latex", "where", "write_table"]

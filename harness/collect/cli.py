@@ -38,6 +38,7 @@ from harness.collect.tables import (
     table1,
     table2,
     table3,
+    table_depth,
     table_sparse,
     write_table,
 )
@@ -72,6 +73,8 @@ def collect(runs: Path, out: Path, rows: list[str] | None = None, cols: list[str
         written += write_table(t, tables, f"table2_{model}")
     for model, t in table_sparse(df).items():
         written += write_table(t, tables, f"sparse_{model}")
+    for model, t in table_depth(df).items():
+        written += write_table(t, tables, f"depth_{model}")
     plots = out / "plots"
     written += plot_ppl_vs(df, plots, "sparsity", ["modules", "calibration", "n_samples"], "ppl_vs_sparsity")
     written += plot_ppl_vs(df, plots, "n_samples", ["modules", "calibration", "sparsity"], "ppl_vs_calibration")

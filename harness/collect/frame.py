@@ -6,9 +6,10 @@ import logging
 
 import pandas as pd
 
-from harness import metrics, sparse, uncertainty
 from harness import remedy as remedies
+from harness import uncertainty
 from harness.collect.cells import RAW
+from harness.config import methods_of
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,9 @@ def family(config: dict) -> str:
 
 
 def _method(config: dict):
-    """The run's metric (structured track) or masking method (unstructured / N:M track)."""
-
-    build = metrics.build if config.get("sparsity_type", "structured") == "structured" else sparse.build
-    return build(config["metric"]["name"], config["metric"].get("params"))
+    """The run's method, from its track's registry (structured metric, masking or depth method)."""
+    return methods_of(config.get("sparsity_type", "structured")).build(config["metric"]["name"],
+                                                                        config["metric"].get("params"))
 
 
 def _label(config: dict) -> str:

@@ -47,12 +47,34 @@ def table3(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return out
 
 
+def table_depth(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per model with depth runs: thinner or shallower? The structured (width) and depth runs side
+    by side, rows labelled by their track, columns (sparsity, dataset) perplexities, the
+    fraction each actually removed in its own column (depth removes whole blocks: the nearest
+    count to the target)."""
+    if "sparsity_type" not in df or not (df["sparsity_type"] == "depth").any():
+        return {}
+    out = {}
+    for model, sub in df[df["sparsity_type"].isin(["structured", "depth"])].groupby("model"):
+        if not (sub["sparsity_type"] == "depth").any():
+            continue
+        rows = rows_of(sub, ["sparsity_type", *METHOD], exclude=("sparsity",))
+        t = cell_frame(sub, rows, ["sparsity"], [*ppl_columns(sub), "sparsity_achieved"])
+        t.columns = [f"{s:g} {c.removeprefix('ppl.').replace('sparsity_achieved', 'removed')}" for c, s in t.columns]
+        t = means(t.sort_index(axis=1))
+        t.attrs["caption"] = (f"{model}: width (structured: heads and channels) against depth (whole blocks) at the "
+                              "same target fraction of parameters; perplexity, lower is better; `removed` is the "
+                              "fraction each run removed.")
+        out[model] = t
+    return out
+
+
 def table_sparse(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Per model, the unstructured / N:M track (as in the SparseGPT and MRP papers): methods x
     (pattern, dataset) perplexities, with the model's dense runs as the first row."""
     if "sparsity_type" not in df:
         return {}
-    masked = df[(df["sparsity_type"] != "structured") & (df["sparsity"] > 0)]  # a dense run masks nothing
+    masked = df[df["sparsity_type"].isin(["unstructured", "nm"]) & (df["sparsity"] > 0)]  # a dense run masks nothing
     ppl_cols = ppl_columns(masked)
     out = {}
     for model, sub in masked.groupby("model"):

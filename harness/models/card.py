@@ -35,6 +35,11 @@ def _params(config: dict) -> str:
 def _what(record: dict) -> tuple[str, str, str]:
     """(title, the tags, the method row) for the run's track."""
     c, m, p = record["config"], record["model"], record["pruning"]
+    if p.get("sparsity_type") == "depth":  # whole blocks deleted: a stock model with fewer layers
+        title = f"# {m['name']}, {p['n_blocks_removed']} blocks removed ({p['sparsity_achieved']:.1%} of its parameters)"
+        method = (f"| method | `{c['metric']['name']}`{_params(c)} (protects {p['protected']}), blocks removed "
+                  f"{p['blocks_removed']} (original indices, in the order chosen) |")
+        return title, "[pruned, depth-pruning, harness]", method
     if "pattern" in p:  # the masking track: shapes unchanged, weights zeroed in place
         kind = "unstructured" if p["sparsity_type"] == "unstructured" else "semi-structured"
         title = (f"# {m['name']}, {p['sparsity_achieved']:.1%} of its linear layers' weights zeroed "
@@ -50,6 +55,9 @@ def _what(record: dict) -> tuple[str, str, str]:
 
 
 def _sparsity(p: dict) -> str:
+    if p.get("sparsity_type") == "depth":
+        return (f"| sparsity | target {p['sparsity_target']:g} of the parameters, achieved {p['sparsity_achieved']:.4f}; "
+                f"blocks kept {p['blocks_kept']} |")
     if "pattern" in p:
         return (f"| sparsity | target {p['sparsity_target']:g} ({p['pattern']}), achieved {p['sparsity_achieved']:.4f} "
                 f"of the pruned layers' weights, {p['sparsity_of_model']:.4f} of all parameters |")
@@ -74,6 +82,7 @@ def model_card(record: dict, route: str) -> str:
         f"| base model | `{m['id']}` (revision `{c['model'].get('revision') or 'main'}`, model_type `{m['model_type']}`) |",
         method,
         f"| remedy | `{remedy}`" + (f" (damp {c['remedy']['damp']}, toward {c['remedy']['toward']})" if remedy == "recovery" else "")
+        + (f" (run {p['replaceme']['run']} replaced by a linear map, damp {c['remedy']['damp']})" if "replaceme" in p else "")
         + " |",
         f"| scoring calibration | {_calibration(p.get('calibration'))} |",
     ]
@@ -83,7 +92,7 @@ def model_card(record: dict, route: str) -> str:
     lines += [
         _sparsity(p),
         f"| parameters | {m['params_before']:,} -> {m['params_after']:,} |",
-        f"| layers pruned | [{p['layers'][0]}, {p['layers'][1]}) |",
+        *([f"| layers pruned | [{p['layers'][0]}, {p['layers'][1]}) |"] if "layers" in p else []),
     ]
     for name, v in ev.get("ppl", {}).items():
         interval = v.get("interval") or {}

@@ -1,0 +1,144 @@
+"""The depth track on the block engine: whole blocks removed (METHOD.md section 11).
+
+One dense pass over the calibration stream gives what the method reads: each block's influence
+(ShortGPT) on raw block inputs and outputs (not HF's hidden_states, whose last entry is after the
+final norm), and the hidden state at every sequence's last token entering each block (angular
+distance). SLEB's greedy search reads the calibration NLL with blocks skipped in place: each
+step runs the model once with the blocks removed so far skipped, caching every block's input,
+and each candidate then runs only the blocks after it (half the block forwards of re-running
+the prefix). The chosen blocks are deleted (models/surgery.py); with remedy=replaceme the run
+chosen by the angular distance is replaced by a linear map folded into the down projection of
+the block before it (replaceme.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from harness.blocks.engine import BlockEngine
+from harness.blocks.stream import BlockCall
+from harness.depth.methods import DepthContext, DepthMethod
+from harness.depth.replaceme import replace_run
+from harness.evaluate.blockwise import known_outputs
+from harness.evaluate.windows import window_nll
+from harness.models.surgery import remove_blocks
+from harness.settings import PruneSettings, n_params
+
+
+@dataclass
+class DepthReport:
+    removed: list[int]  # original indices, in the order the method chose them
+    kept: list[int]
+    params_before: int
+    params_after: int
+    seconds: float
+    scores: dict = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    remedy: dict = field(default_factory=dict)
+    full_forwards: float = 0.0  # block forwards over the calibration set, in units of whole-model forwards
+
+    @property
+    def sparsity_achieved(self) -> float:
+        return 1 - self.params_after / self.params_before
+
+
+def blocks_to_remove(model: nn.Module, blocks: nn.ModuleList, settings: PruneSettings) -> int:
+    """`prune.blocks` when set, else the count whose parameters come closest to `sparsity` of the model's."""
+    if settings.blocks is not None:
+        return settings.blocks
+    per_block = sum(n_params(b) for b in blocks) / len(blocks)
+    return round(settings.sparsity * n_params(model) / per_block)
+
+
+class Calibration:
+    """The calibration set as the block engine streams it, with the NLL of the model with blocks skipped."""
+
+    def __init__(self, engine: BlockEngine, input_ids: torch.Tensor):
+        self.engine, self.model, self.blocks = engine, engine.model, engine.blocks
+        stream, self.calls = engine.capture(input_ids)
+        self.first = [c.hidden for c in stream]
+        self.ids = list(input_ids.split(engine.chunk_size))
+        self.tokens = sum(ids[:, 1:].numel() for ids in self.ids)
+        self.block_forwards = 0
+        self._inputs: dict[frozenset[int], list[list[torch.Tensor]]] = {}
+
+    def _run(self, k: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        self.block_forwards += 1
+        calls: list[BlockCall] = self.calls[k]
+        return [call(self.blocks[k], h) for call, h in zip(calls, hidden, strict=True)]
+
+    @torch.no_grad()
+    def inputs(self, removed: frozenset[int]) -> list[list[torch.Tensor]]:
+        """Every block's input (per chunk) with `removed` skipped, computed once per set."""
+        if removed not in self._inputs:
+            hidden, out = self.first, []
+            for k in range(len(self.blocks)):
+                out.append(hidden)
+                if k not in removed:
+                    hidden = self._run(k, hidden)
+            out.append(hidden)  # x_L
+            self._inputs = {removed: out}  # the previous step's cache is no longer needed
+        return self._inputs[removed]
+
+    @torch.no_grad()
+    def nll(self, removed: set[int], skip: int | None = None) -> float:
+        """Mean NLL per predicted token with `removed` and `skip` skipped in place."""
+        base = frozenset(removed)
+        start = len(self.blocks) if skip is None else skip
+        hidden = self.inputs(base)[start]
+        for k in range(start + 1 if skip is not None else start, len(self.blocks)):
+            if k not in base:
+                hidden = self._run(k, hidden)
+        total = 0.0
+        for ids, last in zip(self.ids, hidden, strict=True):
+            ids = ids.to(last.device)
+            with known_outputs(self.blocks, last):
+                total += float(window_nll(self.model(input_ids=ids, use_cache=False).logits, ids).sum())
+        return total / self.tokens
+
+
+@torch.no_grad()
+def dense_statistics(cal: Calibration) -> tuple[list[float], list[torch.Tensor]]:
+    """(influence BI_l per block, x_0 .. x_L at each sequence's last token) from one dense pass
+    that keeps nothing per token."""
+    hidden, influence, last = cal.first, [], [torch.cat([h[:, -1] for h in cal.first])]
+    for k in range(len(cal.blocks)):
+        out = cal._run(k, hidden)
+        ones_minus_cos = sum(float((1 - nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)).double().sum())
+                             for x, y in zip(hidden, out, strict=True))  # float32: fp16 overflows (NaN)
+        influence.append(ones_minus_cos / sum(x.shape[0] * x.shape[1] for x in hidden))
+        last.append(torch.cat([h[:, -1] for h in out]))
+        hidden = out
+    return influence, last
+
+
+def prune_depth(model: nn.Module, input_ids: torch.Tensor, method: DepthMethod, settings: PruneSettings,
+                device: torch.device | None = None) -> DepthReport:
+    """Remove whole blocks of `model` (in memory) chosen by `method` on calibration `input_ids`."""
+    start = time.perf_counter()
+    device = device or next(model.parameters()).device
+    engine = BlockEngine(model, device, settings.chunk_size)
+    blocks = engine.blocks
+    n = blocks_to_remove(model, blocks, settings)
+    before = n_params(model)
+    ctx = DepthContext(len(blocks), generator=torch.Generator().manual_seed(settings.seed))
+    with engine.timed("statistics"):
+        cal = Calibration(engine, input_ids)
+        if method.needs & {"influence", "last_token"} or settings.remedy == "replaceme":
+            ctx.influence, ctx.last_token = dense_statistics(cal)
+        ctx.nll = cal.nll
+    with engine.timed("scoring"):
+        removed = method.choose(n, ctx) if n else []
+    remedy = {}
+    if settings.remedy == "replaceme" and removed:
+        with engine.timed("replaceme"):
+            remedy = replace_run(engine.adapter, cal, removed, settings.damp)
+    with engine.timed("cut"):
+        kept = remove_blocks(model, removed)
+    forwards = cal.block_forwards / len(blocks)
+    return DepthReport(removed, kept, before, n_params(model), time.perf_counter() - start, ctx.scores,
+                       dict(engine.times), remedy, forwards)

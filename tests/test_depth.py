@@ -1,0 +1,213 @@
+"""The depth track against independent references (METHOD.md section 11): deleting blocks equals
+skipping them in place on every architecture (Gemma-3's and Qwen2's per-layer masks included),
+and the saved model is a stock one that reloads and generates; the methods' choices against
+brute force; ReplaceMe's map and fold against their definitions."""
+
+import math
+
+import pytest
+import torch
+import transformers as tf
+
+from harness import depth
+from harness.blocks.engine import BlockEngine
+from harness.blocks.stream import forwards_replaced
+from harness.depth.methods import DepthContext, angular_distances
+from harness.depth.pipeline import Calibration, dense_statistics
+from harness.depth.replaceme import replace_run
+from harness.models import adapter_for
+from harness.models.base import set_weight, weight
+from harness.models.export import export, load_exported
+from harness.models.surgery import remove_blocks
+from tests.test_adapters import TYPES, _tokenizer, build, ids, logits
+
+
+def _passthrough(*args, **kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@torch.no_grad()
+def skipped(model, removed: list[int], x: torch.Tensor) -> torch.Tensor:
+    """Logits with the blocks `removed` skipped in place (their forwards pass the input through)."""
+    blocks = adapter_for(model).layers(model)
+    with forwards_replaced([blocks[k] for k in removed], [_passthrough] * len(removed)):
+        return logits(model, x)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_deleting_blocks_equals_skipping_them_and_saves_as_a_stock_model(model_type, tmp_path):
+    model = build(model_type)
+    x = ids()
+    assert torch.equal(logits(model, x), skipped(model, [], x))
+    reference = skipped(model, [1], x)  # block 1 is the full-attention one between sliding ones
+    kept = remove_blocks(model, [1])
+    assert kept == [0, 2] and len(adapter_for(model).layers(model)) == 2
+    torch.testing.assert_close(logits(model, x), reference, rtol=1e-5, atol=1e-5)
+    if model_type in ("gemma3_text", "qwen2", "qwen3"):
+        assert model.config.layer_types == ["sliding_attention", "sliding_attention"]
+    export(model, tf.PreTrainedTokenizerFast(tokenizer_object=_tokenizer()), tmp_path / "m")
+    back = load_exported(tmp_path / "m")
+    assert "auto_map" not in back.config.to_dict()  # the stock config with fewer layers
+    torch.testing.assert_close(logits(back, x), reference, rtol=1e-5, atol=1e-5)
+    prompt = x[:1, :6]  # KV-cache generation (layer_idx re-indexed) equals generation without a cache
+    cached = back.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    plain = back.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(cached, plain)
+
+
+def test_removing_nothing_leaves_the_logits_unchanged():
+    model = build("llama")
+    x = ids()
+    before = logits(model, x)
+    assert remove_blocks(model, []) == [0, 1, 2]
+    assert torch.equal(logits(model, x), before)
+
+
+def _calibration(model, n: int = 4) -> Calibration:
+    return Calibration(BlockEngine(model, torch.device("cpu"), 2), ids(n, seed=3))
+
+
+def test_influence_of_a_block_with_zero_output_projections_is_zero():
+    model = build("llama")
+    block = adapter_for(model).layers(model)[1]
+    with torch.no_grad():
+        block.self_attn.o_proj.weight.zero_()
+        block.mlp.down_proj.weight.zero_()
+    influence, _ = dense_statistics(_calibration(model))
+    assert abs(influence[1]) < 1e-6 and min(influence[0], influence[2]) > 1e-3
+
+
+@torch.no_grad()
+def _brute_nll(model, removed: list[int], x: torch.Tensor) -> float:
+    out = skipped(model, removed, x)
+    return float(torch.nn.functional.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]).double(),
+                                                   x[:, 1:].reshape(-1)))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma3_text"])
+def test_sleb_first_step_equals_brute_force_over_single_removals(model_type):
+    model = build(model_type)
+    cal = _calibration(model)
+    x = torch.cat(cal.ids)
+    for j in range(3):
+        assert cal.nll(set(), j) == pytest.approx(_brute_nll(model, [j], x), rel=1e-5)
+    assert cal.nll(set()) == pytest.approx(_brute_nll(model, [], x), rel=1e-5)
+    ctx = DepthContext(3, nll=cal.nll)
+    chosen = depth.build("sleb").choose(1, ctx)
+    assert chosen == [1]  # first and last protected: the one candidate
+    assert cal.nll({1}, None) == pytest.approx(_brute_nll(model, [1], x), rel=1e-5)
+
+
+def test_sleb_greedy_steps_re_score_after_each_removal():
+    """Six blocks: each step's choice is the brute-force argmin given the blocks removed so far."""
+    config = tf.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=4,
+                            num_key_value_heads=4, max_position_embeddings=64, vocab_size=128)
+    torch.manual_seed(1)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    cal = _calibration(model)
+    x = torch.cat(cal.ids)
+    ctx = DepthContext(6, nll=cal.nll)
+    chosen = depth.build("sleb").choose(3, ctx)
+    removed: list[int] = []
+    for step in range(3):
+        brute = {j: _brute_nll(model, removed + [j], x) for j in range(1, 5) if j not in removed}
+        assert chosen[step] == min(brute, key=brute.get)
+        removed.append(chosen[step])
+
+
+@torch.no_grad()
+def test_angular_argmin_equals_brute_force_on_raw_block_outputs():
+    config = tf.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=4,
+                            num_key_value_heads=4, max_position_embeddings=64, vocab_size=128)
+    torch.manual_seed(2)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    x = ids(4, seed=3)
+    out = model(input_ids=x, output_hidden_states=True)
+    raw_last = []  # x_L before the final norm: HF's hidden_states[-1] is after it
+    blocks = model.model.layers
+    handle = blocks[-1].register_forward_hook(lambda _m, _a, o: raw_last.append(o[0] if isinstance(o, tuple) else o))
+    model(input_ids=x)
+    handle.remove()
+    states = [h[:, -1].double() for h in out.hidden_states[:-1]] + [raw_last[0][:, -1].double()]
+    _, last = dense_statistics(_calibration(model))
+    for n in (1, 2, 3):
+        brute = [float(torch.arccos(torch.nn.functional.cosine_similarity(states[s], states[s + n], dim=-1)
+                                     .clamp(-1, 1)).mean() / math.pi) for s in range(7 - n)]
+        ours = angular_distances(last, n)
+        assert ours == pytest.approx(brute, abs=1e-6)
+        chosen = depth.build("angular").choose(n, DepthContext(6, last_token=last))
+        s = min(range(1, len(brute)), key=lambda i: brute[i])
+        assert chosen == list(range(s, s + n))
+
+
+def test_shortgpt_removes_the_least_influential_blocks_and_the_baselines_their_own():
+    ctx = DepthContext(5, influence=[0.9, 0.1, 0.5, 0.05, 0.7], generator=torch.Generator().manual_seed(0))
+    assert depth.build("shortgpt").choose(2, ctx) == [3, 1]
+    assert depth.build("last").choose(2, ctx) == [2, 3]
+    drawn = depth.build("random").choose(2, ctx)
+    assert len(set(drawn)) == 2 and drawn == depth.build("random").choose(
+        2, DepthContext(5, generator=torch.Generator().manual_seed(0)))
+
+
+def _identity_blocks(model, run: range) -> None:
+    with torch.no_grad():
+        for k in run:
+            block = adapter_for(model).layers(model)[k]
+            block.self_attn.o_proj.weight.zero_()
+            block.mlp.down_proj.weight.zero_()
+
+
+def test_replaceme_map_is_the_identity_when_the_removed_blocks_are_identities():
+    model = build("llama").double()
+    _identity_blocks(model, range(2, 3))
+    cal = _calibration(model, n=8)
+    down = model.model.layers[1].mlp.down_proj
+    before = weight(down).clone()
+    entry = replace_run(adapter_for(model), cal, [2], damp=0.0)
+    torch.testing.assert_close(weight(down), before, rtol=1e-8, atol=1e-10)  # T = I, folded
+    assert entry["run"] == [2, 3] and entry["relative_error"] is None  # the run changed nothing to reproduce
+
+
+def test_replaceme_fit_is_least_squares_and_the_fold_equals_the_map_after_the_mlp():
+    model = build("llama").double()
+    cal = _calibration(model, n=8)
+    block, down = model.model.layers[1], model.model.layers[1].mlp.down_proj
+    hidden = cal._run(0, cal.first)
+    outputs = []
+    handle = down.register_forward_hook(lambda _m, _a, o: outputs.append(o.detach()))
+    x_s = cal._run(1, hidden)
+    handle.remove()
+    x_e = cal._run(2, x_s)
+    m = torch.cat([o.reshape(-1, 64) for o in outputs])
+    y = torch.cat([(e - s).reshape(-1, 64) for s, e in zip(x_s, x_e, strict=True)]) + m
+    t = torch.linalg.lstsq(m, y).solution
+    w = weight(down).clone()
+    replace_run(adapter_for(model), cal, [2], damp=0.0)
+    torch.testing.assert_close(weight(down), t.T @ w, rtol=1e-6, atol=1e-8)  # normal equations = lstsq
+    probe = torch.randn(5, 7, 96, dtype=torch.float64)
+    set_weight(down, w)
+    mapped = down(probe) @ t
+    set_weight(down, t.T @ w)
+    torch.testing.assert_close(down(probe), mapped, rtol=1e-10, atol=1e-10)  # the fold is the map after the MLP
+    assert block is model.model.layers[1]
+
+
+def test_a_depth_run_end_to_end_records_and_refuses(tmp_path):
+    from harness.checks import ConfigError
+    from harness.config import compose
+    from harness.run import run
+
+    base = ("+debug=fast", "model=tiny-llama", "sparsity_type=depth", f"out_dir={tmp_path}")
+    rec = run(compose(*base, "metric=angular", "remedy=replaceme", "prune.blocks=2"))
+    p = rec["pruning"]
+    assert p["n_blocks_removed"] == 2 and p["blocks_kept"] == [k for k in range(6) if k not in p["blocks_removed"]]
+    assert p["replaceme"]["run"] == [min(p["blocks_removed"]), max(p["blocks_removed"]) + 1]
+    assert rec["model"]["params_after"] < rec["model"]["params_before"] and 0 < p["sparsity_achieved"] < 1
+    for bad, message in (("prune.blocks=9", "asks to remove 9 of the model's 6 blocks"),
+                         ("metric=ours", "metric='ours' is not accepted with sparsity_type=depth"),
+                         ("remedy=recovery", "with sparsity_type=depth accepted: none, replaceme"),
+                         ("model.lazy=true", "sparsity_type=depth is not accepted with model.lazy=true")):
+        with pytest.raises(ConfigError, match=message):
+            run(compose(*base, "metric=shortgpt", *bad.split()))
+    with pytest.raises(ConfigError, match="remedy=replaceme replaces removed blocks"):
+        run(compose("+debug=fast", "model=tiny-llama", "remedy=replaceme", f"out_dir={tmp_path}"))
