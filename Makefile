@@ -37,12 +37,14 @@ test-fast: setup
 
 # Pruning cost per stage and block, scaling with depth/width, pruned-model speed:
 # results/bench/bench.{json,md}, export_speed.*, lazy_memory.*, uncertainty.* (what per-window and
-# per-question data cost, and collecting 1,000 records) (about 20 minutes on 2 CPU cores).
+# per-question data cost, and collecting 1,000 records), depth.* (each depth method's cost in whole-model
+# forwards, SLEB's cached search against the reference's count) (about 25 minutes on 2 CPU cores).
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) -m bench.run
 	HF_HUB_OFFLINE=1 $(PY) -m bench.export_speed
 	HF_HUB_OFFLINE=1 $(PY) -m bench.lazy_memory
 	HF_HUB_OFFLINE=1 $(PY) -m bench.uncertainty_cost
+	HF_HUB_OFFLINE=1 $(PY) -m bench.depth_cost
 
 # The prepared GPU check (bench/gpu.py): a random LLaMA-7B-shaped model pruned on one GPU,
 # resident and block-wise, and CPU-vs-GPU parity -> results/bench/gpu.{json,md}. It needs

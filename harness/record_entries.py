@@ -56,7 +56,9 @@ def depth_pruning_entry(report: DepthReport, settings: PruneSettings, method, ca
         "sparsity_type": "depth", "sparsity_target": settings.sparsity, "blocks_requested": settings.blocks,
         "sparsity_achieved": report.sparsity_achieved, "blocks_removed": report.removed,
         "blocks_kept": report.kept, "n_blocks_removed": len(report.removed),
-        "protected": method.protected, "scored_on": "raw block inputs and outputs",
+        "protected": method.protected,
+        "scored_on": ("transformers' output_hidden_states (the last after the final norm)" if method.hidden_states == "hf"
+                      else "raw block inputs and outputs"),
         "scores": report.scores, "full_forwards": report.full_forwards,
         **({settings.remedy: report.remedy} if report.remedy else {}),
         "per_layer": [{"layer": new, "original": old} for new, old in enumerate(report.kept)],

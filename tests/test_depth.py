@@ -19,6 +19,7 @@ from harness.models import adapter_for
 from harness.models.base import set_weight, weight
 from harness.models.export import export, load_exported
 from harness.models.surgery import remove_blocks
+from harness.settings import PruneSettings
 from tests.test_adapters import TYPES, _tokenizer, build, ids, logits
 
 
@@ -211,3 +212,34 @@ def test_a_depth_run_end_to_end_records_and_refuses(tmp_path):
             run(compose(*base, "metric=shortgpt", *bad.split()))
     with pytest.raises(ConfigError, match="remedy=replaceme replaces removed blocks"):
         run(compose("+debug=fast", "model=tiny-llama", "remedy=replaceme", f"out_dir={tmp_path}"))
+
+
+def test_the_hf_hidden_states_convention_differs_only_at_the_last_block():
+    """hidden_states=hf reads transformers' list, whose last entry is after the final norm: the
+    influence of every block but the last is the raw one, the last block's is not."""
+    from harness.depth.pipeline import hf_statistics
+
+    model = build("llama")
+    cal = _calibration(model)
+    raw, raw_last = dense_statistics(cal)
+    hf, hf_last = hf_statistics(cal)
+    assert hf[:-1] == pytest.approx(raw[:-1], rel=1e-5) and hf[-1] != pytest.approx(raw[-1], rel=1e-3)
+    torch.testing.assert_close(hf_last[1], raw_last[1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="hidden_states='normed' is not accepted; accepted: raw"):
+        depth.build("shortgpt", {"hidden_states": "normed"})
+
+
+def test_the_cost_is_counted_in_whole_model_forwards_of_the_dense_model():
+    """ShortGPT reads one dense pass; SLEB's cached search costs less than the reference's
+    whole-model forward per candidate (bench/depth_cost.py measures it on smollm2)."""
+    settings = PruneSettings(sparsity_type="depth", blocks=2, chunk_size=2)
+    model = build("llama")
+    x = ids(4, seed=3)
+    assert depth.prune_depth(model, x, depth.build("shortgpt"), settings).full_forwards == 1.0
+    config = tf.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=4,
+                            num_key_value_heads=4, max_position_embeddings=64, vocab_size=128)
+    sleb = depth.prune_depth(tf.AutoModelForCausalLM.from_config(config).eval(), x, depth.build("sleb"), settings)
+    # step 1: a cached pass (6 blocks) + 4 candidates running the 4, 3, 2, 1 blocks after them; step 2: a pass over
+    # the 5 left + 3 candidates running 3, 2, 1: 27 block forwards, against (4 + 3) whole-model forwards = 42 blocks
+    # for the reference
+    assert sleb.full_forwards * 6 == pytest.approx(27) and len(sleb.removed) == 2

@@ -30,8 +30,12 @@ class DepthContext:
     scores: dict = field(default_factory=dict)  # what the method scored, for the record
 
 
+HIDDEN_STATES = ("raw", "hf")
+
+
 class DepthMethod:
     name: ClassVar[str] = ""  # set by @register
+    hidden_states: str = "raw"  # raw block inputs/outputs, or HF's output_hidden_states (last entry normed)
     needs: ClassVar[frozenset[str]] = frozenset()  # influence, last_token, nll
     protected: ClassVar[str] = "none"  # which blocks are never removed, for the record and the checks
     family: ClassVar[str] = "inference-aware"  # the paper's Table 1 groups (collect.frame.FAMILIES)
@@ -50,9 +54,20 @@ class ShortGPT(DepthMethod):
 
     needs = frozenset({"influence"})
 
+    def __init__(self, hidden_states: str = "raw"):
+        self.hidden_states = _convention(hidden_states)
+
     def choose(self, n, ctx):
         ctx.scores["influence"] = ctx.influence
         return sorted(range(ctx.n_blocks), key=lambda k: (ctx.influence[k], k))[:n]
+
+
+def _convention(value: str) -> str:
+    if value not in HIDDEN_STATES:
+        raise ValueError(f"metric.params.hidden_states={value!r} is not accepted; accepted: raw (block inputs and "
+                         "outputs), hf (transformers' output_hidden_states, whose last entry is after the final norm: "
+                         "the references' convention)")
+    return value
 
 
 def angular_distances(last_token: list[torch.Tensor], n: int) -> list[float]:
@@ -71,6 +86,9 @@ class Angular(DepthMethod):
 
     needs = frozenset({"last_token"})
     protected = "first"
+
+    def __init__(self, hidden_states: str = "raw"):
+        self.hidden_states = _convention(hidden_states)
 
     def choose(self, n, ctx):
         d = angular_distances(ctx.last_token, n)

@@ -116,6 +116,22 @@ def dense_statistics(cal: Calibration) -> tuple[list[float], list[torch.Tensor]]
     return influence, last
 
 
+@torch.no_grad()
+def hf_statistics(cal: Calibration) -> tuple[list[float], list[torch.Tensor]]:
+    """The same statistics on transformers' `output_hidden_states` (x_0 .. x_{L-1}, then the last
+    block's output after the final norm), as the reference implementations read them."""
+    sums, tokens, last = None, 0, []
+    for ids in cal.ids:
+        states = cal.model(input_ids=ids.to(cal.first[0].device), output_hidden_states=True,
+                           use_cache=False).hidden_states
+        terms = [float((1 - nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)).double().sum())
+                 for x, y in zip(states[:-1], states[1:], strict=True)]
+        sums = terms if sums is None else [a + b for a, b in zip(sums, terms, strict=True)]
+        tokens += ids.numel()
+        last.append([h[:, -1] for h in states])
+    return [s / tokens for s in sums], [torch.cat(parts) for parts in zip(*last, strict=True)]
+
+
 def prune_depth(model: nn.Module, input_ids: torch.Tensor, method: DepthMethod, settings: PruneSettings,
                 device: torch.device | None = None) -> DepthReport:
     """Remove whole blocks of `model` (in memory) chosen by `method` on calibration `input_ids`."""
@@ -123,13 +139,14 @@ def prune_depth(model: nn.Module, input_ids: torch.Tensor, method: DepthMethod, 
     device = device or next(model.parameters()).device
     engine = BlockEngine(model, device, settings.chunk_size)
     blocks = engine.blocks
-    n = blocks_to_remove(model, blocks, settings)
+    n, count = blocks_to_remove(model, blocks, settings), len(blocks)
     before = n_params(model)
     ctx = DepthContext(len(blocks), generator=torch.Generator().manual_seed(settings.seed))
     with engine.timed("statistics"):
         cal = Calibration(engine, input_ids)
         if method.needs & {"influence", "last_token"} or settings.remedy == "replaceme":
-            ctx.influence, ctx.last_token = dense_statistics(cal)
+            statistics = hf_statistics if method.hidden_states == "hf" else dense_statistics
+            ctx.influence, ctx.last_token = statistics(cal)
         ctx.nll = cal.nll
     with engine.timed("scoring"):
         removed = method.choose(n, ctx) if n else []
@@ -139,6 +156,6 @@ def prune_depth(model: nn.Module, input_ids: torch.Tensor, method: DepthMethod, 
             remedy = replace_run(engine.adapter, cal, removed, settings.damp)
     with engine.timed("cut"):
         kept = remove_blocks(model, removed)
-    forwards = cal.block_forwards / len(blocks)
+    forwards = cal.block_forwards / count
     return DepthReport(removed, kept, before, n_params(model), time.perf_counter() - start, ctx.scores,
                        dict(engine.times), remedy, forwards)
