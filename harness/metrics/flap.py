@@ -6,7 +6,7 @@ Attention channel scores are squared; a head sums them (UL-UM). For adaptive all
 (AL-AM) scores are standardised within the module and a head takes the mean of its
 channels' standardised scores, as the reference does.
 `prune.flap_faithful=true` makes the pipeline observe the reference's per-sample running
-statistics (prune/stats.py FlapSampleMoments) instead of per-token Welford variance.
+statistics (blocks/stats.py FlapSampleMoments) instead of per-token Welford variance.
 """
 
 from __future__ import annotations
