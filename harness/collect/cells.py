@@ -272,9 +272,9 @@ def best_marks(cells: pd.DataFrame, lower_better: dict, skip_rows: list) -> tupl
     for c in cells.columns:
         ranked = [(idx, cell) for idx, cell in cells[c].items() if isinstance(cell, Cell) and idx not in skip_rows
                   and not math.isnan(cell.mean)]
-        if not ranked:
+        if not ranked or c not in lower_better:  # a descriptive column is never ranked
             continue
-        lower = lower_better.get(c, True)
+        lower = lower_better[c]
         best_idx, best = min(ranked, key=lambda x: x[1].mean if lower else -x[1].mean)
         marks.at[best_idx, c] = True
         for idx, cell in ranked:

@@ -152,6 +152,9 @@ def _row(r: dict) -> dict:
                                                                    v["tokens_per_window"]))
         else:
             _interval(row, f"ppl.{name}", v.get("interval"))
+    if ev.get("efficiency"):  # the pruned model's speed at batch 1 (evaluate/efficiency.py)
+        row["tokens_per_s"] = ev["efficiency"]["tokens_per_s"]
+        row["macs_per_token"] = ev["efficiency"]["macs_per_token"]
     max_tokens = (c["eval"].get("ppl") or {}).get("max_tokens")
     row["ppl_tokens"] = "all" if max_tokens is None else str(max_tokens)
     zeroshot = c["eval"].get("zeroshot")

@@ -59,12 +59,17 @@ def table_depth(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
         if not (sub["sparsity_type"] == "depth").any():
             continue
         rows = rows_of(sub, ["sparsity_type", *METHOD], exclude=("sparsity",))
-        t = cell_frame(sub, rows, ["sparsity"], [*ppl_columns(sub), "sparsity_achieved"])
-        t.columns = [f"{s:g} {c.removeprefix('ppl.').replace('sparsity_achieved', 'removed')}" for c, s in t.columns]
+        measured = [c for c in ("zs.avg", "tokens_per_s") if c in sub and sub[c].notna().any()]
+        values = [*ppl_columns(sub), *measured, "sparsity_achieved"]
+        t = pd.concat([cell_frame(sub, rows, ["sparsity"], [c], _scale(c)) for c in values], axis=1)
+        t = t[sorted(t.columns, key=lambda cs: (cs[1], values.index(cs[0])))]  # by sparsity, then value
+        names = {"sparsity_achieved": "removed", "zs.avg": "zero-shot avg", "tokens_per_s": "tokens/s"}
+        t.columns = [f"{s:g} {names.get(c, c.removeprefix('ppl.'))}" for c, s in t.columns]
         t = means(t.sort_index(axis=1))
         t.attrs["caption"] = (f"{model}: width (structured: heads and channels) against depth (whole blocks) at the "
-                              "same target fraction of parameters; perplexity, lower is better; `removed` is the "
-                              "fraction each run removed.")
+                              "same target fraction of parameters; perplexity, lower is better; zero-shot average "
+                              "accuracy in % and tokens/s of the pruned model (batch 1), higher is better; `removed` is "
+                              "the fraction each run removed (never marked).")
         out[model] = t
     return out
 
@@ -246,6 +251,10 @@ def _labels(index: pd.Index) -> pd.Index:
     return fmt(index)
 
 
+# Columns that describe a run rather than rank it: never marked best.
+DESCRIPTIVE = (" removed",)
+
+
 def is_lower_better(name: str) -> bool:
     name = str(name).lower().replace("-", "")
     return "ppl" in name or "wikitext2" in name or "ptb" in name
@@ -259,7 +268,8 @@ def write_table(t: pd.DataFrame, out: Path, name: str, lower_better: bool | None
     labels = _labels(t.columns)
     t, cells = t.set_axis(labels, axis=1), cells.set_axis(labels, axis=1)
     t.attrs["cells"] = cells
-    lower = {c: is_lower_better(c) if lower_better is None else lower_better for c in t.columns}
+    lower = {c: is_lower_better(c) if lower_better is None else lower_better for c in t.columns
+             if not str(c).endswith(DESCRIPTIVE)}
     paths = [out / f"{name}.md", out / f"{name}.tex", out / f"{name}.csv"]
     marked = marks_of(t, lower)  # the paired tests run once for both formats
     body, untested = marked_text(t, lower, latex=False, marked=marked)
