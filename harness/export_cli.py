@@ -43,7 +43,9 @@ def _locate(run: str, out_dir: Path) -> tuple[Path | None, Path | None]:
 
 def _pruned(record: dict) -> list:
     """What pruning did, to compare a re-pruned run with its record: per block, the units removed
-    (structured) or each masked layer's fraction of zeros (unstructured / N:M)."""
+    (structured) or each masked layer's fraction of zeros (unstructured / N:M); the blocks removed (depth)."""
+    if record["pruning"].get("sparsity_type") == "depth":
+        return record["pruning"]["blocks_removed"]
     if "pattern" in record["pruning"]:
         return [row.get("sparsity") for row in record["pruning"]["per_layer"]]
     return [(row["attention_units_removed"], row["mlp_channels_removed"]) for row in record["pruning"]["per_layer"]]

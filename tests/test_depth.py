@@ -243,3 +243,25 @@ def test_the_cost_is_counted_in_whole_model_forwards_of_the_dense_model():
     # the 5 left + 3 candidates running 3, 2, 1: 27 block forwards, against (4 + 3) whole-model forwards = 42 blocks
     # for the reference
     assert sleb.full_forwards * 6 == pytest.approx(27) and len(sleb.removed) == 2
+
+
+def test_a_depth_run_exports_from_its_saved_model_and_pruned_again(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from harness.config import compose
+    from harness.export_cli import main as export_main
+    from harness.run import run
+
+    runs = tmp_path / "runs"
+    rec = run(compose("+debug=fast", "model=tiny-llama", "sparsity_type=depth", "metric=sleb", "prune.blocks=2",
+                      "save_model=true", f"out_dir={runs}"))
+    export_main([rec["run_id"], "--out-dir", str(runs), "--out", str(tmp_path / "from-saved")])
+    shutil.rmtree(Path(rec["saved_model"]))
+    export_main([str(runs / rec["run_id"] / "result.json"), "--out", str(tmp_path / "pruned-again")])
+    x = ids(2, 16)
+    a, b = (load_exported(tmp_path / f) for f in ("from-saved", "pruned-again"))
+    assert a.config.num_hidden_layers == b.config.num_hidden_layers == 4
+    assert torch.equal(logits(a, x), logits(b, x))
+    card = (tmp_path / "from-saved" / "README.md").read_text()
+    assert "2 blocks removed" in card and str(rec["pruning"]["blocks_removed"]) in card
