@@ -117,6 +117,9 @@ def memory_estimate(cfg: RunConfig, model: nn.Module, dtype: torch.dtype, lazy: 
     if fits_on_data(cfg.remedy.name) and cfg.remedy.calibration.sampling() != cal.sampling():
         fit = cfg.remedy.calibration
         parts["recovery stream"] = 2 * fit.n_samples * fit.seqlen * hidden * 4
+    if cfg.sparsity_type == "depth" and "nll" in depth.build(cfg.metric.name, cfg.metric.params).needs:
+        # SLEB's greedy search caches every block's input over the calibration set
+        parts["cached block inputs"] = (len(blocks) + 1) * cal.n_samples * cal.seqlen * hidden * 4
     if cfg.finetune.name != "none":
         modules = dict(model.named_modules())
         names = lora_targets(model, blocks, cfg.finetune.targets)

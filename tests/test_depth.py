@@ -265,3 +265,17 @@ def test_a_depth_run_exports_from_its_saved_model_and_pruned_again(tmp_path):
     assert torch.equal(logits(a, x), logits(b, x))
     card = (tmp_path / "from-saved" / "README.md").read_text()
     assert "2 blocks removed" in card and str(rec["pruning"]["blocks_removed"]) in card
+
+
+def test_sleb_counts_its_cached_block_inputs_in_the_memory_estimate():
+    from omegaconf import OmegaConf
+
+    from harness import preflight
+    from harness.config import compose, typed
+
+    cfg = typed(compose("+debug=fast", "model=tiny-llama", "sparsity_type=depth", "metric=sleb", "calibration.n_samples=10"))
+    model = preflight.skeleton(OmegaConf.structured(cfg.model), torch.float32)
+    parts = preflight.memory_estimate(cfg, model, torch.float32)
+    assert parts["cached block inputs"] == 7 * 10 * cfg.calibration.seqlen * model.config.hidden_size * 4
+    shortgpt = typed(compose("+debug=fast", "model=tiny-llama", "sparsity_type=depth", "metric=shortgpt"))
+    assert "cached block inputs" not in preflight.memory_estimate(shortgpt, model, torch.float32)
