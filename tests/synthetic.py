@@ -52,6 +52,10 @@ def record(*overrides: str, ppl: dict[str, float] | None = None, zeroshot: dict[
             se = uncertainty.average_stderr([e["acc_stderr"] for e in evaluation["zeroshot"].values()])
             evaluation["zeroshot_avg_stderr"] = se
             evaluation["zeroshot_avg_interval"] = uncertainty.normal_interval(evaluation["zeroshot_avg"], se)
+    if config["eval"].get("efficiency"):  # the pruned model's speed, as evaluate/efficiency.py records it
+        evaluation["efficiency"] = {"params": 800, "macs_per_token": 800, "batch_size": 1,
+                                    "seqlen": config["eval"]["efficiency"]["seqlen"], "latency_s": 0.01,
+                                    "tokens_per_s": 100.0 * config["eval"]["efficiency"]["seqlen"]}
     run_id = f"{records.config_hash(config)[:8]}{next(_ids):04d}"
     return {"schema_version": records.SCHEMA_VERSION, "run_id": run_id, "status": "complete", "config": config,
             "model": {"name": config["model"]["name"], "params_before": 1000, "params_after": 800,
