@@ -59,17 +59,19 @@ def table_depth(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
         if not (sub["sparsity_type"] == "depth").any():
             continue
         rows = rows_of(sub, ["sparsity_type", *METHOD], exclude=("sparsity",))
-        measured = [c for c in ("zs.avg", "tokens_per_s") if c in sub and sub[c].notna().any()]
+        measured = [c for c in ("zs.avg", "macs_per_token", "tokens_per_s") if c in sub and sub[c].notna().any()]
         values = [*ppl_columns(sub), *measured, "sparsity_achieved"]
         t = pd.concat([cell_frame(sub, rows, ["sparsity"], [c], _scale(c)) for c in values], axis=1)
         t = t[sorted(t.columns, key=lambda cs: (cs[1], values.index(cs[0])))]  # by sparsity, then value
-        names = {"sparsity_achieved": "removed", "zs.avg": "zero-shot avg", "tokens_per_s": "tokens/s"}
+        names = {"sparsity_achieved": "removed", "zs.avg": "zero-shot avg", "tokens_per_s": "tokens/s",
+                 "macs_per_token": "MACs/token"}
         t.columns = [f"{s:g} {names.get(c, c.removeprefix('ppl.'))}" for c, s in t.columns]
-        t = means(t.sort_index(axis=1))
+        t = means(t)
         t.attrs["caption"] = (f"{model}: width (structured: heads and channels) against depth (whole blocks) at the "
                               "same target fraction of parameters; perplexity, lower is better; zero-shot average "
-                              "accuracy in % and tokens/s of the pruned model (batch 1), higher is better; `removed` is "
-                              "the fraction each run removed (never marked).")
+                              "accuracy in %, higher is better; `removed` (the fraction each run removed), `MACs/token` "
+                              "and `tokens/s` (batch 1, one timing, no interval) describe the pruned model and are "
+                              "never marked.")
         out[model] = t
     return out
 
@@ -252,7 +254,7 @@ def _labels(index: pd.Index) -> pd.Index:
 
 
 # Columns that describe a run rather than rank it: never marked best.
-DESCRIPTIVE = (" removed",)
+DESCRIPTIVE = (" removed", " tokens/s", " MACs/token")
 
 
 def is_lower_better(name: str) -> bool:
