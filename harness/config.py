@@ -93,7 +93,6 @@ class ModelConfig:
     lazy: Any = False  # true, false or auto
 
     def check(self) -> None:
-
         one_of("model.source", self.source, SOURCES)
         if not (isinstance(self.lazy, bool) or self.lazy == "auto"):
             raise ConfigError(f"model.lazy={self.lazy!r} is not accepted; accepted: true, false, auto")
@@ -110,7 +109,6 @@ class MetricConfig:
     params: dict[str, Any] = field(default_factory=dict)  # the metric's own keyword arguments
 
     def check(self, sparsity_type: str = "structured") -> None:
-
         registry = methods_of(sparsity_type)
         if self.name not in registry.names():
             raise ConfigError(f"metric={self.name!r} is not accepted with sparsity_type={sparsity_type}; "
@@ -139,7 +137,6 @@ class CalibrationConfig:
     downstream_split: str = "auto"  # auto: the hub's train splits, offline the shipped validation splits
 
     def check(self, key: str = "calibration") -> None:
-
         integer(f"{key}.n_samples", self.n_samples, 1)
         integer(f"{key}.seqlen", self.seqlen, 2)
         integer(f"{key}.seed", self.seed, 0)
@@ -201,7 +198,6 @@ class FinetuneConfig:
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
 
     def check(self) -> None:
-
         one_of("finetune", self.name, METHODS)
         integer("finetune.rank", self.rank, 1)
         integer("finetune.steps", self.steps, 1)
@@ -227,7 +223,6 @@ class PerplexityConfig:
     bos: str = II("model.bos")
 
     def check(self) -> None:
-
         for dataset in self.datasets:
             one_of("eval.ppl.datasets item", dataset, CORPORA[:2])
         one_of("eval.ppl.protocol", self.protocol, tuple(PROTOCOLS))
@@ -248,7 +243,6 @@ class ZeroShotConfig:
     average_metrics: dict[str, str] = field(default_factory=dict)  # per-task override of the averaged metric
 
     def check(self) -> None:
-
         for task in self.tasks:
             one_of("eval.zeroshot.tasks item", task, TASKS)
         one_of("eval.zeroshot.bos", self.bos, BOS_PLACEMENTS)
@@ -329,7 +323,6 @@ class RunConfig:
     resume: bool = True  # checkpoint the pruned model until the run completes; a re-run continues from it
 
     def check(self) -> None:
-
         settings = self.prune_settings()  # the pruning keys are checked where they are used (first: others interpolate seed)
         one_of("remedy", self.remedy.name, remedy.names())
         remedy.get(self.remedy.name).check(settings)

@@ -11,6 +11,8 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -263,7 +265,6 @@ def evaluate(model, tok, eval_config: dict, data_dir: str | None, out: dict, sav
                     del out["partial"]
                 save()
     if eval_config.get("zeroshot") and "zeroshot_avg" not in out:
-
         zeroshot.evaluate(model, tok, eval_config["zeroshot"], out, save, store, device)
         save()
     if eval_config.get("efficiency") and "efficiency" not in out:
@@ -291,12 +292,19 @@ def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     hydra_config = HydraConfig.get()
     group = Path(hydra_config.sweep.dir).name if hydra_config.mode.name == "MULTIRUN" else None
-    try:
+    with refusals_in_one_line():
         run(cfg, group=group)
+
+
+@contextmanager
+def refusals_in_one_line() -> Iterator[None]:
+    """A refused value is the user's to fix: its one line, not a traceback (exit status 2, as
+    argparse); HYDRA_FULL_ERROR=1 (Hydra's convention) shows the whole trace."""
+    try:
+        yield
     except ConfigError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":  # Hydra's convention for the whole trace
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        # A refused value is the user's to fix: its one line, not a traceback (exit status 2, as argparse).
         print(f"harness: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 
@@ -304,9 +312,6 @@ def main(cfg: DictConfig) -> None:
 def command_line() -> None:
     """`python -m harness OVERRIDES`: a `metric=` choice the run's track does not have is refused
     before Hydra composes (config.check_choices), then Hydra's app runs."""
-    try:
+    with refusals_in_one_line():
         schema.check_choices(sys.argv[1:])
-    except ConfigError as e:
-        print(f"harness: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
     main()

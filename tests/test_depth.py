@@ -13,7 +13,7 @@ from harness import depth
 from harness.blocks.engine import BlockEngine
 from harness.blocks.stream import forwards_replaced
 from harness.depth.methods import DepthContext, angular_distances
-from harness.depth.pipeline import Calibration, dense_statistics
+from harness.depth.pipeline import SkippingStream, dense_statistics
 from harness.depth.replaceme import replace_run
 from harness.models import adapter_for
 from harness.models.base import set_weight, weight
@@ -64,8 +64,8 @@ def test_removing_nothing_leaves_the_logits_unchanged():
     assert torch.equal(logits(model, x), before)
 
 
-def _calibration(model, n: int = 4) -> Calibration:
-    return Calibration(BlockEngine(model, torch.device("cpu"), 2), ids(n, seed=3))
+def _calibration(model, n: int = 4) -> SkippingStream:
+    return SkippingStream(BlockEngine(model, torch.device("cpu"), 2), ids(n, seed=3))
 
 
 def test_influence_of_a_block_with_zero_output_projections_is_zero():
@@ -173,12 +173,12 @@ def test_replaceme_fit_is_least_squares_and_the_fold_equals_the_map_after_the_ml
     model = build("llama").double()
     cal = _calibration(model, n=8)
     block, down = model.model.layers[1], model.model.layers[1].mlp.down_proj
-    hidden = cal._run(0, cal.first)
+    hidden = cal.run_block(0, cal.first)
     outputs = []
     handle = down.register_forward_hook(lambda _m, _a, o: outputs.append(o.detach()))
-    x_s = cal._run(1, hidden)
+    x_s = cal.run_block(1, hidden)
     handle.remove()
-    x_e = cal._run(2, x_s)
+    x_e = cal.run_block(2, x_s)
     m = torch.cat([o.reshape(-1, 64) for o in outputs])
     y = torch.cat([(e - s).reshape(-1, 64) for s, e in zip(x_s, x_e, strict=True)]) + m
     t = torch.linalg.lstsq(m, y).solution

@@ -37,7 +37,6 @@ _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
 def _colour(metric: str) -> str:
-
     palette = ("C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9")  # tab10 without its grey (C7)
     known = metrics.names()
     return palette[known.index(metric) % len(palette)] if metric in known else "black"

@@ -54,8 +54,9 @@ def blocks_to_remove(model: nn.Module, blocks: nn.ModuleList, settings: PruneSet
     return round(settings.sparsity * n_params(model) / per_block)
 
 
-class Calibration:
-    """The calibration set as the block engine streams it, with the NLL of the model with blocks skipped."""
+class SkippingStream:
+    """The calibration set as the block engine streams it, through the blocks one at a time
+    (`run_block`), and the NLL of the model with any blocks skipped in place."""
 
     def __init__(self, engine: BlockEngine, input_ids: torch.Tensor):
         self.engine, self.model, self.blocks = engine, engine.model, engine.blocks
@@ -66,7 +67,8 @@ class Calibration:
         self.block_forwards = 0
         self._inputs: dict[frozenset[int], list[list[torch.Tensor]]] = {}
 
-    def _run(self, k: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+    def run_block(self, k: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Block k over every chunk's hidden states (counted in `block_forwards`)."""
         self.block_forwards += 1
         calls: list[BlockCall] = self.calls[k]
         return [call(self.blocks[k], h) for call, h in zip(calls, hidden, strict=True)]
@@ -79,7 +81,7 @@ class Calibration:
             for k in range(len(self.blocks)):
                 out.append(hidden)
                 if k not in removed:
-                    hidden = self._run(k, hidden)
+                    hidden = self.run_block(k, hidden)
             out.append(hidden)  # x_L
             self._inputs = {removed: out}  # the previous step's cache is no longer needed
         return self._inputs[removed]
@@ -92,7 +94,7 @@ class Calibration:
         hidden = self.inputs(base)[start]
         for k in range(start + 1 if skip is not None else start, len(self.blocks)):
             if k not in base:
-                hidden = self._run(k, hidden)
+                hidden = self.run_block(k, hidden)
         total = 0.0
         for ids, last in zip(self.ids, hidden, strict=True):
             ids = ids.to(last.device)
@@ -102,12 +104,12 @@ class Calibration:
 
 
 @torch.no_grad()
-def dense_statistics(cal: Calibration) -> tuple[list[float], list[torch.Tensor]]:
+def dense_statistics(cal: SkippingStream) -> tuple[list[float], list[torch.Tensor]]:
     """(influence BI_l per block, x_0 .. x_L at each sequence's last token) from one dense pass
     that keeps nothing per token."""
     hidden, influence, last = cal.first, [], [torch.cat([h[:, -1] for h in cal.first])]
     for k in range(len(cal.blocks)):
-        out = cal._run(k, hidden)
+        out = cal.run_block(k, hidden)
         ones_minus_cos = sum(float((1 - nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)).double().sum())
                              for x, y in zip(hidden, out, strict=True))  # float32: fp16 overflows (NaN)
         influence.append(ones_minus_cos / sum(x.shape[0] * x.shape[1] for x in hidden))
@@ -117,7 +119,7 @@ def dense_statistics(cal: Calibration) -> tuple[list[float], list[torch.Tensor]]
 
 
 @torch.no_grad()
-def hf_statistics(cal: Calibration) -> tuple[list[float], list[torch.Tensor]]:
+def hf_statistics(cal: SkippingStream) -> tuple[list[float], list[torch.Tensor]]:
     """The same statistics on transformers' `output_hidden_states` (x_0 .. x_{L-1}, then the last
     block's output after the final norm), as the reference implementations read them."""
     sums, tokens, last = None, 0, []
@@ -143,7 +145,7 @@ def prune_depth(model: nn.Module, input_ids: torch.Tensor, method: DepthMethod, 
     before = n_params(model)
     ctx = DepthContext(len(blocks), generator=torch.Generator().manual_seed(settings.seed))
     with engine.timed("statistics"):
-        cal = Calibration(engine, input_ids)
+        cal = SkippingStream(engine, input_ids)
         if method.needs & {"influence", "last_token"} or settings.remedy == "replaceme":
             statistics = hf_statistics if method.hidden_states == "hf" else dense_statistics
             ctx.influence, ctx.last_token = statistics(cal)

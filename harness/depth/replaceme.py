@@ -42,14 +42,14 @@ def replace_run(adapter, cal, removed: list[int], damp: float) -> dict:
     s, e = contiguous(removed)
     hidden = cal.first
     for k in range(s - 1):
-        hidden = cal._run(k, hidden)
+        hidden = cal.run_block(k, hidden)
     down = adapter.mlp(cal.blocks[s - 1]).level2
     outputs: list[torch.Tensor] = []
     with hooks([down.register_forward_hook(lambda _m, _a, out: outputs.append(out.detach()))]):
-        x_s = cal._run(s - 1, hidden)
+        x_s = cal.run_block(s - 1, hidden)
     x_e = x_s
     for k in range(s, e):
-        x_e = cal._run(k, x_e)
+        x_e = cal.run_block(k, x_e)
     width = x_s[0].shape[-1]
     gram, cross = Gram(width, torch.float64, x_s[0].device), torch.zeros(width, width, dtype=torch.float64)
     for m, xs, xe in zip(outputs, x_s, x_e, strict=True):

@@ -126,7 +126,6 @@ def evaluate(model, tokenizer, cfg: dict, out: dict | None = None, save=lambda: 
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=bos)
         throughput = ModelCallThroughput(lm)
     else:
-
         device = device or torch.device("cpu")
         batch_size = cfg.get("batch_size") or fitting_batch_size(model, free_memory(device))
         lm = throughput = BlockwiseLM(store, tokenizer, batch_size, bos, device)

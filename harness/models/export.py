@@ -36,7 +36,6 @@ _COUNT_ATTRIBUTES = ("num_heads", "num_key_value_heads", "num_key_value_groups",
 
 
 def layer_shapes(model) -> list[dict]:
-
     ad = adapter_for(model)
     shapes = []
     for block in ad.layers(model):

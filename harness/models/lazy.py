@@ -61,7 +61,6 @@ class LazyCheckpoint:
         return numel * self.dtype.itemsize
 
     def skeleton(self) -> nn.Module:
-
         config = AutoConfig.from_pretrained(self.folder, trust_remote_code=True)  # an exported pruned folder too
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=self.dtype, trust_remote_code=True)

@@ -54,7 +54,6 @@ def model_dir(cfg) -> str:
             raise ModelNotFoundError(f"model.path={cfg.path!r} does not exist")
         return str(path)
     if cfg.source == "zoo":
-
         return str(zoo.locate(cfg.name))
     if cfg.source == "gguf":
         return str(_converted_gguf(cfg))
