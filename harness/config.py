@@ -333,6 +333,10 @@ class RunConfig:
                 part.check()
         self.remedy.calibration.check("remedy.calibration")
         self.finetune.check()
+        if self.sparsity_type == "depth" and self.remedy.name == "replaceme" and depth.build(
+                self.metric.name, self.metric.params).unit != "block":
+            raise ConfigError(f"remedy=replaceme replaces a run of whole blocks; metric={self.metric.name} removes "
+                              "sub-blocks; accepted with replaceme: metric=angular (or another whole-block method)")
         if self.finetune.name != "none" and self.sparsity_type in ("unstructured", "nm"):
             raise ConfigError(f"finetune={self.finetune.name} would make the masked weights dense again when its "
                               f"adapters merge; with sparsity_type={self.sparsity_type} accepted: finetune=none")

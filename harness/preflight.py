@@ -74,9 +74,16 @@ def check(cfg: RunConfig, model: nn.Module) -> None:
 
 
 def _check_depth(cfg: RunConfig, model: nn.Module, blocks) -> None:
-    """The blocks a depth method would remove must exist outside the blocks it protects."""
+    """The blocks (or sub-blocks) a depth method would remove must exist outside those it protects."""
     settings = cfg.prune_settings()
     method = depth.build(cfg.metric.name, cfg.metric.params)
+    if method.unit == "sub-block":
+        units = 2 * len(blocks)
+        if settings.blocks is not None and settings.blocks > units - 1:
+            raise ConfigError(f"prune.blocks={settings.blocks} asks to remove {settings.blocks} of the model's {units} "
+                              f"sub-blocks (attention and MLP of {len(blocks)} blocks); metric={cfg.metric.name} "
+                              f"keeps at least one; accepted: at most {units - 1}")
+        return
     n = blocks_to_remove(model, blocks, settings)
     protected = {"none": 0, "first": 1, "last": 1, "first and last": 2}[method.protected]
     if n > len(blocks) - max(protected, 1):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from harness.depth import DepthReport
+from harness.models.surgery import PARTS
 from harness.prune import PruneReport, PruneSettings, n_params
 from harness.sparse import SparseReport
 
@@ -50,18 +51,22 @@ def sparse_pruning_entry(report: SparseReport, settings: PruneSettings, layer_ra
 
 def depth_pruning_entry(report: DepthReport, settings: PruneSettings, method, calibration: dict,
                         calibration_seconds: float) -> dict:
-    """The depth track's entry: the blocks removed (original indices, in the order chosen), the
-    blocks kept, the achieved fraction of parameters, what the method scored, and the cost."""
+    """The depth track's entry: the blocks removed (original indices, in the order chosen; for a
+    sub-block method also the sub-blocks, and per kept block which parts it kept), the blocks kept, the achieved fraction of parameters, what the method scored, and the cost."""
     return {
         "sparsity_type": "depth", "sparsity_target": settings.sparsity, "blocks_requested": settings.blocks,
         "sparsity_achieved": report.sparsity_achieved, "blocks_removed": report.removed,
         "blocks_kept": report.kept, "n_blocks_removed": len(report.removed),
-        "protected": method.protected,
+        "protected": method.protected, "unit": method.unit,
+        **({"sub_blocks_removed": [[k, part] for k, part in report.sub_blocks],
+            "n_sub_blocks_removed": len(report.sub_blocks)} if method.unit == "sub-block" else {}),
         "scored_on": ("transformers' output_hidden_states (the last after the final norm)" if method.hidden_states == "hf"
                       else "raw block inputs and outputs"),
         "scores": report.scores, "full_forwards": report.full_forwards,
         **({settings.remedy: report.remedy} if report.remedy else {}),
-        "per_layer": [{"layer": new, "original": old} for new, old in enumerate(report.kept)],
+        "per_layer": [{"layer": new, "original": old,
+                       **{part: [old, part] not in [list(u) for u in report.sub_blocks] for part in PARTS}}
+                      for new, old in enumerate(report.kept)],
         "seconds": report.seconds, "calibration_seconds": calibration_seconds, "stage_seconds": report.stage_seconds,
         "calibration": {key: calibration[key] for key in _CALIBRATION_KEYS if key in calibration},
     }

@@ -4,6 +4,7 @@ and the saved model is a stock one that reloads and generates; the methods' choi
 brute force; ReplaceMe's map and fold against their definitions."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,11 +16,12 @@ from harness.blocks.stream import forwards_replaced
 from harness.depth.methods import DepthContext, angular_distances
 from harness.depth.pipeline import SkippingStream, dense_statistics
 from harness.depth.replaceme import replace_run
+from harness.evaluate.efficiency import macs_per_token
 from harness.models import adapter_for
-from harness.models.base import set_weight, weight
-from harness.models.export import export, load_exported
-from harness.models.surgery import remove_blocks
-from harness.settings import PruneSettings
+from harness.models.base import out_features, set_weight, weight
+from harness.models.export import export, load_exported, skipped_modules
+from harness.models.surgery import block_shape, remove_blocks, remove_sub_blocks
+from harness.settings import PruneSettings, n_params
 from tests.test_adapters import TYPES, _tokenizer, build, ids, logits
 
 
@@ -91,12 +93,12 @@ def test_sleb_first_step_equals_brute_force_over_single_removals(model_type):
     cal = _calibration(model)
     x = torch.cat(cal.ids)
     for j in range(3):
-        assert cal.nll(set(), j) == pytest.approx(_brute_nll(model, [j], x), rel=1e-5)
-    assert cal.nll(set()) == pytest.approx(_brute_nll(model, [], x), rel=1e-5)
-    ctx = DepthContext(3, nll=cal.nll)
+        assert cal.block_nll(set(), j) == pytest.approx(_brute_nll(model, [j], x), rel=1e-5)
+    assert cal.block_nll(set()) == pytest.approx(_brute_nll(model, [], x), rel=1e-5)
+    ctx = DepthContext(3, nll=cal.block_nll)
     chosen = depth.build("sleb").choose(1, ctx)
     assert chosen == [1]  # first and last protected: the one candidate
-    assert cal.nll({1}, None) == pytest.approx(_brute_nll(model, [1], x), rel=1e-5)
+    assert cal.block_nll({1}, None) == pytest.approx(_brute_nll(model, [1], x), rel=1e-5)
 
 
 def test_sleb_greedy_steps_re_score_after_each_removal():
@@ -107,7 +109,7 @@ def test_sleb_greedy_steps_re_score_after_each_removal():
     model = tf.AutoModelForCausalLM.from_config(config).eval()
     cal = _calibration(model)
     x = torch.cat(cal.ids)
-    ctx = DepthContext(6, nll=cal.nll)
+    ctx = DepthContext(6, nll=cal.block_nll)
     chosen = depth.build("sleb").choose(3, ctx)
     removed: list[int] = []
     for step in range(3):
@@ -279,3 +281,113 @@ def test_sleb_counts_its_cached_block_inputs_in_the_memory_estimate():
     assert parts["cached block inputs"] == 7 * 10 * cfg.calibration.seqlen * model.config.hidden_size * 4
     shortgpt = typed(compose("+debug=fast", "model=tiny-llama", "sparsity_type=depth", "metric=shortgpt"))
     assert "cached block inputs" not in preflight.memory_estimate(shortgpt, model, torch.float32)
+
+
+def _zero_output(module):
+    def forward(x, *args, **kwargs):
+        return x.new_zeros(*x.shape[:-1], out_features(module))
+    return forward
+
+
+@torch.no_grad()
+def sub_blocks_zeroed(model, units, x: torch.Tensor) -> torch.Tensor:
+    """Logits with each sub-block's output map returning zeros (nothing added to the residual)."""
+    ad = adapter_for(model)
+    blocks = ad.layers(model)
+    maps = [ad.level2_outputs(blocks[k])[0 if part == "attention" else 1] for k, part in units]
+    with forwards_replaced(maps, [_zero_output(m) for m in maps]):
+        return logits(model, x)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_removing_sub_blocks_equals_zeroing_them_and_exports_through_custom_code(model_type, tmp_path):
+    """Block 0 loses its attention (the cache length is read from layer 0), block 1 its MLP,
+    block 2 both (deleted): equal to the dense model with those outputs zeroed, before and after
+    export, and cached generation equals uncached."""
+    model = build(model_type)
+    x = ids()
+    units = [(0, "attention"), (1, "mlp"), (2, "attention"), (2, "mlp")]
+    reference = sub_blocks_zeroed(model, units, x)
+    before = n_params(model)
+    assert remove_sub_blocks(model, units) == [0, 1]
+    ad = adapter_for(model)
+    assert [block_shape(ad, b)["heads"] for b in ad.layers(model)][0] == 0
+    assert block_shape(ad, ad.layers(model)[1])["channels"] == 0
+    assert n_params(model) < before
+    torch.testing.assert_close(logits(model, x), reference, rtol=1e-5, atol=1e-5)
+    export(model, tf.PreTrainedTokenizerFast(tokenizer_object=_tokenizer()), tmp_path / "m")
+    back = load_exported(tmp_path / "m")
+    skipped = skipped_modules(model)
+    assert back.config.skipped_modules == skipped and back.config.num_hidden_layers == 2
+    assert sorted(skipped.values()) == (["attention"] if model_type == "opt" else ["attention", "mlp"])
+    torch.testing.assert_close(logits(back, x), reference, rtol=1e-5, atol=1e-5)
+    prompt = x[:1, :6]
+    cached = back.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    plain = back.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(cached, plain)
+    with torch.no_grad():  # a step with the cache and no cache_position: positions come from the cache's length
+        past = back(input_ids=x[:, :-1], use_cache=True).past_key_values
+        step = back(input_ids=x[:, -1:], cache=past, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(step, reference[:, -1], rtol=1e-4, atol=1e-4)
+    assert macs_per_token(back, 32) < macs_per_token(build(model_type), 32)
+
+
+def _brute_sub_nll(model, units, x: torch.Tensor) -> float:
+    out = sub_blocks_zeroed(model, units, x)
+    return float(torch.nn.functional.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]).double(),
+                                                   x[:, 1:].reshape(-1)))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt", "gemma3_text"])
+def test_blockpruner_steps_equal_brute_force_over_sub_block_removals(model_type):
+    """Each greedy step's NLLs equal the dense model with those sub-blocks' outputs zeroed, and
+    its choice is their argmin (attention first on ties)."""
+    model = build(model_type)
+    cal = _calibration(model)
+    x = torch.cat(cal.ids)
+    units = [(k, part) for k in range(3) for part in ("attention", "mlp")]
+    ctx = DepthContext(3, sub_block_nll=cal.sub_block_nll, unit_params={u: 1 for u in units})
+    chosen = depth.build("blockpruner").choose(3, ctx)
+    removed: list = []
+    for step in range(3):
+        brute = {u: _brute_sub_nll(model, removed + [u], x) for u in units if u not in removed}
+        ours = {(int(key.split(".")[0]), key.split(".")[1]): v for key, v in ctx.scores["nll_per_step"][step].items()}
+        assert ours == pytest.approx(brute, rel=1e-5)
+        assert chosen[step] == min(brute, key=lambda u: (brute[u], u[1] != "attention", u[0]))
+        removed.append(chosen[step])
+
+
+def test_blockpruner_stops_nearest_the_target_and_breaks_ties_attention_first():
+    flat = lambda removed, u: 1.0  # noqa: E731 - every removal costs the same: ties everywhere
+    sizes = {(0, "attention"): 1, (0, "mlp"): 3, (1, "attention"): 1, (1, "mlp"): 3, (2, "attention"): 1, (2, "mlp"): 3}
+    ctx = DepthContext(3, sub_block_nll=flat, unit_params=sizes, target_params=4.4)
+    # ties go to attention (lowest block first): 1, 1, 1 (3 removed), then an MLP: 6 is farther from 4.4 than 3
+    assert depth.build("blockpruner").choose(None, ctx) == [(0, "attention"), (1, "attention"), (2, "attention")]
+    ctx.target_params = 4.6  # 6 is nearer 4.6 than 3: one more
+    assert len(depth.build("blockpruner").choose(None, ctx)) == 4
+    assert len(depth.build("blockpruner").choose(5, ctx)) == 5  # a count: as many, whatever the sizes
+    assert len(depth.build("blockpruner").choose(99, ctx)) == 5  # one sub-block always stays
+
+
+def test_a_blockpruner_run_records_its_sub_blocks_and_exports(tmp_path):
+    from harness.checks import ConfigError
+    from harness.config import compose
+    from harness.run import run
+
+    base = ("+debug=fast", "model=tiny-llama", "sparsity_type=depth", f"out_dir={tmp_path / 'runs'}")
+    rec = run(compose(*base, "metric=blockpruner", "prune.blocks=3", "save_model=true"))
+    p = rec["pruning"]
+    assert p["unit"] == "sub-block" and p["n_sub_blocks_removed"] == 3 and len(p["sub_blocks_removed"]) == 3
+    gone = {tuple(u) for u in p["sub_blocks_removed"]}
+    assert sorted(p["blocks_removed"]) == [k for k in range(6) if {(k, "attention"), (k, "mlp")} <= gone]
+    for layer in p["per_layer"]:
+        assert layer["attention"] == ((layer["original"], "attention") not in gone)
+        assert layer["mlp"] == ((layer["original"], "mlp") not in gone)
+    back = load_exported(rec["saved_model"])
+    assert back.config.num_hidden_layers == len(p["blocks_kept"])
+    card = (Path(rec["saved_model"]) / "README.md").read_text()
+    assert "3 attention and MLP sub-blocks removed" in card
+    for bad, message in (("prune.blocks=12", "asks to remove 12 of the model's 12 sub-blocks"),
+                         ("remedy=replaceme", "remedy=replaceme replaces a run of whole blocks")):
+        with pytest.raises(ConfigError, match=message):
+            run(compose(*base, "metric=blockpruner", *bad.split()))

@@ -3,8 +3,9 @@
 A method reads a `DepthContext`: the blocks' influence (ShortGPT's BI_l, the mean over tokens of
 1 - cos(x_l, x_{l+1}) on raw block inputs and outputs), the hidden state at each sequence's last
 token entering every block and leaving the last (x_0 .. x_L, for the angular distance), and the
-calibration NLL of the model with any set of blocks skipped (SLEB). It returns the blocks to
-remove, in the order chosen.
+calibration NLL of the model with any set of blocks (SLEB) or sub-blocks (BlockPruner: one
+block's attention or MLP) skipped. It returns the blocks, or sub-blocks, to remove, in the order
+chosen.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import ClassVar
 
 import torch
 
+from harness.models.surgery import PARTS, Unit
 from harness.registry import Registry
 
 
@@ -26,6 +28,10 @@ class DepthContext:
     last_token: list[torch.Tensor] = field(default_factory=list)  # x_0 .. x_L at each sequence's last token
     # mean calibration NLL per token with the blocks of the set, and the one block given, skipped
     nll: Callable[[set[int], int | None], float] | None = None
+    # the same with the sub-blocks of the set, and the one given, skipped
+    sub_block_nll: Callable[[list[Unit], Unit], float] | None = None
+    unit_params: dict[Unit, int] = field(default_factory=dict)  # parameters each sub-block holds
+    target_params: float = 0.0  # parameters to remove (sparsity x the model's)
     generator: torch.Generator | None = None
     scores: dict = field(default_factory=dict)  # what the method scored, for the record
 
@@ -39,8 +45,11 @@ class DepthMethod:
     needs: ClassVar[frozenset[str]] = frozenset()  # influence, last_token, nll
     protected: ClassVar[str] = "none"  # which blocks are never removed, for the record and the checks
     family: ClassVar[str] = "inference-aware"  # the paper's Table 1 groups (collect.frame.FAMILIES)
+    unit: ClassVar[str] = "block"  # what it removes: "block", or "sub-block" (a block's attention or MLP)
 
-    def choose(self, n: int, ctx: DepthContext) -> list[int]:
+    def choose(self, n: int | None, ctx: DepthContext) -> list:
+        """The n blocks to remove (for a sub-block method: n sub-blocks, or None: as many as come
+        nearest `ctx.target_params`), in the order chosen."""
         raise NotImplementedError
 
 
@@ -116,6 +125,39 @@ class SLEB(DepthMethod):
             steps.append({str(k): v for k, v in nll.items()})
         ctx.scores["nll_per_step"] = steps
         return removed
+
+
+@register("blockpruner")
+class BlockPruner(DepthMethod):
+    """Greedy over sub-blocks: each step removes the attention or MLP whose removal gives the
+    lowest calibration NLL given those already removed (attention first on ties, as the
+    reference); it stops after n sub-blocks, or where one more would move the removed
+    parameters farther from the target. At least one sub-block stays."""
+
+    needs = frozenset({"nll"})
+    unit = "sub-block"
+
+    def choose(self, n, ctx):
+        size, target = ctx.unit_params, ctx.target_params
+        removed: list[Unit] = []
+        total, steps = 0, []
+        while len(removed) < len(size) - 1 and (n is None or len(removed) < n):
+            candidates = [u for u in size if u not in removed]
+            if n is None and _farther(total + min(size[u] for u in candidates), total, target):
+                break  # even the smallest overshoots more than stopping here
+            nll = {u: ctx.sub_block_nll(removed, u) for u in candidates}
+            best = min(candidates, key=lambda u: (nll[u], PARTS.index(u[1]), u[0]))
+            if n is None and _farther(total + size[best], total, target):
+                break
+            removed.append(best)
+            total += size[best]
+            steps.append({f"{k}.{part}": v for (k, part), v in nll.items()})
+        ctx.scores["nll_per_step"] = steps
+        return removed
+
+
+def _farther(after: float, before: float, target: float) -> bool:
+    return abs(after - target) >= abs(before - target)
 
 
 @register("random")

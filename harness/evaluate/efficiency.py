@@ -7,21 +7,21 @@ import time
 import torch
 
 from harness.models import adapter_for
+from harness.models.surgery import present_views
 from harness.settings import n_params
 
 
 def macs_per_token(model, seqlen: int) -> int:
     """Multiply-accumulates per token of a forward pass at context `seqlen`: every linear
     weight once, plus attention scores and mixing (2 x heads x head_dim x seqlen/2 on average,
-    causal), plus the LM head."""
+    causal), plus the LM head; a removed sub-block (models/surgery.py) costs nothing."""
     ad = adapter_for(model)
     total = 0
     for block in ad.layers(model):
-        for kind in ("attention", "mlp"):
-            view = ad.attention(block) if kind == "attention" else ad.mlp(block)
+        for view in present_views(ad, block):
             total += sum(m.weight.numel() for m in view.level1) + view.level2.weight.numel()
-        a = ad.attention(block)
-        total += 2 * a.n_units * a.heads_per_unit * a.head_dim * (seqlen // 2)
+            if view.kind == "attention":
+                total += 2 * view.n_units * view.heads_per_unit * view.head_dim * (seqlen // 2)
     return total + model.get_output_embeddings().weight.numel()
 
 

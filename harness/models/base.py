@@ -174,7 +174,8 @@ def channel_mlp(level1: list[nn.Module], level2: nn.Module, params_per_unit: int
 def cut(view: DepthTwo, keep: torch.Tensor) -> None:
     """Physically keep only units `keep` of a depth-2 module: their level-1 rows (modules with
     no rows of their own stay whole) and their level-2 columns."""
-    for module, rows in zip(view.level1, view.level1_channels(keep), strict=True):
-        if len(rows):
+    own_rows = [len(rows) > 0 for rows in view.level1_channels(view.all_units())]  # else shared by every unit
+    for module, rows, own in zip(view.level1, view.level1_channels(keep), own_rows, strict=True):
+        if own:
             slice_outputs(module, rows)
     slice_inputs(view.level2, view.level2_channels(keep))

@@ -35,6 +35,13 @@ def _params(config: dict) -> str:
 def _what(record: dict) -> tuple[str, str, str]:
     """(title, the tags, the method row) for the run's track."""
     c, m, p = record["config"], record["model"], record["pruning"]
+    if p.get("sparsity_type") == "depth" and "sub_blocks_removed" in p:  # attention / MLP sub-blocks removed
+        title = (f"# {m['name']}, {p['n_sub_blocks_removed']} attention and MLP sub-blocks removed "
+                 f"({p['sparsity_achieved']:.1%} of its parameters)")
+        method = (f"| method | `{c['metric']['name']}`{_params(c)}, sub-blocks removed "
+                  f"{[f'{k}.{part}' for k, part in p['sub_blocks_removed']]} (original block indices, in the order "
+                  f"chosen); blocks that lost both deleted: {p['blocks_removed']} |")
+        return title, "[pruned, depth-pruning, harness]", method
     if p.get("sparsity_type") == "depth":  # whole blocks deleted: a stock model with fewer layers
         title = f"# {m['name']}, {p['n_blocks_removed']} blocks removed ({p['sparsity_achieved']:.1%} of its parameters)"
         method = (f"| method | `{c['metric']['name']}`{_params(c)} (protects {p['protected']}), blocks removed "

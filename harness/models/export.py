@@ -6,7 +6,8 @@ Two routes, chosen by what a stock config can say:
           bias remedy added level-2 biases; the other biases those flags create are zeros);
           `AutoModelForCausalLM.from_pretrained(folder)` builds it as is.
   remote  anything else (per-layer shapes, biases no flag creates, GPT-2/OPT with heads
-          removed): the dense config plus the recorded per-module shapes and attributes and
+          removed, attention sub-blocks removed): the dense config plus the recorded
+          per-module shapes and attributes, the names of the removed attentions, and
           `auto_map` to `modeling_pruned.py`, copied into the folder; load with
           `trust_remote_code=True`.
 The route is decided by building the stock model from the candidate config on the meta
@@ -28,6 +29,7 @@ from transformers import AutoModelForCausalLM
 from harness import records
 from harness.models import adapter_for
 from harness.models.card import model_card
+from harness.models.surgery import ATTENTION, PARTS, block_shape, part_skipped
 
 PRUNING_KEY = "harness_pruning"  # per-layer shapes, for the model card and the reader
 _MODELING = Path(__file__).with_name("modeling_pruned.py")
@@ -39,15 +41,30 @@ def layer_shapes(model) -> list[dict]:
     ad = adapter_for(model)
     shapes = []
     for block in ad.layers(model):
-        shape = ad.shape(block)
-        shape["level2_bias"] = [m.bias is not None for m in ad.level2_outputs(block)]
+        shape = block_shape(ad, block)
+        shape["level2_bias"] = [not part_skipped(ad, block, part) and (ad.attention(block) if part == ATTENTION else
+                                                                      ad.mlp(block)).level2.bias is not None
+                                for part in PARTS]
         shapes.append(shape)
     return shapes
 
 
+def skipped_modules(model) -> dict[str, str]:
+    """{module name: part} of the sub-blocks replaced by their skipped form (models/surgery.py)."""
+    ad = adapter_for(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    out = {}
+    for block in ad.layers(model):
+        for part in PARTS:
+            module = ad.attention_module(block) if part == ATTENTION else ad.mlp_module(block)
+            if module is not None and part_skipped(ad, block, part):
+                out[names[id(module)]] = part
+    return out
+
+
 def _dense_config(model):
     config = copy.deepcopy(model.config)
-    for key in (PRUNING_KEY, "pruned_modules", "pruned_attributes", "auto_map"):
+    for key in (PRUNING_KEY, "pruned_modules", "pruned_attributes", "skipped_modules", "auto_map"):
         config.__dict__.pop(key, None)
     return config
 
@@ -160,6 +177,7 @@ def export_config(model, path: Path):
         config = _dense_config(model)
         modules, attributes = _module_diff(model, _stock_model(config))
         config.pruned_modules, config.pruned_attributes = modules, attributes
+        config.skipped_modules = skipped_modules(model)
         if config.model_type in _LLAMA_FAMILY:
             # The globals stay the dense model's (modeling_pruned.py builds from them, then resizes).
             config.allow_global_per_layer_attribute_access = True

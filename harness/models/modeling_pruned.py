@@ -6,8 +6,10 @@ imports only torch and transformers. The stock model of `config.model_type` is b
 usual, then every module listed in `config.pruned_modules` is given its recorded shapes
 (and biases), and the attributes in `config.pruned_attributes` (head counts, split sizes;
 `config` for a block that reads head counts from it) are set, so that the checkpoint's
-weights load exactly. `config.per_layer_config` carries the per-layer head counts and MLP
-widths in transformers' own heterogeneous-config format for the day its modeling reads it.
+weights load exactly. An attention or MLP listed in `config.skipped_modules` (a sub-block
+removed by depth pruning) is replaced by `SkippedAttention` / `SkippedMLP` first. `config.per_layer_config` carries the
+per-layer head counts and MLP widths in transformers' own heterogeneous-config format for the
+day its modeling reads it.
 """
 
 from __future__ import annotations
@@ -69,10 +71,51 @@ def resize(model: nn.Module, modules: dict[str, dict], attributes: dict[str, dic
                 setattr(module, key, value)
 
 
+class SkippedAttention(nn.Module):
+    """An attention sub-block removed whole: it adds nothing to the residual stream (a norm after
+    it maps zero to zero). It still appends one zero per token to the KV cache, because the model
+    reads the cached length (of layer 0) for the next token's position."""
+
+    def __init__(self, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        cache = next((kwargs[k] for k in ("cache", "past_key_values", "past_key_value") if kwargs.get(k) is not None),
+                     None)
+        cache = getattr(cache, "self_attention_cache", cache)  # GPT-2 may wrap it in an encoder-decoder cache
+        if cache is not None:
+            # one head of width 1: a layer holding no elements reports length 0
+            token = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
+            cache.update(token, token, self.layer_idx)
+        return torch.zeros_like(hidden_states), None
+
+
+class SkippedMLP(nn.Module):
+    """An MLP sub-block removed whole: it adds nothing to the residual stream."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
+
+
+def skip(model: nn.Module, skipped: dict[str, str]) -> None:
+    """Replace each module named in `skipped` ({name: "attention" or "mlp"}) by its skipped form."""
+    for name, part in skipped.items():
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        if part == "attention":
+            layer_idx = getattr(getattr(owner, child), "layer_idx", None)
+            replacement = SkippedAttention(layer_idx if isinstance(layer_idx, int) else int(parent.split(".")[-1]))
+        else:
+            replacement = SkippedMLP()
+        setattr(owner, child, replacement)
+
+
 class PrunedForCausalLM(_Base):
     def __init__(self, config, *args, **kwargs):
         # The globals are the dense model's; the per-layer values are in `pruned_modules`.
         if getattr(config, "is_heterogeneous", False):
             config.allow_global_per_layer_attribute_access = True
         super().__init__(config, *args, **kwargs)
+        skip(self, getattr(config, "skipped_modules", {}))
         resize(self, getattr(config, "pruned_modules", {}), getattr(config, "pruned_attributes", {}))
