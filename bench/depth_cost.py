@@ -3,11 +3,12 @@
     python -m bench.depth_cost           # smollm2-135m (30 blocks), 32 C4-length windows of 128, 7 blocks (a few minutes)
     python -m bench.depth_cost --smoke   # tiny-llama (seconds; the test suite runs it)
 
-Each method removes the same number of blocks; per method: wall seconds and block forwards over
-the calibration set, in whole-model forwards (`full_forwards` in the record). SLEB's greedy
-search is the costly one: the reference re-runs the whole model for every candidate of every
-step, sum_i (L - i - 2) full forwards for k steps; here each step runs the model once caching
-every block's input and each candidate runs only the blocks after it. The ratio of the two
+Each method removes the same number of blocks (BlockPruner: the same number of sub-blocks); per
+method: wall seconds and block forwards over the calibration set, in whole-model forwards
+(`full_forwards` in the record). The greedy searches are the costly ones: the references re-run
+the whole model for every candidate of every step, sum_i (L - i - 2) full forwards for SLEB's k
+steps and sum_i (2L - i) for BlockPruner's; here each step runs the model once caching every
+block's input and each candidate runs only the blocks from its own on. The ratio of the two
 counts is the saving, measured in the same run.
 """
 
@@ -29,21 +30,23 @@ def run(smoke: bool, out: Path) -> dict:
     layers = model.config.num_hidden_layers
     ids = torch.randint(0, model.config.vocab_size, (n_samples, 128), generator=torch.Generator().manual_seed(0))
     rows = []
-    for method in ("last", "random", "shortgpt", "angular", "sleb"):
+    for method in ("last", "random", "shortgpt", "angular", "sleb", "blockpruner"):
         pruned = named_model(name)
         start = time.perf_counter()
         report_ = depth.prune_depth(pruned, ids, depth.build(method), PruneSettings(sparsity_type="depth", blocks=blocks,
                                                                                    sparsity=0.2))
         rows.append({"method": method, "seconds": time.perf_counter() - start, "full_forwards": report_.full_forwards,
-                     "removed": report_.removed})
-    reference = sum(layers - i - 2 for i in range(blocks)) + 1  # SLEB's candidates, whole model each, plus the dense pass
+                     "removed": [f"{k}.{part}" for k, part in report_.sub_blocks] or report_.removed})
+    # the references' candidates, whole model each, plus the dense pass
+    reference = {"sleb": sum(layers - i - 2 for i in range(blocks)) + 1,
+                 "blockpruner": sum(2 * layers - i for i in range(blocks)) + 1}
     result = {"model": name, "blocks": layers, "removed": blocks, "calibration": [n_samples, 128], "methods": rows,
-              "sleb_reference_full_forwards": reference, "smoke": smoke, "torch_threads": torch.get_num_threads()}
+              "reference_full_forwards": reference, "smoke": smoke, "torch_threads": torch.get_num_threads()}
     return report(out, "depth", result, markdown)
 
 
 def markdown(r: dict) -> str:
-    sleb = next(m for m in r["methods"] if m["method"] == "sleb")
+    measured = {m["method"]: m["full_forwards"] for m in r["methods"]}
     return "\n".join([
         "# What the depth methods cost", "",
         f"{r['model']} ({r['blocks']} blocks), {r['removed']} blocks removed, calibration {r['calibration'][0]} x "
@@ -52,9 +55,9 @@ def markdown(r: dict) -> str:
         "| --- | ---: | ---: | ---: | --- |",
         *(f"| {m['method']} | {m['seconds']:.2f} | {m['full_forwards']:.1f} | {m['full_forwards'] / r['removed']:.1f} | "
           f"{m['removed']} |" for m in r["methods"]), "",
-        f"SLEB as the reference runs it would take {r['sleb_reference_full_forwards']} whole-model forwards; the cached "
-        f"search took {sleb['full_forwards']:.1f} ({sleb['full_forwards'] / r['sleb_reference_full_forwards']:.2f} of "
-        "them).", ""])
+        *(f"{name} as the reference runs it would take {count} whole-model forwards; the cached search took "
+          f"{measured[name]:.1f} ({measured[name] / count:.2f} of them)." for name, count in
+          r["reference_full_forwards"].items()), ""])
 
 
 def main(argv: list[str] | None = None) -> None:

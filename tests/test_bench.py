@@ -162,11 +162,12 @@ def test_smoke_lazy_memory_prunes_a_sharded_checkpoint_in_a_fresh_process(tmp_pa
     assert "peak RSS while pruning" in (tmp_path / "lazy_memory.md").read_text()
 
 
-def test_smoke_depth_cost_counts_each_method_and_sleb_against_the_reference(tmp_path):
+def test_smoke_depth_cost_counts_each_method_and_the_searches_against_the_references(tmp_path):
     from bench.depth_cost import run as depth_cost
 
     r = depth_cost(smoke=True, out=tmp_path)
     by = {m["method"]: m for m in r["methods"]}
     assert by["last"]["full_forwards"] == 0 and by["shortgpt"]["full_forwards"] == 1.0
-    assert 0 < by["sleb"]["full_forwards"] < r["sleb_reference_full_forwards"]
-    assert "SLEB as the reference runs it" in (tmp_path / "depth.md").read_text()
+    for search in ("sleb", "blockpruner"):
+        assert 0 < by[search]["full_forwards"] < r["reference_full_forwards"][search]
+    assert "blockpruner as the reference runs it" in (tmp_path / "depth.md").read_text()
