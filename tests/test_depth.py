@@ -329,6 +329,10 @@ def test_removing_sub_blocks_equals_zeroing_them_and_exports_through_custom_code
         past = back(input_ids=x[:, :-1], use_cache=True).past_key_values
         step = back(input_ids=x[:, -1:], cache=past, use_cache=True).logits[:, -1]
     torch.testing.assert_close(step, reference[:, -1], rtol=1e-4, atol=1e-4)
+    decoder = tf.AutoModel.from_pretrained(tmp_path / "m", trust_remote_code=True).eval()  # as vLLM builds it
+    with torch.no_grad():
+        torch.testing.assert_close(decoder(input_ids=x).last_hidden_state,
+                                   back.get_submodule(back.base_model_prefix)(input_ids=x).last_hidden_state)
     assert macs_per_token(back, 32) < macs_per_token(build(model_type), 32)
 
 

@@ -51,7 +51,7 @@ def test_an_exported_folder_loads_in_plain_transformers_and_computes_the_same_lo
     name = f"{model_type}-{allocation}-{remedy}"
     row = results[name]
     assert "failure" not in row, row["failure"]
-    assert row["error"] < 1e-5 and row["generated"] == 4
+    assert row["error"] < 1e-5 and row["generated"] == 4 and row["decoder_error"] == 0
     assert row["remote"] == (not (allocation == "uniform" and remedy == "none" and model_type in STOCK))
     if row["remote"]:  # the stock route may add zero biases its flags create; the remote one adds nothing
         assert row["params"] == params[name]

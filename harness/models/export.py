@@ -7,9 +7,10 @@ Two routes, chosen by what a stock config can say:
           `AutoModelForCausalLM.from_pretrained(folder)` builds it as is.
   remote  anything else (per-layer shapes, biases no flag creates, GPT-2/OPT with heads
           removed, attention sub-blocks removed): the dense config plus the recorded
-          per-module shapes and attributes, the names of the removed attentions, and
-          `auto_map` to `modeling_pruned.py`, copied into the folder; load with
-          `trust_remote_code=True`.
+          per-module shapes and attributes, the names of the removed sub-blocks, and
+          `auto_map` to `modeling_pruned.py`, copied into the folder (the causal LM for
+          `AutoModelForCausalLM`, its decoder for `AutoModel`, which vLLM's Transformers
+          backend builds); load with `trust_remote_code=True`.
 The route is decided by building the stock model from the candidate config on the meta
 device and comparing every parameter's name and shape with the pruned model's.
 The folder also holds a model card (README.md) and, when given, the run's record.
@@ -182,10 +183,13 @@ def export_config(model, path: Path):
             # The globals stay the dense model's (modeling_pruned.py builds from them, then resizes).
             config.allow_global_per_layer_attribute_access = True
             config.per_layer_config = _per_layer_config(shapes)
-        config.auto_map = {"AutoModelForCausalLM": "modeling_pruned.PrunedForCausalLM"}
+        config.auto_map = {"AutoModel": "modeling_pruned.PrunedModel",
+                           "AutoModelForCausalLM": "modeling_pruned.PrunedForCausalLM"}
         config.architectures = ["PrunedForCausalLM"]
-        source = _MODELING.read_text().replace('BASE_CLASS = "LlamaForCausalLM"',
-                                                f'BASE_CLASS = "{type(model).__name__}"', 1)
+        decoder = type(model.get_submodule(model.base_model_prefix)).__name__
+        source = (_MODELING.read_text()
+                  .replace('BASE_CLASS = "LlamaForCausalLM"', f'BASE_CLASS = "{type(model).__name__}"', 1)
+                  .replace('BASE_MODEL_CLASS = "LlamaModel"', f'BASE_MODEL_CLASS = "{decoder}"', 1))
         (path / "modeling_pruned.py").write_text(source)
     setattr(config, PRUNING_KEY, {"layers": shapes, "route": route})
     return config, route, zeros

@@ -21,8 +21,10 @@ import transformers
 from torch import nn
 
 BASE_CLASS = "LlamaForCausalLM"  # the stock class of this checkpoint, written by the export
+BASE_MODEL_CLASS = "LlamaModel"  # its decoder without the head (AutoModel), written by the export
 
 _Base = getattr(transformers, BASE_CLASS)
+_BaseModel = getattr(transformers, BASE_MODEL_CLASS)
 
 
 class LayerConfig:
@@ -111,11 +113,35 @@ def skip(model: nn.Module, skipped: dict[str, str]) -> None:
         setattr(owner, child, replacement)
 
 
+def shape_like_pruned(model: nn.Module, config, prefix: str = "") -> None:
+    """Apply the recorded removals and shapes (named from the causal LM) to `model`, which is
+    the causal LM (prefix "") or its decoder (prefix: the causal LM's name for it)."""
+
+    def own(names: dict) -> dict:
+        start = f"{prefix}." if prefix else ""
+        return {n.removeprefix(start): v for n, v in names.items() if n.startswith(start)}
+
+    skip(model, own(getattr(config, "skipped_modules", {})))
+    resize(model, own(getattr(config, "pruned_modules", {})), own(getattr(config, "pruned_attributes", {})))
+
+
+def _per_layer_access(config) -> None:
+    # The globals are the dense model's; the per-layer values are in `pruned_modules`.
+    if getattr(config, "is_heterogeneous", False):
+        config.allow_global_per_layer_attribute_access = True
+
+
 class PrunedForCausalLM(_Base):
     def __init__(self, config, *args, **kwargs):
-        # The globals are the dense model's; the per-layer values are in `pruned_modules`.
-        if getattr(config, "is_heterogeneous", False):
-            config.allow_global_per_layer_attribute_access = True
+        _per_layer_access(config)
         super().__init__(config, *args, **kwargs)
-        skip(self, getattr(config, "skipped_modules", {}))
-        resize(self, getattr(config, "pruned_modules", {}), getattr(config, "pruned_attributes", {}))
+        shape_like_pruned(self, config)
+
+
+class PrunedModel(_BaseModel):
+    """The decoder alone (`AutoModel`), as serving engines that bring their own head build it."""
+
+    def __init__(self, config, *args, **kwargs):
+        _per_layer_access(config)
+        super().__init__(config, *args, **kwargs)
+        shape_like_pruned(self, config, _Base.base_model_prefix)
