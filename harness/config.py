@@ -32,6 +32,7 @@ from harness.data.corpora import CORPORA, PROTOCOLS
 from harness.data.tokens import BOS_PLACEMENTS
 from harness.data.zeroshot_tasks import TASKS
 from harness.finetune import METHODS
+from harness.models.gguf_export import GGUF_DTYPES
 from harness.models.loading import DTYPES, SOURCES
 from harness.remedy import fits_on_data
 from harness.settings import SPARSITY_TYPES, PruneSettings
@@ -320,6 +321,7 @@ class RunConfig:
     out_dir: str = "results/runs"  # records go to <out_dir>/<config-hash>/result.json
     data_dir: str | None = "${oc.env:HARNESS_DATA_DIR,null}"  # offline copies of the datasets
     save_model: bool = False  # also save the pruned model next to the record
+    save_gguf: str | None = None  # f32, f16 or bf16: also write <run>/model.gguf for llama.cpp (LLaMA family)
     resume: bool = True  # checkpoint the pruned model until the run completes; a re-run continues from it
 
     def check(self) -> None:
@@ -354,6 +356,12 @@ class RunConfig:
             if index >= torch.cuda.device_count():
                 raise ConfigError(f"device={self.device!r}: this machine has {torch.cuda.device_count()} CUDA "
                                   f"devices; accepted: cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+        if self.save_gguf is not None:
+            one_of("save_gguf", self.save_gguf, GGUF_DTYPES)
+            if self.model.source != "gguf" or self.model.path:
+                raise ConfigError(f"save_gguf={self.save_gguf} copies the tokenizer from the GGUF the model is loaded "
+                                  f"from; model.source={self.model.source}; accepted: a model with source gguf, or "
+                                  "`harness export RUN --format gguf --vocab FILE.gguf` afterwards")
         writable_dir("out_dir", self.out_dir)
 
     def check_lazy(self, why: str = "model.lazy=true") -> None:
@@ -363,7 +371,7 @@ class RunConfig:
         if self.sparsity_type == "depth":  # SLEB and ReplaceMe run the whole model on the calibration set
             raise ConfigError(f"sparsity_type=depth is not accepted with {why} (its searches run the whole model); "
                               "accepted: model.lazy=false, or sparsity_type=structured|unstructured|nm")
-        refused = {"finetune": (self.finetune.name, "none"),
+        refused = {"finetune": (self.finetune.name, "none"), "save_gguf": (self.save_gguf, None),
                    "eval.efficiency": (None if self.eval.efficiency is None else "on", None)}
         for key, cal in (("calibration", self.calibration), ("remedy.calibration", self.remedy.calibration)):
             if "selfgen" in (cal.dataset if isinstance(cal.dataset, str) else list(cal.dataset)):

@@ -1,10 +1,13 @@
-"""`harness export RUN [--out DIR]`: a run's pruned model as a transformers folder.
+"""`harness export RUN [--out DIR] [--format hf|gguf]`: a run's pruned model as a transformers
+folder, or as one GGUF file for llama.cpp (LLaMA family; models/gguf_export.py).
 
 RUN is a run id (looked up under --out-dir, default results/runs), a record (result.json or
 its folder) or a saved-model / checkpoint folder. The model comes from the run's saved model
 (`save_model=true`) or its checkpoint if one is there; otherwise the run is pruned again from
 its recorded config (pruning is deterministic), and the result must remove exactly the units
-the record lists. The folder gets a model card and the record (models/export.py).
+the record lists. The folder gets a model card and the record (models/export.py); a GGUF export
+writes `<out>/model.gguf` beside them, its tokenizer copied from the GGUF the model was loaded
+from (or `--vocab FILE.gguf`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from harness import records
 from harness.checks import ConfigError
 from harness.config import writable_dir
 from harness.models import loading
-from harness.models.export import export, load_exported
+from harness.models.export import export, load_exported, write_card
+from harness.models.gguf_export import GGUF_DTYPES, GGUFRefused, write_gguf
 from harness.run import load_and_prune
 
 log = logging.getLogger("harness.export")
@@ -45,7 +49,7 @@ def _pruned(record: dict) -> list:
     """What pruning did, to compare a re-pruned run with its record: per block, the units removed
     (structured) or each masked layer's fraction of zeros (unstructured / N:M); the blocks removed (depth)."""
     if record["pruning"].get("sparsity_type") == "depth":
-        return record["pruning"]["blocks_removed"]
+        return record["pruning"].get("sub_blocks_removed") or record["pruning"]["blocks_removed"]
     if "pattern" in record["pruning"]:
         return [row.get("sparsity") for row in record["pruning"]["per_layer"]]
     return [(row["attention_units_removed"], row["mlp_channels_removed"]) for row in record["pruning"]["per_layer"]]
@@ -103,17 +107,47 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="target folder (default: <run folder>/export)")
     parser.add_argument("--out-dir", type=Path, default=Path("results/runs"), help="where run ids are looked up")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
+    parser.add_argument("--format", choices=("hf", "gguf"), default="hf",
+                        help="hf: a transformers folder; gguf: model.gguf for llama.cpp (LLaMA family)")
+    parser.add_argument("--gguf-dtype", choices=GGUF_DTYPES, default="f16", help="the GGUF's weight type")
+    parser.add_argument("--vocab", type=Path, help="a GGUF file to copy the tokenizer from (default: the GGUF "
+                        "the run's model was loaded from)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     record_path, folder = _locate(args.run, args.out_dir)
     out = args.out or ((record_path.parent if record_path else folder.parent) / "export")
     run_id = json.loads(record_path.read_text()).get("run_id") if record_path else None
+    vocab = _vocab(args.vocab, record_path) if args.format == "gguf" else None
     check_target(out, run_id, args.overwrite)
     model, tok, record = model_for(record_path, folder)
-
+    if args.format == "gguf":
+        try:
+            path = write_gguf(model, out / "model.gguf", vocab, args.gguf_dtype,
+                              (record or {}).get("model", {}).get("name", ""))
+        except GGUFRefused as e:
+            raise SystemExit(f"harness export: --format gguf refused: {e}") from None
+        if record is not None:
+            write_card(out, record, "gguf")
+        print(f"exported to {path} (llama.cpp, {args.gguf_dtype})")
+        return
     export(model, tok, out, record)
     route = json.loads((out / "config.json").read_text())["harness_pruning"]["route"]
     print(f"exported to {out} ({'stock config' if route == 'stock' else 'with modeling_pruned.py: trust_remote_code=True'})")
+
+
+def _vocab(given: Path | None, record_path: Path | None) -> Path:
+    """The GGUF file whose tokenizer a GGUF export copies, checked before any model loads."""
+    if given is not None:
+        if not given.is_file():
+            raise SystemExit(f"harness export: --vocab {given} is not a file; accepted: a GGUF file with a tokenizer")
+        return given
+    model = records.read(record_path)["config"]["model"] if record_path else None
+    if model is None or model.get("source") != "gguf" or model.get("path"):
+        raise SystemExit("harness export: --format gguf copies the tokenizer from the GGUF the model was loaded from; "
+                         f"this run's model source is {(model or {}).get('source', 'unknown')}: give --vocab FILE.gguf")
+    from omegaconf import OmegaConf
+
+    return loading.gguf_source(OmegaConf.create(model))
 
 
 if __name__ == "__main__":

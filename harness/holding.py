@@ -25,6 +25,7 @@ from transformers import AutoTokenizer
 from harness import resume
 from harness.models import loading
 from harness.models.export import PRUNING_KEY, export, write_card
+from harness.models.gguf_export import GGUFRefused, write_gguf
 from harness.models.lazy import LazyCheckpoint
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,18 @@ def save(held: Held, folder: Path, record: dict) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     checkpoint.replace(target)
     return target
+
+
+def save_gguf(held: Held, folder: Path, model_config: dict, dtype: str) -> dict:
+    """The pruned model as `folder`/model.gguf (llama.cpp), or why llama.cpp cannot express it
+    (the run keeps everything else: the refusal is recorded, not raised)."""
+    try:
+        path = write_gguf(held.model, folder / "model.gguf", loading.gguf_source(OmegaConf.create(model_config)), dtype,
+                          model_config["name"])
+    except GGUFRefused as e:
+        log.warning("no GGUF written: %s", e)
+        return {"refused": str(e)}
+    return {"path": str(path), "dtype": dtype}
 
 
 def discard_checkpoint(folder: Path) -> None:

@@ -19,6 +19,8 @@ from harness.environment import free_memory
 from harness.finetune import lora_targets
 from harness.models import adapter_for, loading
 from harness.models.base import in_features, out_features
+from harness.models.gguf_export import GGUFRefused
+from harness.models.gguf_export import check_config as check_gguf
 from harness.prune import allocation, module_shapes, n_params, prunable_layers
 from harness.remedy import fits_on_data
 from harness.sparse.pipeline import check_widths
@@ -57,6 +59,11 @@ def check(cfg: RunConfig, model: nn.Module) -> None:
             raise ConfigError(f"{key}={n} exceeds the model's context of {context} tokens; accepted: 2 .. {context}")
     if cfg.finetune.name != "none":
         _check_lora(cfg, model, blocks)
+    if cfg.save_gguf is not None:
+        try:
+            check_gguf(model.config)
+        except GGUFRefused as e:
+            raise ConfigError(f"save_gguf={cfg.save_gguf}: {e}") from e
     settings = cfg.prune_settings()
     layer_range = prunable_layers(len(blocks), settings.layers)
     if settings.sparsity_type == "depth":

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 # Keys that do not change what a run computes, left out of the config hash.
-NON_SEMANTIC = ("force", "out_dir", "logger", "launcher", "data_dir", "save_model", "resume", "hydra", "collect")
+NON_SEMANTIC = ("force", "out_dir", "logger", "launcher", "data_dir", "save_model", "save_gguf", "resume", "hydra",
+                "collect")
 
 
 def config_hash(config: dict) -> str:

@@ -137,6 +137,8 @@ def _execute(run_config: schema.RunConfig, config: dict, record: dict, device, d
     evaluate(held.model, held.tok, config["eval"], config["data_dir"], record["eval"], save, held.store, device)
     if config["save_model"]:  # a transformers folder with a model card from the finished record
         record["saved_model"] = str(holding.save(held, folder, {**record, "status": "complete", "finished_at": now()}))
+    if config["save_gguf"]:  # llama.cpp's file, where it can express the pruned model
+        record["saved_gguf"] = holding.save_gguf(held, folder, config["model"], config["save_gguf"])
     _complete(record, path, tracker)
     holding.discard_checkpoint(folder)
     return record

@@ -73,17 +73,19 @@ def _sparsity(p: dict) -> str:
 
 def model_card(record: dict, route: str) -> str:
     c, m, p, ev = record["config"], record["model"], record["pruning"], record.get("eval", {})
-    load = ("AutoModelForCausalLM.from_pretrained(folder)" if route == "stock"
-            else "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)")
+    load = {"stock": "AutoModelForCausalLM.from_pretrained(folder)",
+            "gguf": "llama.cpp: llama-cli -m model.gguf (or llama_cpp.Llama(model_path=\"model.gguf\"))"}.get(
+        route, "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)")
     remedy = c["remedy"]["name"]
     title, tags, method = _what(record)
     how = ("Pruned, then fine-tuned with LoRA (merged; see the fine-tune row)," if record.get("finetune")
            else "Pruned without retraining")
     lines = [
-        "---", "library_name: transformers", f"base_model: {m['id']}", f"tags: {tags}", "---", "", title, "",
+        "---", f"library_name: {'gguf' if route == 'gguf' else 'transformers'}", f"base_model: {m['id']}", f"tags: {tags}", "---", "", title, "",
         f"{how} by [harness](https://arxiv.org/abs/2407.19126) (run `{record['run_id']}`).",
         f"Load with `{load}`"
-        + ("" if route == "stock" else " (`modeling_pruned.py`, in this folder, builds the per-layer shapes)") + ".",
+        + ("" if route in ("stock", "gguf") else " (`modeling_pruned.py`, in this folder, builds the per-layer shapes)")
+        + ".",
         "",
         "| | |", "| --- | --- |",
         f"| base model | `{m['id']}` (revision `{c['model'].get('revision') or 'main'}`, model_type `{m['model_type']}`) |",

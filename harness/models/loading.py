@@ -62,6 +62,11 @@ def model_dir(cfg) -> str:
     raise ValueError(f"unknown model.source {cfg.source!r}; accepted: {', '.join(SOURCES)}")
 
 
+def gguf_source(cfg) -> Path | None:
+    """The GGUF file the model is loaded from (its tokenizer is what a GGUF export copies), or None."""
+    return _gguf_file(cfg) if cfg.source == "gguf" else None
+
+
 def _gguf_file(cfg) -> Path:
     """The GGUF file: shipped whole in one package, or split over several, joined in order."""
     parts = []
