@@ -127,6 +127,13 @@ def test_a_masked_run_saves_and_exports_with_its_zeros_and_a_card_that_says_so(t
         outputs.append(logits(model, x))
         card = (folder / "README.md").read_text()
         assert "weights zeroed" in card and rec["pruning"]["pattern"] in card and "structurally removed" not in card
+        sparsity = json.loads((folder / "config.json").read_text())["harness_pruning"]["sparsity_config"]
+        assert sparsity["format"] == "dense" and sparsity["ignore"] == ["lm_head"]
+        assert sparsity["sparsity_structure"] == ("2:4" if "nm=2:4" in track else "unstructured")
+        targets = [model.get_submodule(name).weight for name in sparsity["targets"]]
+        assert sum(int((w == 0).sum()) for w in targets) == rec["pruning"]["zero_weights"]
+        if "nm=2:4" in track:  # every group of 4 consecutive inputs of every target holds 2 zeros
+            assert all(bool(((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all()) for w in targets)
     assert torch.equal(outputs[0], outputs[1])
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from harness import records
-from harness.models import adapter_for
+from harness.models import adapter_for, module_view
 from harness.models.card import model_card
 from harness.models.surgery import ATTENTION, PARTS, block_shape, part_skipped
 
@@ -149,11 +149,32 @@ def _per_layer_config(shapes: list[dict]) -> dict[int, dict]:
                 "intermediate_size": s["channels"]} for i, s in enumerate(shapes)}
 
 
+def sparsity_config(model, record: dict | None) -> dict | None:
+    """A masked run's sparsity in compressed-tensors' `SparsityCompressionConfig` form (what
+    llm-compressor <= 0.14 wrote under `quantization_config`): dense storage, the N:M structure
+    (or unstructured), the model's fraction of zeros, and the masked linear layers by name."""
+    pruning = (record or {}).get("pruning", {})
+    if "pattern" not in pruning:
+        return None
+    ad = adapter_for(model)
+    blocks = ad.layers(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    targets = {names[id(m)] for k in range(*pruning["layers"]) for kind in record["config"]["prune"]["modules"]
+               for view in [module_view(ad, blocks[k], kind)] for m in (*view.level1, view.level2)}
+    head = names.get(id(model.get_output_embeddings()))
+    return {"format": "dense", "sparsity_structure": pruning["pattern"] if pruning["sparsity_type"] == "nm"
+            else "unstructured", "global_sparsity": pruning["sparsity_of_model"], "targets": sorted(targets),
+            "ignore": [head] if head else [], "registry_requires_subclass": False}
+
+
 def export(model, tokenizer, path: str | Path, record: dict | None = None) -> Path:
     """Write `model` (pruned in memory) to `path` as a transformers folder; returns `path`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config, route, zeros = export_config(model, path)
+    sparsity = sparsity_config(model, record)
+    if sparsity is not None:
+        getattr(config, PRUNING_KEY)["sparsity_config"] = sparsity
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     dtype = next(model.parameters()).dtype
     state.update({name: torch.zeros(shape, dtype=dtype) for name, shape in zeros.items()})
