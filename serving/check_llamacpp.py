@@ -1,0 +1,61 @@
+"""Run in llama.cpp's environment (.venv-llamacpp; serving/requirements-llamacpp.txt): load each
+GGUF file of a cases file with llama-cpp-python, generate greedily from its prompt and score its
+reference sequence, and write what llama.cpp produced. Imports nothing of this project.
+
+    .venv-llamacpp/bin/python serving/check_llamacpp.py CASES.json OUT.json
+
+CASES.json: [{"name", "gguf", "prompt": [ids], "sequence": [ids], "new_tokens": n}]; OUT.json: per
+case the greedy tokens and the per-token NLL of `sequence` (positions 1..), or the error.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from llama_cpp import Llama
+
+
+def nll_of(llm: Llama, sequence: list[int]) -> list[float]:
+    llm.reset()
+    llm.eval(sequence)
+    logits = np.asarray(llm.scores[: len(sequence)], dtype=np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return [float(-logp[i - 1, t]) for i, t in enumerate(sequence) if i > 0]
+
+
+def greedy(llm: Llama, prompt: list[int], n: int) -> list[int]:
+    llm.reset()
+    llm.eval(prompt)
+    out = []
+    for _ in range(n):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(token)
+        llm.eval([token])
+    return out
+
+
+def run(case: dict) -> dict:
+    start = time.perf_counter()
+    llm = Llama(model_path=case["gguf"], n_ctx=256, logits_all=True, verbose=False, seed=0, n_threads=2)
+    loaded = time.perf_counter() - start
+    return {"tokens": greedy(llm, case["prompt"], case["new_tokens"]), "nll": nll_of(llm, case["sequence"]),
+            "load_seconds": loaded}
+
+
+def main() -> None:
+    cases = json.loads(Path(sys.argv[1]).read_text())
+    results = {}
+    for case in cases:
+        try:
+            results[case["name"]] = run(case)
+        except Exception as e:  # noqa: BLE001 - reported per case, the checker fails on it
+            results[case["name"]] = {"error": f"{type(e).__name__}: {str(e)[:2000]}"}
+        print(case["name"], "error" if "error" in results[case["name"]] else "ok", flush=True)
+    Path(sys.argv[2]).write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
