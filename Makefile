@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 SHARED_DATA := $(wildcard ../shared/data)
 export HARNESS_DATA_DIR ?= $(if $(SHARED_DATA),$(abspath $(SHARED_DATA)),)
 
-.PHONY: setup demo test test-fast bench bench-gpu lint slurm-up slurm-down clean
+.PHONY: setup demo test test-fast bench bench-gpu lint slurm-up slurm-down clean serving-setup serve-check bench-serving
 
 setup: $(VENV)/.installed
 
@@ -52,6 +52,35 @@ bench: setup
 #   python3 -m bench.gpu --out $$OUT
 bench-gpu:
 	HF_HUB_OFFLINE=1 $(PY) -m bench.gpu
+
+# Serving engines, each in its own environment (serving/requirements-*.txt): vLLM's CPU build
+# (about 13 minutes to install) and llama.cpp through llama-cpp-python (built from source with
+# cmake). Too long for CI's 30 minutes: `make serve-check` runs the checks on demand and its latest
+# result is committed in results/serving/check.md.
+serving-setup: .venv-vllm/.installed .venv-llamacpp/.installed
+
+.venv-vllm/.installed: serving/requirements-vllm.txt
+	$(PYTHON) -m venv .venv-vllm
+	.venv-vllm/bin/pip install -q --upgrade pip
+	.venv-vllm/bin/pip install -q -r serving/requirements-vllm.txt
+	.venv-vllm/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+.venv-llamacpp/.installed: serving/requirements-llamacpp.txt
+	$(PYTHON) -m venv .venv-llamacpp
+	.venv-llamacpp/bin/pip install -q --upgrade pip
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) .venv-llamacpp/bin/pip install -q -r serving/requirements-llamacpp.txt
+	touch $@
+
+# Exports of tiny models (every architecture and pruning shape) and of SmolLM2-135M pruned four ways,
+# loaded in vLLM and llama.cpp against plain transformers -> results/serving/check.{json,md}
+serve-check: setup serving-setup
+	HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 $(PY) scripts/serve_check.py
+
+# Prefill and decode tokens/s of dense and pruned SmolLM2-135M in vLLM and llama.cpp
+# -> results/bench/serving.{json,md}
+bench-serving: setup serving-setup
+	HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 $(PY) -m bench.serving
 
 slurm-up:
 	scripts/slurm-local up
