@@ -171,3 +171,12 @@ def test_smoke_depth_cost_counts_each_method_and_the_searches_against_the_refere
     for search in ("sleb", "blockpruner"):
         assert 0 < by[search]["full_forwards"] < r["reference_full_forwards"][search]
     assert "blockpruner as the reference runs it" in (tmp_path / "depth.md").read_text()
+
+
+def test_smoke_serving_speed_times_the_dense_model_in_plain_transformers(tmp_path):
+    from bench.serving import run as serving
+
+    r = serving(smoke=True, out=tmp_path)
+    speed = r["rows"]["dense"]["transformers"]
+    assert speed["prefill_tokens_per_s"] > 0 and speed["decode_tokens_per_s"] > 0 and r["engines"] == ["transformers"]
+    assert "| dense |" in (tmp_path / "serving.md").read_text()
