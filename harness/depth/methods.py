@@ -10,6 +10,7 @@ chosen.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +53,8 @@ class DepthMethod:
         nearest `ctx.target_params`), in the order chosen."""
         raise NotImplementedError
 
+
+log = logging.getLogger(__name__)
 
 _REGISTRY: Registry[type[DepthMethod]] = Registry("depth method", __name__, "metric")
 register, names, build = _REGISTRY.register, _REGISTRY.names, _REGISTRY.build
@@ -122,6 +125,7 @@ class SLEB(DepthMethod):
             nll = {k: ctx.nll(set(removed), k) for k in candidates}
             best = min(candidates, key=lambda k: (nll[k], k))
             removed.append(best)
+            log.info("sleb step %d/%d: block %d (calibration NLL %.4f)", len(removed), n, best, nll[best])
             steps.append({str(k): v for k, v in nll.items()})
         ctx.scores["nll_per_step"] = steps
         return removed
@@ -151,6 +155,8 @@ class BlockPruner(DepthMethod):
                 break
             removed.append(best)
             total += size[best]
+            progress = f"{100 * total / target:.1f}% of the target" if n is None else f"{len(removed)} of {n}"
+            log.info("blockpruner step %d: %d.%s (calibration NLL %.4f); %s", len(removed), *best, nll[best], progress)
             steps.append({f"{k}.{part}": v for (k, part), v in nll.items()})
         ctx.scores["nll_per_step"] = steps
         return removed
