@@ -107,14 +107,16 @@ def test_a_removed_attention_is_a_deci_layer_without_attention(vocab, tmp_path):
     ("mlp_gone", "block 1 lost its MLP but kept its attention"),
     ("first_attention_gone", "block 0 has no attention"),
     ("qwen2_adaptive", "has q/k/v biases"),
+    ("qwen2_uniform", "sizes the query projection by the hidden width"),
 ])
 def test_what_llama_cpp_cannot_express_is_refused_with_the_reason(case, message, vocab, tmp_path):
     if case == "gpt2":
         model = build("gpt2")
     elif case == "mistral":
         model = tiny("mistral")
-    elif case == "qwen2_adaptive":
-        model = pruned(tiny("qwen2", use_sliding_window=False, layer_types=["full_attention"] * 3), allocation="adaptive")
+    elif case.startswith("qwen2"):
+        model = pruned(tiny("qwen2", use_sliding_window=False, layer_types=["full_attention"] * 3),
+                       allocation=case.removeprefix("qwen2_"))
     else:
         model = tiny()
         remove_sub_blocks(model, [(1, "mlp")] if case == "mlp_gone" else [(0, "attention")])

@@ -6,7 +6,8 @@ family (`llama`, `qwen2`); blocks of different shapes as `deci` (DeciLM / Nemotr
 `head_count`, `head_count_kv` and `feed_forward_length` are per-layer arrays. What llama.cpp
 cannot express is refused with the reason (`GGUFRefused`), before anything is written:
   - architectures other than llama / mistral / qwen2 (their GGUF writers are not here);
-  - per-layer shapes of a model with q/k/v biases (deci sizes a query bias by the hidden width);
+  - per-layer shapes of a model with q/k/v biases (deci sizes a query bias by the hidden width),
+    and Qwen2 with query heads removed (its `qwen2` sizes the query projection the same way);
   - a removed MLP in a block that keeps its attention (deci's graph then drops the attention's
     output too), and block 0 without attention (llama.cpp reads the head size from layer 0);
   - biases the bias remedy added to the MLP's down projection of a uniform `llama`/`qwen2` model
@@ -71,6 +72,11 @@ def plan(model: nn.Module) -> dict:
     down_bias = any(ad.mlp(b).level2.bias is not None for b in blocks if not part_skipped(ad, b, MLP))
     if uniform and not down_bias:
         arch = FAMILY_ARCH[kind]
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if arch == "qwen2" and shapes[0]["heads"] * head_dim != config.hidden_size:
+            raise GGUFRefused(f"llama.cpp's qwen2 architecture sizes the query projection by the hidden width "
+                              f"({config.hidden_size}); this model keeps {shapes[0]['heads']} heads of {head_dim}: "
+                              "export it as a transformers folder")
     else:
         if qkv_bias:
             raise GGUFRefused("blocks of different shapes (or MLP output biases) need llama.cpp's deci architecture, "
