@@ -100,7 +100,8 @@ def run(smoke: bool, out: Path) -> dict:
                 export(model, tok, folder, None)
                 remote = (folder / "modeling_pruned.py").exists()
                 row["route"] = "remote" if remote else "stock"
-                cases["vllm"].append({"name": name, "folder": str(folder), "remote": remote, "prompt": prompt,
+                cases["vllm"].append({"name": name, "folder": str(folder), "remote": remote,
+                                  "model_impl": "transformers" if remote else "auto", "prompt": prompt,
                                       "new_tokens": NEW, "repeats": REPEATS})
                 try:
                     gguf = write_gguf(model, folder / "model.gguf", smollm2_gguf(), dtype="f16")

@@ -121,6 +121,19 @@ def smollm2_cases() -> list[tuple[str, torch.nn.Module, str | None]]:
     return out
 
 
+def vllm_impl(folder: Path) -> str:
+    """The vLLM model implementation a user passes for this export: "transformers" where the folder
+    ships modeling code, or where vLLM's own Qwen2 would misread it (it derives the head size from
+    the hidden width, ignoring `head_dim`, so a Qwen2 with heads removed needs the Transformers backend)."""
+    config = json.loads((folder / "config.json").read_text())
+    if (folder / "modeling_pruned.py").exists():
+        return "transformers"
+    if config["model_type"] == "qwen2" and config["num_attention_heads"] * config.get(
+            "head_dim", 0) not in (0, config["hidden_size"]):
+        return "transformers"
+    return "auto"
+
+
 def _reference(folder: Path, prompt: list[int], sequence: list[int]) -> dict:
     """Plain transformers on the exported folder: greedy tokens, per-token NLL, float32."""
     model = load_exported(folder)
@@ -153,7 +166,8 @@ def build(root: Path, only: str | None, names: list[str] | None = None) -> list[
             sequence = real if group == "smollm2" else torch.randint(
                 3, VOCAB, (SEQUENCE,), generator=torch.Generator().manual_seed(7)).tolist()
             prompt = sequence[:16]
-            case = {"name": name, "folder": str(folder), "remote": remote, "prompt": prompt, "sequence": sequence,
+            case = {"name": name, "folder": str(folder), "remote": remote, "model_impl": vllm_impl(folder),
+                    "prompt": prompt, "sequence": sequence,
                     "new_tokens": NEW_TOKENS, "reference": _reference(folder, prompt, sequence)}
             try:
                 case["gguf"] = str(write_gguf(model, folder / "model.gguf", _smollm2_gguf(), dtype="f32"))

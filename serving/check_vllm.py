@@ -4,7 +4,7 @@ sequence, and write what vLLM produced. Imports neither harness nor anything of 
 
     .venv-vllm/bin/python serving/check_vllm.py CASES.json OUT.json
 
-CASES.json: [{"name", "folder", "remote", "prompt": [ids], "sequence": [ids], "new_tokens": n}];
+CASES.json: [{"name", "folder", "remote", "model_impl", "prompt": [ids], "sequence": [ids], "new_tokens": n}];
 OUT.json: per case the greedy tokens and the per-token NLL of `sequence` (positions 1..), or the
 error vLLM raised.
 """
@@ -22,7 +22,7 @@ from vllm.inputs import TokensPrompt
 def run(case: dict) -> dict:
     start = time.perf_counter()
     llm = LLM(model=case["folder"], dtype="float32", trust_remote_code=case["remote"], max_model_len=128,
-              model_impl="transformers" if case["remote"] else "auto", enforce_eager=True, seed=0)
+              model_impl=case.get("model_impl", "auto"), enforce_eager=True, seed=0)
     loaded = time.perf_counter() - start
     greedy = SamplingParams(temperature=0.0, max_tokens=case["new_tokens"], ignore_eos=True)
     tokens = llm.generate([TokensPrompt(prompt_token_ids=case["prompt"])], greedy, use_tqdm=False)[0].outputs[0].token_ids

@@ -28,7 +28,7 @@ def timed(llm: LLM, prompt: list[int], n: int) -> float:
 def run(case: dict) -> dict:
     llm = LLM(model=case["folder"], dtype=case.get("dtype", "bfloat16"), trust_remote_code=case["remote"],
               max_model_len=len(case["prompt"]) + case["new_tokens"], enforce_eager=True, seed=0,
-              model_impl="transformers" if case["remote"] else "auto")
+              model_impl=case.get("model_impl", "auto"))
     prompt, n = case["prompt"], case["new_tokens"]
     timed(llm, prompt, n)  # warm-up
     first = [timed(llm, prompt, 1) for _ in range(case["repeats"])]

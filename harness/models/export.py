@@ -144,9 +144,15 @@ def _module_diff(model: nn.Module, stock: nn.Module) -> tuple[dict, dict]:
     return modules, attributes
 
 
-def _per_layer_config(shapes: list[dict]) -> dict[int, dict]:
-    return {i: {"num_attention_heads": s["heads"], "num_key_value_heads": s["kv_heads"],
-                "intermediate_size": s["channels"]} for i, s in enumerate(shapes)}
+_MLP_WIDTH_KEY = {"gpt2": "n_inner", "opt": "ffn_dim"}  # else intermediate_size
+
+
+def _per_layer_config(model_type: str, shapes: list[dict]) -> dict[int, dict]:
+    """transformers' heterogeneous-config form of the per-layer shapes (vLLM sizes each layer's
+    attention and KV cache from it)."""
+    width = _MLP_WIDTH_KEY.get(model_type, "intermediate_size")
+    return {i: {"num_attention_heads": s["heads"], "num_key_value_heads": s["kv_heads"], width: s["channels"]}
+            for i, s in enumerate(shapes)}
 
 
 def sparsity_config(model, record: dict | None) -> dict | None:
@@ -200,10 +206,9 @@ def export_config(model, path: Path):
         modules, attributes = _module_diff(model, _stock_model(config))
         config.pruned_modules, config.pruned_attributes = modules, attributes
         config.skipped_modules = skipped_modules(model)
-        if config.model_type in _LLAMA_FAMILY:
-            # The globals stay the dense model's (modeling_pruned.py builds from them, then resizes).
-            config.allow_global_per_layer_attribute_access = True
-            config.per_layer_config = _per_layer_config(shapes)
+        # The globals stay the dense model's (modeling_pruned.py builds from them, then resizes).
+        config.allow_global_per_layer_attribute_access = True
+        config.per_layer_config = _per_layer_config(config.model_type, shapes)
         config.auto_map = {"AutoModel": "modeling_pruned.PrunedModel",
                            "AutoModelForCausalLM": "modeling_pruned.PrunedForCausalLM"}
         config.architectures = ["PrunedForCausalLM"]
