@@ -78,8 +78,8 @@ def _tiny(model_type: str) -> torch.nn.Module:
 def _prune(model, how: str, calibration: torch.Tensor):
     if how == "depth":
         remove_sub_blocks(model, [(1, "attention"), (1, "mlp")])
-    elif how == "attention_removed":
-        remove_sub_blocks(model, [(1, "attention")])
+    elif how in ("attention_removed", "mlp_removed"):
+        remove_sub_blocks(model, [(1, how.removesuffix("_removed"))])
     elif how in ("2:4", "unstructured"):
         settings = PruneSettings(sparsity_type="nm" if how == "2:4" else "unstructured", sparsity=0.5, nm="2:4",
                                  chunk_size=4)
@@ -99,7 +99,7 @@ def tiny_cases() -> list[tuple[str, torch.nn.Module, str | None]]:
     for model_type in sorted(CONFIGS):
         for how in ("uniform", "adaptive"):
             cases.append((f"tiny-{model_type}-{how}", model_type, how))
-    for how in ("bias", "query_head", "depth", "attention_removed", "2:4", "unstructured"):
+    for how in ("bias", "query_head", "depth", "attention_removed", "mlp_removed", "2:4", "unstructured"):
         cases.append((f"tiny-llama-{how}", "llama", how))
     calibration = torch.randint(3, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
     return [(name, _prune(_tiny(t), how, calibration), None) for name, t, how in cases]

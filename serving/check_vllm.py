@@ -11,12 +11,15 @@ error vLLM raised.
 
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-from vllm import LLM, SamplingParams
-from vllm.inputs import TokensPrompt
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: its errors reach us whole
+
+from vllm import LLM, SamplingParams  # noqa: E402
+from vllm.inputs import TokensPrompt  # noqa: E402
 
 
 def run(case: dict) -> dict:

@@ -31,7 +31,7 @@ def once(llm: Llama, prompt: list[int], n: int) -> tuple[float, float]:
 def run(case: dict) -> dict:
     prompt, n = case["prompt"], case["new_tokens"]
     llm = Llama(model_path=case["gguf"], n_ctx=len(prompt) + n + 8, n_batch=len(prompt), verbose=False, seed=0,
-                n_threads=case["threads"], logits_all=False)
+                n_threads=case["threads"], logits_all=True)  # as the prefill of transformers: every position's logits
     once(llm, prompt, n)  # warm-up
     timings = [once(llm, prompt, n) for _ in range(case["repeats"])]
     prefill = statistics.median(t[0] for t in timings)
