@@ -178,6 +178,18 @@ def build(root: Path, only: str | None, names: list[str] | None = None) -> list[
     return cases
 
 
+def run_engine(engine: str, case: dict, root: Path) -> dict:
+    """One case in the engine's environment, in its own process (a crash costs that case only)."""
+    python, script = ENGINES[engine]
+    todo = root / f"{engine}-{case['name'].replace(':', '-')}.json"
+    todo.write_text(json.dumps([case]))
+    done = todo.with_suffix(".out")
+    r = subprocess.run([str(python), str(script), str(todo), str(done)], cwd=root, capture_output=True, text=True)
+    if r.returncode != 0 or not done.exists():
+        return {"error": f"the engine process ended with status {r.returncode}: {r.stderr[-600:]}"}
+    return json.loads(done.read_text())[case["name"]]
+
+
 def compare(case: dict, got: dict, tolerance: float) -> dict:
     if "error" in got:
         return {"ok": False, "error": got["error"][-600:]}
@@ -210,16 +222,10 @@ def main() -> None:
                                         "gguf": "gguf" in c, "gguf_refused": c.get("gguf_refused"),
                                         "reference_min_margin": c["reference"]["min_margin"]} for c in cases}}
         for engine in engines:
-            python, script = ENGINES[engine]
-            selected = [c for c in cases if engine == "vllm" or "gguf" in c]
-            (root / f"{engine}.json").write_text(json.dumps(selected))
             start = time.perf_counter()
-            subprocess.run([str(python), str(script), str(root / f"{engine}.json"), str(root / f"{engine}-out.json")],
-                           check=True, cwd=root)
-            got = json.loads((root / f"{engine}-out.json").read_text())
             tolerance = args.tolerance if engine == "vllm" else args.gguf_tolerance
-            for c in selected:
-                report["cases"][c["name"]][engine] = compare(c, got[c["name"]], tolerance)
+            for c in (c for c in cases if engine == "vllm" or "gguf" in c):
+                report["cases"][c["name"]][engine] = compare(c, run_engine(engine, c, root), tolerance)
             report[f"{engine}_seconds"] = time.perf_counter() - start
     report["tolerance"] = {"vllm": args.tolerance, "llamacpp": args.gguf_tolerance}
     args.out.mkdir(parents=True, exist_ok=True)
