@@ -147,12 +147,13 @@ def _module_diff(model: nn.Module, stock: nn.Module) -> tuple[dict, dict]:
 _MLP_WIDTH_KEY = {"gpt2": "n_inner", "opt": "ffn_dim"}  # else intermediate_size
 
 
-def _per_layer_config(model_type: str, shapes: list[dict]) -> dict[int, dict]:
+def _per_layer_config(model_type: str, shapes: list[dict], head_dim: int) -> dict[int, dict]:
     """transformers' heterogeneous-config form of the per-layer shapes (vLLM sizes each layer's
-    attention and KV cache from it)."""
+    attention and KV cache from it; the head size is explicit, as vLLM otherwise derives it from
+    the hidden width and the layer's head count)."""
     width = _MLP_WIDTH_KEY.get(model_type, "intermediate_size")
-    return {i: {"num_attention_heads": s["heads"], "num_key_value_heads": s["kv_heads"], width: s["channels"]}
-            for i, s in enumerate(shapes)}
+    return {i: {"num_attention_heads": s["heads"], "num_key_value_heads": s["kv_heads"], width: s["channels"],
+                "head_dim": head_dim} for i, s in enumerate(shapes)}
 
 
 def sparsity_config(model, record: dict | None) -> dict | None:
@@ -208,7 +209,11 @@ def export_config(model, path: Path):
         config.skipped_modules = skipped_modules(model)
         # The globals stay the dense model's (modeling_pruned.py builds from them, then resizes).
         config.allow_global_per_layer_attribute_access = True
-        config.per_layer_config = _per_layer_config(config.model_type, shapes)
+        ad = adapter_for(model)
+        head_dim = next((ad.attention(b).head_dim for b in ad.layers(model) if not part_skipped(ad, b, ATTENTION)), None)
+        if head_dim is not None:  # OPT and GPT-2 configs have none: theirs is hidden / heads of the dense model
+            config.head_dim = head_dim
+        config.per_layer_config = _per_layer_config(config.model_type, shapes, head_dim)
         config.auto_map = {"AutoModel": "modeling_pruned.PrunedModel",
                            "AutoModelForCausalLM": "modeling_pruned.PrunedForCausalLM"}
         config.architectures = ["PrunedForCausalLM"]
