@@ -34,7 +34,7 @@ ENGINES = {"vllm": (ROOT / ".venv-vllm/bin/python", ROOT / "serving/speed_vllm.p
            "llamacpp": (ROOT / ".venv-llamacpp/bin/python", ROOT / "serving/speed_llamacpp.py")}
 VARIANTS = {"dense": ["sparsity=0", "metric=random"],
             **{f"{name} {s:.0%}": [f"sparsity={s}", *overrides] for s in (0.2, 0.5) for name, overrides in (
-                ("ours uniform", []), ("flap+bias adaptive", ["+method=flap_bias"]),
+                ("ours uniform", []), ("flap+bias adaptive", ["+method=flap_bias", "allocation=adaptive"]),
                 ("shortgpt depth", ["+method=depth_shortgpt"]))}}
 PROMPT, NEW, REPEATS, THREADS = 128, 128, 3, 2
 

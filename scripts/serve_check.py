@@ -111,7 +111,7 @@ def smollm2_cases() -> list[tuple[str, torch.nn.Module, str | None]]:
 
     out = []
     for name, overrides in (("smollm2-ours-uniform-20", ["sparsity=0.2"]),
-                            ("smollm2-flap-bias-adaptive-20", ["sparsity=0.2", "+method=flap_bias"]),
+                            ("smollm2-flap-bias-adaptive-20", ["sparsity=0.2", "+method=flap_bias", "allocation=adaptive"]),
                             ("smollm2-shortgpt-depth-20", ["sparsity=0.2", "+method=depth_shortgpt"]),
                             ("smollm2-wanda-2:4", ["sparsity_type=nm", "nm=2:4", "sparsity=0.5", "metric=wanda"])):
         cfg = typed(compose("model=smollm2-135m", "calibration.n_samples=16", "logger=none", *overrides))
