@@ -7,8 +7,9 @@ float32 GGUF), computes with plain transformers (float32, from the exported fold
 tokens and the per-token NLL of a 64-token sequence, runs serving/check_vllm.py and
 serving/check_llamacpp.py in the engines' own environments, and compares: identical greedy
 tokens, NLL within --tolerance (vLLM) and --gguf-tolerance (llama.cpp, run with a float32 KV
-cache: its default f16 cache alone moves the NLL by about 2e-4). The result goes to results/serving/check.{json,md}; the exit status
-is 1 if any case fails.
+cache: its default f16 cache alone moves the NLL by about 2e-4). The result goes to
+results/serving/check.{json,md}; the exit status is 1 if a case fails that is not a known engine
+limitation (KNOWN), or a known one passes.
 
     python scripts/serve_check.py [--only tiny|smollm2] [--engines vllm,llamacpp]
 """
@@ -40,6 +41,12 @@ ENGINES = {"vllm": (ROOT / ".venv-vllm/bin/python", ROOT / "serving/check_vllm.p
            "llamacpp": (ROOT / ".venv-llamacpp/bin/python", ROOT / "serving/check_llamacpp.py")}
 VOCAB = 49152  # SmolLM2's tokenizer (the GGUF files copy it): tiny models use its vocabulary
 NEW_TOKENS, SEQUENCE = 32, 64
+# What vLLM 0.32 cannot load, and why (docs/deploy.md); a case listed here that passes is reported too.
+KNOWN = {
+    ("tiny-gpt2-uniform", "vllm"): "vLLM's Transformers backend fails on any GPT-2, the unpruned one included",
+    ("tiny-gpt2-adaptive", "vllm"): "vLLM's Transformers backend fails on any GPT-2, the unpruned one included",
+    ("tiny-llama-attention_removed", "vllm"): "vLLM's Transformers backend needs every layer's attention",
+}
 
 
 def _smollm2_gguf() -> Path:
@@ -232,17 +239,21 @@ def main() -> None:
     (args.out / "check.json").write_text(json.dumps(report, indent=2))
     (args.out / "check.md").write_text(markdown(report, engines))
     print((args.out / "check.md").read_text())
-    failed = [n for n, c in report["cases"].items() for e in engines if e in c and not c[e]["ok"]]
-    sys.exit(1 if failed else 0)
+    surprises = [f"{n} ({e}): " + ("now loads; remove it from KNOWN" if c[e]["ok"] else "fails")
+                 for n, c in report["cases"].items() for e in engines
+                 if e in c and c[e]["ok"] == ((n, e) in KNOWN)]
+    print("\n".join(surprises) or "every case as expected")
+    sys.exit(1 if surprises else 0)
 
 
 def markdown(report: dict, engines: list[str]) -> str:
-    def cell(row: dict, engine: str) -> str:
+    def cell(name: str, row: dict, engine: str) -> str:
         r = row.get(engine)
         if r is None:
             return "refused: " + (row.get("gguf_refused") or "-") if engine == "llamacpp" else "-"
         if "error" in r:
-            return f"**fails**: {r['error'][:160]}"
+            known = KNOWN.get((name, engine))
+            return f"**fails**{f' (known: {known})' if known else ''}: {r['error'][:160]}"
         mark = "ok" if r["ok"] else "**differs**"
         return f"{mark}: {r['tokens_identical']}/{r['tokens']} tokens, NLL error {r['max_nll_error']:.1e}"
 
@@ -252,7 +263,7 @@ def markdown(report: dict, engines: list[str]) -> str:
              "float32 GGUF and KV cache). Command: `make serve-check`.", "",
              "| case | route | " + " | ".join(engines) + " |", "| --- | --- | " + " | ".join("---" for _ in engines) + " |"]
     for name, row in report["cases"].items():
-        lines.append(f"| {name} | {row['route']} | " + " | ".join(cell(row, e) for e in engines) + " |")
+        lines.append(f"| {name} | {row['route']} | " + " | ".join(cell(name, row, e) for e in engines) + " |")
     return "\n".join(lines) + "\n"
 
 
