@@ -257,8 +257,7 @@ def markdown(report: dict, engines: list[str]) -> str:
         mark = "ok" if r["ok"] else "**differs**"
         return f"{mark}: {r['tokens_identical']}/{r['tokens']} tokens, NLL error {r['max_nll_error']:.1e}"
 
-    lines = ["# Serving checks", "",
-             f"Greedy tokens (32) and per-token NLL (63 positions) against plain transformers, float32; NLL "
+    lines = [f"Serving checks: greedy tokens (32) and per-token NLL (63 positions) against plain transformers, float32; NLL "
              f"tolerance {report['tolerance']['vllm']:g} (vLLM), {report['tolerance']['llamacpp']:g} (llama.cpp, "
              "float32 GGUF and KV cache). Command: `make serve-check`.", "",
              "| case | route | " + " | ".join(engines) + " |", "| --- | --- | " + " | ".join("---" for _ in engines) + " |"]
