@@ -8,12 +8,10 @@ CASES.json: [{"name", "gguf", "prompt": [ids], "sequence": [ids], "new_tokens": 
 case the greedy tokens and the per-token NLL of `sequence` (positions 1..), or the error.
 """
 
-import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
+from cases import main  # serving/cases.py, beside this script
 from llama_cpp import GGML_TYPE_F32, Llama
 
 
@@ -47,17 +45,5 @@ def run(case: dict) -> dict:
             "load_seconds": loaded}
 
 
-def main() -> None:
-    cases = json.loads(Path(sys.argv[1]).read_text())
-    results = {}
-    for case in cases:
-        try:
-            results[case["name"]] = run(case)
-        except Exception as e:  # noqa: BLE001 - reported per case, the checker fails on it
-            results[case["name"]] = {"error": f"{type(e).__name__}: {str(e)[:2000]}"}
-        print(case["name"], "error" if "error" in results[case["name"]] else "ok", flush=True)
-    Path(sys.argv[2]).write_text(json.dumps(results))
-
-
 if __name__ == "__main__":
-    main()
+    main(run)

@@ -10,14 +10,12 @@ error vLLM raised.
 """
 
 import gc
-import json
 import os
-import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: its errors reach us whole
 
+from cases import main  # serving/cases.py, beside this script  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 
@@ -37,17 +35,5 @@ def run(case: dict) -> dict:
     return {"tokens": list(tokens), "nll": nll, "load_seconds": loaded}
 
 
-def main() -> None:
-    cases = json.loads(Path(sys.argv[1]).read_text())
-    results = {}
-    for case in cases:
-        try:
-            results[case["name"]] = run(case)
-        except Exception as e:  # noqa: BLE001 - reported per case, the checker fails on it
-            results[case["name"]] = {"error": f"{type(e).__name__}: {str(e)[:2000]}"}
-        print(case["name"], "error" if "error" in results[case["name"]] else "ok", flush=True)
-    Path(sys.argv[2]).write_text(json.dumps(results))
-
-
 if __name__ == "__main__":
-    main()
+    main(run)

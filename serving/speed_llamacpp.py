@@ -7,13 +7,11 @@ Prefill: evaluating the prompt; decode: evaluating one token at a time after it 
 token. The median of `repeats` timings after one warm-up.
 """
 
-import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
+from cases import main  # serving/cases.py, beside this script
 from llama_cpp import Llama
 
 
@@ -40,17 +38,5 @@ def run(case: dict) -> dict:
             "prefill_seconds": prefill, "decode_seconds": decode}
 
 
-def main() -> None:
-    cases = json.loads(Path(sys.argv[1]).read_text())
-    results = {}
-    for case in cases:
-        try:
-            results[case["name"]] = run(case)
-        except Exception as e:  # noqa: BLE001 - reported per model
-            results[case["name"]] = {"error": f"{type(e).__name__}: {str(e)[:2000]}"}
-        print(case["name"], results[case["name"]], flush=True)
-    Path(sys.argv[2]).write_text(json.dumps(results))
-
-
 if __name__ == "__main__":
-    main()
+    main(run)

@@ -8,12 +8,10 @@ Prefill: a request for one new token (time to first token); decode: the rest of 
 """
 
 import gc
-import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
+from cases import main  # serving/cases.py, beside this script
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 
@@ -40,17 +38,5 @@ def run(case: dict) -> dict:
             "prefill_seconds": prefill, "total_seconds": total}
 
 
-def main() -> None:
-    cases = json.loads(Path(sys.argv[1]).read_text())
-    results = {}
-    for case in cases:
-        try:
-            results[case["name"]] = run(case)
-        except Exception as e:  # noqa: BLE001 - reported per model
-            results[case["name"]] = {"error": f"{type(e).__name__}: {str(e)[:2000]}"}
-        print(case["name"], results[case["name"]], flush=True)
-    Path(sys.argv[2]).write_text(json.dumps(results))
-
-
 if __name__ == "__main__":
-    main()
+    main(run)
