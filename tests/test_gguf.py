@@ -134,3 +134,17 @@ def test_save_gguf_writes_beside_the_record_and_is_refused_before_loading_where_
         run(compose("+debug=fast", "model=tiny-llama", "save_gguf=f16", f"out_dir={tmp_path}"))
     with pytest.raises(ConfigError, match="save_gguf='f8' is not accepted"):
         run(compose("+debug=fast", "model=tiny-llama", "save_gguf=f8", f"out_dir={tmp_path}"))
+
+
+def test_harness_export_format_gguf_names_what_it_needs(tmp_path, vocab):
+    from harness.config import compose
+    from harness.export_cli import main as export_main
+    from harness.run import run
+
+    runs = tmp_path / "runs"
+    rec = run(compose("+debug=fast", "model=tiny-llama", f"out_dir={runs}"))
+    with pytest.raises(SystemExit, match="this run's model source is zoo: give --vocab FILE.gguf|source is hub"):
+        export_main([rec["run_id"], "--out-dir", str(runs), "--format", "gguf", "--out", str(tmp_path / "g")])
+    with pytest.raises(SystemExit, match="tokenizer has 49152 tokens; the model's vocabulary is"):
+        export_main([rec["run_id"], "--out-dir", str(runs), "--format", "gguf", "--vocab", str(vocab),
+                     "--out", str(tmp_path / "g")])
