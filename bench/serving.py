@@ -138,8 +138,7 @@ def markdown(r: dict) -> str:
         return f"{got[key]:,.0f} ({got[key] / base[key]:.2f}x)"
 
     head = " | ".join(f"{e} {k}" for e in engines for k in ("prefill", "decode"))
-    lines = ["# Serving speed of pruned models", "",
-             f"{r['model']}, batch 1, {r['prompt']}-token prompt, {r['new_tokens']} new tokens, {r['threads']} threads, "
+    lines = [f"Serving speed of pruned models: {r['model']}, batch 1, {r['prompt']}-token prompt, {r['new_tokens']} new tokens, {r['threads']} threads, "
              f"median of {r['repeats']}: tokens/s (speed-up over dense in the same engine). transformers and vLLM in "
              "bfloat16, llama.cpp f16 GGUF. Command: `make bench-serving`.", "",
              f"| model | parameters | {head} |", "| --- | ---: | " + " | ".join("---:" for _ in engines for _ in "pd") + " |"]
