@@ -10,8 +10,7 @@ kept blocks below its old value. The result saves with a stock config.
 A sub-block (BlockPruner's unit: one block's attention, or its MLP) is removed inside its block:
 the attention or MLP module is replaced by `SkippedAttention` / `SkippedMLP` (they add zero; OPT's
 MLP, no module, is cut to zero channels with a zero output bias); a block that loses both is
-deleted as above. Blocks of
-different shapes save through the custom-code route (export.py).
+deleted as above. Blocks of different shapes save through the custom-code route (export.py).
 """
 
 from __future__ import annotations
