@@ -4,10 +4,12 @@ For each folder with an `expected.pt` (token ids and the in-memory pruned model'
 `AutoModelForCausalLM.from_pretrained`, with `trust_remote_code` only where the folder ships
 modeling code, compare the logits, and `generate`; then `AutoModel.from_pretrained` (the
 decoder alone, as vLLM's Transformers backend builds it), whose last hidden state must equal the
-causal LM's. Prints one JSON line per folder; exits 1 if harness was imported."""
+causal LM's, and whose ignore patterns, searched anywhere in a name as vLLM's Transformers backend
+does, match none of its weights. Prints one JSON line per folder; exits 1 if harness was imported."""
 
 import json
 import pathlib
+import re
 import sys
 
 import torch
@@ -33,6 +35,8 @@ for folder in sorted(pathlib.Path(sys.argv[1]).iterdir()):
             hidden = decoder(input_ids=expected["ids"], use_cache=False).last_hidden_state
             inner = model.get_submodule(model.base_model_prefix)(input_ids=expected["ids"], use_cache=False)
         result["decoder_error"] = (hidden - inner.last_hidden_state).abs().max().item()
+        ignored = type(decoder)._keys_to_ignore_on_load_unexpected or []
+        result["dropped_by_vllm"] = [k for k in decoder.state_dict() if any(re.search(p, k) for p in ignored)]
     except Exception as e:  # noqa: BLE001 - reported to the test, which fails on it
         result["failure"] = f"{type(e).__name__}: {e}"
     print(json.dumps(result), flush=True)

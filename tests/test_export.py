@@ -52,6 +52,8 @@ def test_an_exported_folder_loads_in_plain_transformers_and_computes_the_same_lo
     row = results[name]
     assert "failure" not in row, row["failure"]
     assert row["error"] < 1e-5 and row["generated"] == 4 and row["decoder_error"] == 0
+    if row["remote"]:  # vLLM would drop these weights (GPT-2's c_attn.bias matched "attn.bias")
+        assert row["dropped_by_vllm"] == []
     assert row["remote"] == (not (allocation == "uniform" and remedy == "none" and model_type in STOCK))
     if row["remote"]:  # the stock route may add zero biases its flags create; the remote one adds nothing
         assert row["params"] == params[name]
@@ -162,3 +164,27 @@ def test_export_refuses_a_bad_target_before_loading_anything(tmp_path, monkeypat
         with pytest.raises(SystemExit, match=message):
             export_cli.main([rec["run_id"], "--out-dir", str(tmp_path / "runs"), "--out", out])
     assert (busy / "notes.txt").read_text() == "mine"
+
+
+def test_a_gpt2_export_runs_where_attention_returns_token_rows_as_in_vllm(tmp_path):
+    """vLLM's Transformers backend returns attention as [tokens, heads x head size]; GPT-2's own
+    code then flattens it into one row. The export gives its output projection the rows back."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def token_rows(module, query, key, value, attention_mask, **kwargs):
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)  # [1, s, h, d]
+        return out.reshape(out.shape[1], -1), None
+
+    AttentionInterface.register("token_rows", token_rows)
+    model = build("gpt2")
+    prune(model, ids(8, seed=1), metrics.build("l2"), PruneSettings(sparsity=0.3, chunk_size=4))
+    export(model, tf.PreTrainedTokenizerFast(tokenizer_object=_tokenizer()), tmp_path / "m")
+    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True, dtype=torch.float32)
+    x = ids()[:1]
+    loaded.eval().set_attn_implementation("sdpa")
+    with torch.no_grad():
+        expected = loaded(input_ids=x, use_cache=False).logits
+        loaded.config._attn_implementation = "token_rows"  # as vLLM sets it
+        got = loaded(input_ids=x, use_cache=False).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)

@@ -12,10 +12,11 @@ import torch
 import transformers as tf
 
 from harness import metrics
+from harness.models import adapter_for
 from harness.models.gguf_export import GGUFRefused, plan, write_gguf
 from harness.models.surgery import remove_sub_blocks
 from harness.prune import PruneSettings, prune
-from tests.test_adapters import CONFIGS, build
+from tests.test_adapters import CONFIGS
 
 VOCAB = 49152  # SmolLM2's tokenizer, copied from its GGUF
 
@@ -42,10 +43,10 @@ def tiny(model_type: str = "llama", **overrides) -> torch.nn.Module:
     return model
 
 
-def pruned(model, allocation: str = "uniform", remedy: str = "none"):
+def pruned(model, allocation: str = "uniform", remedy: str = "none", modules: tuple[str, ...] = ("attention", "mlp")):
     calibration = torch.randint(3, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
-    prune(model, calibration, metrics.build("l2"),
-          PruneSettings(sparsity=0.3, sparsity_mode="module", allocation=allocation, remedy=remedy, chunk_size=4))
+    prune(model, calibration, metrics.build("l2"), PruneSettings(
+        sparsity=0.3, sparsity_mode="module", allocation=allocation, remedy=remedy, modules=modules, chunk_size=4))
     return model
 
 
@@ -101,17 +102,96 @@ def test_a_removed_attention_is_a_deci_layer_without_attention(vocab, tmp_path):
     assert not {t.name for t in reader.tensors} & {"blk.1.attn_q.weight", "blk.1.attn_norm.weight"}
 
 
+# llama.cpp's tensor shapes (ne order: input width first) for each architecture, from its
+# load_tensors: H heads, KV heads, head size D, MLP width F, hidden width E.
+EXPECTED = {
+    "gpt2": lambda E, H, KV, D, F: {"attn_qkv.weight": [E, E + 2 * KV * D], "attn_qkv.bias": [E + 2 * KV * D],
+                                    "attn_output.weight": [E, E], "ffn_up.weight": [E, F], "ffn_up.bias": [F],
+                                    "ffn_down.weight": [F, E], "attn_norm.bias": [E]},
+    "gemma3": lambda E, H, KV, D, F: {"attn_q.weight": [E, H * D], "attn_k.weight": [E, KV * D],
+                                      "attn_output.weight": [H * D, E], "attn_q_norm.weight": [D],
+                                      "post_attention_norm.weight": [E], "post_ffw_norm.weight": [E],
+                                      "ffn_gate.weight": [E, F], "ffn_down.weight": [F, E]},
+    "qwen3": lambda E, H, KV, D, F: {"attn_q.weight": [E, H * D], "attn_k_norm.weight": [D],
+                                     "attn_output.weight": [H * D, E], "ffn_up.weight": [E, F]},
+    "llama": lambda E, H, KV, D, F: {"attn_q.weight": [E, H * D], "attn_v.weight": [E, KV * D],
+                                     "attn_output.weight": [H * D, E], "ffn_gate.weight": [E, F]},
+}
+FAMILIES = [("gpt2", "mlp_only", "gpt2"), ("gpt2", "depth", "gpt2"), ("phi3", "mlp_only", "llama"),
+            ("phi3", "uniform", "llama"), ("phi3", "adaptive", "deci"), ("gemma3_text", "uniform", "gemma3"),
+            ("qwen3", "uniform", "qwen3"), ("qwen2", "uniform", "llama")]
+
+
+def family_model(model_type: str, how: str) -> torch.nn.Module:
+    overrides = {} if model_type in ("gpt2", "phi3", "gemma3_text") else dict(use_sliding_window=False,
+                                                                               layer_types=["full_attention"] * 3)
+    if model_type == "gemma3_text":
+        overrides["query_pre_attn_scalar"] = 32  # llama.cpp scales by 1/sqrt(head size 32)
+    model = tiny(model_type, **overrides)
+    if how == "depth":
+        remove_sub_blocks(model, [(1, "attention"), (1, "mlp")])
+        return model
+    return pruned(model, allocation="adaptive" if how == "adaptive" else "uniform",
+                  modules=("mlp",) if how == "mlp_only" else ("attention", "mlp"))
+
+
+@pytest.mark.parametrize("model_type,how,arch", FAMILIES)
+def test_each_family_is_written_as_its_llama_cpp_architecture_with_the_shapes_llama_cpp_loads(
+        model_type, how, arch, vocab, tmp_path):
+    import gguf
+
+    model = family_model(model_type, how)
+    assert plan(model)["arch"] == arch
+    write_gguf(model, tmp_path / "model.gguf", vocab, dtype="f32")
+    reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))
+    fields = {k.removeprefix(f"{arch}."): f.contents() for k, f in reader.fields.items()}
+    assert fields["general.architecture"] == arch
+    shapes = {t.name: [int(n) for n in t.shape] for t in reader.tensors}
+    config, n = model.config, fields["block_count"]
+    assert n == len(adapter_for(model).layers(model))
+
+    def at(key: str, k: int) -> int:
+        value = fields[key]
+        return value[k] if isinstance(value, list) else value
+
+    for k in range(n):
+        sizes = [config.hidden_size, at("attention.head_count", k), at("attention.head_count_kv", k),
+                 fields["attention.key_length"], at("feed_forward_length", k)]
+        expected = EXPECTED["llama" if arch == "deci" else arch](*sizes)
+        assert {f"blk.{k}.{t}": s for t, s in expected.items()} == {f"blk.{k}.{t}": shapes[f"blk.{k}.{t}"]
+                                                                    for t in expected}
+    if arch == "gemma3":  # the layer kinds and both rotary bases
+        assert fields["attention.sliding_window_pattern"] == [t == "sliding_attention" for t in config.layer_types]
+        assert fields["rope.freq_base_swa"] == config.rope_parameters["sliding_attention"]["rope_theta"]
+        norm = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}["blk.0.post_ffw_norm.weight"]
+        torch.testing.assert_close(norm, model.model.layers[0].post_feedforward_layernorm.weight + 1)  # 1 + w
+
+
+def test_a_phi3_file_reads_back_through_transformers_gguf_loader(vocab, tmp_path):
+    # (its Qwen3 and Gemma-3 readers ignore the head size and the layer kinds: llama.cpp checks those)
+    model = family_model("phi3", "mlp_only")
+    write_gguf(model, tmp_path / "model.gguf", vocab, dtype="f32")
+    back = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", dtype=torch.float32).eval()
+    x = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(_logits(back, x), _logits(model, x), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("case,message", [
-    ("gpt2", "GGUF export writes LLaMA-family models"),
+    ("opt", "llama.cpp has no opt architecture"),
+    ("gpt2", "gpt2 sizes the attention projections by the hidden width"),
+    ("gemma3_adaptive", "gives every block block 0's heads"),
+    ("gemma3_scale", "query_pre_attn_scalar=64"),
     ("mistral", "sliding_window=8"),
     ("mlp_gone", "block 1 lost its MLP but kept its attention"),
     ("first_attention_gone", "block 0 has no attention"),
     ("qwen2_adaptive", "has q/k/v biases"),
-    ("qwen2_uniform", "sizes the query projection by the hidden width"),
 ])
 def test_what_llama_cpp_cannot_express_is_refused_with_the_reason(case, message, vocab, tmp_path):
-    if case == "gpt2":
-        model = build("gpt2")
+    if case in ("opt", "gpt2"):
+        model = pruned(tiny(case))
+    elif case.startswith("gemma3"):
+        model = tiny("gemma3_text", query_pre_attn_scalar=64 if case == "gemma3_scale" else 32)
+        model = pruned(model, allocation="adaptive") if case == "gemma3_adaptive" else model
     elif case == "mistral":
         model = tiny("mistral")
     elif case.startswith("qwen2"):

@@ -123,6 +123,16 @@ def shape_like_pruned(model: nn.Module, config, prefix: str = "") -> None:
 
     skip(model, own(getattr(config, "skipped_modules", {})))
     resize(model, own(getattr(config, "pruned_modules", {})), own(getattr(config, "pruned_attributes", {})))
+    for name, module in model.named_modules():
+        if name.endswith("attn.c_proj"):  # GPT-2
+            module.register_forward_pre_hook(_rows_back)
+
+
+def _rows_back(module: nn.Module, args: tuple):
+    # vLLM's attention returns [tokens, heads x head size]; GPT-2 flattens an attention output's
+    # last two axes, which turns that into one row: give the output projection its rows back.
+    x = args[0]
+    return (x.view(-1, module.weight.shape[0]), *args[1:]) if x.dim() == 1 else None
 
 
 def _per_layer_access(config) -> None:
@@ -131,7 +141,16 @@ def _per_layer_access(config) -> None:
         config.allow_global_per_layer_attribute_access = True
 
 
+def _anchored(patterns: list[str] | None) -> list[str] | None:
+    # vLLM searches these patterns anywhere in a weight's name and drops what matches: GPT-2's
+    # "attn.bias" (its causal-mask buffer) would drop every `c_attn.bias`. Anchored at a module
+    # boundary they still match the buffers and nothing else.
+    return [p if p.startswith(("^", r"\.")) else rf"(?:^|\.){p}" for p in patterns] if patterns else patterns
+
+
 class PrunedForCausalLM(_Base):
+    _keys_to_ignore_on_load_unexpected = _anchored(_Base._keys_to_ignore_on_load_unexpected)
+
     def __init__(self, config, *args, **kwargs):
         _per_layer_access(config)
         super().__init__(config, *args, **kwargs)
@@ -140,6 +159,8 @@ class PrunedForCausalLM(_Base):
 
 class PrunedModel(_BaseModel):
     """The decoder alone (`AutoModel`), as serving engines that bring their own head build it."""
+
+    _keys_to_ignore_on_load_unexpected = _anchored(_BaseModel._keys_to_ignore_on_load_unexpected)
 
     def __init__(self, config, *args, **kwargs):
         _per_layer_access(config)
