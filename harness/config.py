@@ -321,7 +321,7 @@ class RunConfig:
     out_dir: str = "results/runs"  # records go to <out_dir>/<config-hash>/result.json
     data_dir: str | None = "${oc.env:HARNESS_DATA_DIR,null}"  # offline copies of the datasets
     save_model: bool = False  # also save the pruned model next to the record
-    save_gguf: str | None = None  # f32, f16 or bf16: also write <run>/model.gguf for llama.cpp (LLaMA family)
+    save_gguf: str | None = None  # f32, f16 or bf16: also write <run>/model.gguf for llama.cpp (docs/deploy.md)
     resume: bool = True  # checkpoint the pruned model until the run completes; a re-run continues from it
 
     def check(self) -> None:

@@ -1,5 +1,5 @@
 """`harness export RUN [--out DIR] [--format hf|gguf]`: a run's pruned model as a transformers
-folder, or as one GGUF file for llama.cpp (LLaMA family; models/gguf_export.py).
+folder, or as one GGUF file for llama.cpp (models/gguf_export.py).
 
 RUN is a run id (looked up under --out-dir, default results/runs), a record (result.json or
 its folder) or a saved-model / checkpoint folder. The model comes from the run's saved model
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", type=Path, default=Path("results/runs"), help="where run ids are looked up")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
     parser.add_argument("--format", choices=("hf", "gguf"), default="hf",
-                        help="hf: a transformers folder; gguf: model.gguf for llama.cpp (LLaMA family)")
+                        help="hf: a transformers folder; gguf: model.gguf for llama.cpp")
     parser.add_argument("--gguf-dtype", choices=GGUF_DTYPES, default="f16", help="the GGUF's weight type")
     parser.add_argument("--vocab", type=Path, help="a GGUF file to copy the tokenizer from (default: the GGUF "
                         "the run's model was loaded from)")

@@ -1,8 +1,8 @@
 """The serving checks (`make serve-check`): exported pruned models load in vLLM's CPU build and in
 llama.cpp and compute what transformers computes.
 
-For every case (tiny random models of each architecture and pruning shape, and SmolLM2-135M
-pruned four ways) this writes the transformers folder (and, where llama.cpp can express it, a
+For every case (tiny random models of each architecture and pruning shape, SmolLM2-135M pruned
+four ways and Gemma-3-270m two ways) this writes the transformers folder (and, where llama.cpp can express it, a
 float32 GGUF), computes with plain transformers (float32, from the exported folder) 32 greedy
 tokens and the per-token NLL of a 64-token sequence, runs serving/check_vllm.py and
 serving/check_llamacpp.py in the engines' own environments, and compares: identical greedy
@@ -13,7 +13,7 @@ transformers with that table in place of GELU (`GGMLGelu`), and both errors are 
 results/serving/check.{json,md}; the exit status is 1 if a case fails that is not a known engine
 limitation (KNOWN), or a known one passes.
 
-    python scripts/serve_check.py [--only tiny|smollm2] [--engines vllm,llamacpp]
+    python scripts/serve_check.py [--only tiny|real] [--engines vllm,llamacpp]
 """
 
 from __future__ import annotations
@@ -47,6 +47,11 @@ NEW_TOKENS, SEQUENCE = 32, 64
 # What vLLM 0.32 cannot load, and why (docs/deploy.md); a case listed here that passes is reported too.
 KNOWN = {
     ("tiny-llama-attention_removed", "vllm"): "vLLM's Transformers backend needs every layer's attention",
+    # Trained Gemma-3 weights: identical tokens, NLL further off than the tolerance. A random-weight
+    # Gemma-3 of the same shapes agrees to 1.8e-4 in llama.cpp (with its GELU table accounted for).
+    ("gemma3-270m-wanda-query_head-20", "vllm"): "trained Gemma-3: float32 NLL about 1e-4 from transformers'",
+    ("gemma3-270m-wanda-query_head-20", "llamacpp"): "trained Gemma-3: llama.cpp's NLL a few 1e-3 from transformers'",
+    ("gemma3-270m-shortgpt-depth-20", "llamacpp"): "trained Gemma-3: llama.cpp's NLL a few 1e-3 from transformers'",
 }
 
 
@@ -102,7 +107,7 @@ def _prune(model, how: str, calibration: torch.Tensor):
 
 
 def tiny_cases() -> list[tuple[str, torch.nn.Module, str | None]]:
-    """(name, pruned model, pruning kind) for the tiny random models."""
+    """(name, pruned model, None: no run record) for the tiny random models."""
     cases = []
     for model_type in sorted(CONFIGS):
         for how in ("uniform", "adaptive"):
@@ -117,13 +122,28 @@ def tiny_cases() -> list[tuple[str, torch.nn.Module, str | None]]:
             for name, t, how in cases]
 
 
-def smollm2_cases() -> list[tuple[str, torch.nn.Module, dict]]:
-    """(name, pruned model, record) for SmolLM2-135M pruned four ways."""
-    return [(name, *pruned_smollm2(overrides)[::2]) for name, overrides in (
-        ("smollm2-ours-uniform-20", ["sparsity=0.2"]),
-        ("smollm2-flap-bias-adaptive-20", ["sparsity=0.2", "+method=flap_bias", "allocation=adaptive"]),
-        ("smollm2-shortgpt-depth-20", ["sparsity=0.2", "+method=depth_shortgpt"]),
-        ("smollm2-wanda-2:4", ["sparsity_type=nm", "nm=2:4", "sparsity=0.5", "metric=wanda"]))]
+def real_cases(names: list[str] | None = None) -> list[tuple[str, torch.nn.Module, dict, object, Path]]:
+    """(name, pruned model, record, tokenizer, GGUF holding its tokenizer) for SmolLM2-135M pruned
+    four ways and Gemma-3-270m (sliding and global layers, one KV head) pruned two ways."""
+    from omegaconf import OmegaConf
+
+    from harness.models.loading import gguf_source
+
+    cases = []
+    for name, overrides in (
+            ("smollm2-ours-uniform-20", ["sparsity=0.2"]),
+            ("smollm2-flap-bias-adaptive-20", ["sparsity=0.2", "+method=flap_bias", "allocation=adaptive"]),
+            ("smollm2-shortgpt-depth-20", ["sparsity=0.2", "+method=depth_shortgpt"]),
+            ("smollm2-wanda-2:4", ["sparsity_type=nm", "nm=2:4", "sparsity=0.5", "metric=wanda"]),
+            ("gemma3-270m-wanda-query_head-20", ["model=gemma3-270m", "sparsity=0.2", "metric=wanda",
+                                                 "prune.attention_unit=query_head"]),
+            ("gemma3-270m-shortgpt-depth-20", ["model=gemma3-270m", "sparsity=0.2", "+method=depth_shortgpt"])):
+        if names and name not in names:
+            continue
+        model_name = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "smollm2-135m")
+        model, tok, record = pruned_smollm2([o for o in overrides if not o.startswith("model=")], model=model_name)
+        cases.append((name, model, record, tok, gguf_source(OmegaConf.create(record["config"]["model"]))))
+    return cases
 
 
 def vllm_impl(folder: Path) -> str:
@@ -183,22 +203,21 @@ def _reference(folder: Path, prompt: list[int], sequence: list[int]) -> dict:
 
 
 def build(root: Path, only: str | None, names: list[str] | None = None) -> list[dict]:
-    tokenizer = tf.AutoTokenizer.from_pretrained(str(smollm2_gguf().parent), gguf_file=smollm2_gguf().name)
+    smollm2 = tf.AutoTokenizer.from_pretrained(str(smollm2_gguf().parent), gguf_file=smollm2_gguf().name)
     text = ("The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
             "structure in Paris. Its base is square, measuring 125 metres on each side. During its construction")
-    real = tokenizer(text)["input_ids"][:SEQUENCE]
     cases = []
-    makers = {"tiny": tiny_cases, "smollm2": smollm2_cases}
+    makers = {"tiny": lambda: [(*c, smollm2, smollm2_gguf()) for c in tiny_cases()], "real": lambda: real_cases(names)}
     for group, make in makers.items():
         if only and only != group:
             continue
-        for name, model, record in make():
+        for name, model, record, tokenizer, vocab in make():
             if names and name not in names:
                 continue
             folder = root / name.replace(":", "-")
             export(model, tokenizer, folder, record if record else None)
             remote = (folder / "modeling_pruned.py").exists()
-            sequence = real if group == "smollm2" else torch.randint(
+            sequence = tokenizer(text)["input_ids"][:SEQUENCE] if group == "real" else torch.randint(
                 3, VOCAB, (SEQUENCE,), generator=torch.Generator().manual_seed(7)).tolist()
             prompt = sequence[:16]
             case = {"name": name, "folder": str(folder), "remote": remote, "model_impl": vllm_impl(folder),
@@ -206,8 +225,8 @@ def build(root: Path, only: str | None, names: list[str] | None = None) -> list[
                     "new_tokens": NEW_TOKENS, "reference": _reference(folder, prompt, sequence)}
             try:
                 # not the model type as its name: llama.cpp looks Phi-3's "<|end|>" up in any model whose
-                # name says phi3, and these files carry SmolLM2's tokenizer
-                case["gguf"] = str(write_gguf(model, folder / "model.gguf", smollm2_gguf(), dtype="f32",
+                # name says phi3, and the tiny files carry SmolLM2's tokenizer
+                case["gguf"] = str(write_gguf(model, folder / "model.gguf", vocab, dtype="f32",
                                               name=f"serve-check-{group}"))
             except GGUFRefused as e:
                 case["gguf_refused"] = str(e)
@@ -247,7 +266,7 @@ def compare(case: dict, got: dict, tolerance: float, engine: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=("tiny", "smollm2"))
+    parser.add_argument("--only", choices=("tiny", "real"))
     parser.add_argument("--engines", default="vllm,llamacpp")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="vLLM float32: max per-token NLL difference")
     parser.add_argument("--gguf-tolerance", type=float, default=1e-4,
@@ -289,10 +308,10 @@ def markdown(report: dict, engines: list[str]) -> str:
         r = row.get(engine)
         if r is None:
             return "refused: " + (row.get("gguf_refused") or "-") if engine == "llamacpp" else "-"
+        known = KNOWN.get((name, engine))
         if "error" in r:
-            known = KNOWN.get((name, engine))
             return f"**fails**{f' (known: {known})' if known else ''}: {r['error'][:160]}"
-        mark = "ok" if r["ok"] else "**differs**"
+        mark = "ok" if r["ok"] else f"**differs**{f' (known: {known})' if known else ''}"
         table = f" ({r['max_nll_error_ggml_gelu']:.1e} with ggml's f16 GELU)" if "max_nll_error_ggml_gelu" in r else ""
         return f"{mark}: {r['tokens_identical']}/{r['tokens']} tokens, NLL error {r['max_nll_error']:.1e}{table}"
 

@@ -1,8 +1,10 @@
-"""GGUF export (models/gguf_export.py) without llama.cpp: the `llama` file read back by
-transformers' own GGUF loader (which undoes llama.cpp's rotary layout itself) gives the pruned
-model's logits; the `deci` file's per-layer arrays and tensors against the pruned model; what
-llama.cpp cannot express is refused with its reason. llama.cpp itself loads these files in the
-serving checks (serving/, `make serve-check`)."""
+"""GGUF export (models/gguf_export.py) without llama.cpp: the `llama` and Phi-3 files read back by
+transformers' own GGUF loader (which undoes llama.cpp's rotary layout itself) give the pruned
+model's logits; every family's file has the architecture, per-layer values and tensor shapes
+llama.cpp's loader expects (its load_tensors formulas, written out here); the `deci` file's
+per-layer arrays and tensors against the pruned model; what llama.cpp cannot express is refused
+with its reason. llama.cpp itself loads these files in the serving checks (serving/,
+`make serve-check`)."""
 
 import importlib.metadata
 from pathlib import Path
