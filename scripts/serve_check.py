@@ -47,11 +47,11 @@ NEW_TOKENS, SEQUENCE = 32, 64
 # What vLLM 0.32 cannot load, and why (docs/deploy.md); a case listed here that passes is reported too.
 KNOWN = {
     ("tiny-llama-attention_removed", "vllm"): "vLLM's Transformers backend needs every layer's attention",
-    # Trained Gemma-3 weights: identical tokens, NLL further off than the tolerance. A random-weight
-    # Gemma-3 of the same shapes agrees to 1.8e-4 in llama.cpp (with its GELU table accounted for).
+    # Trained Gemma-3 weights: identical tokens, NLL further off than the tolerance (the tiny random
+    # Gemma-3 matches in both engines; the cause was not isolated)
     ("gemma3-270m-wanda-query_head-20", "vllm"): "trained Gemma-3: float32 NLL about 1e-4 from transformers'",
-    ("gemma3-270m-wanda-query_head-20", "llamacpp"): "trained Gemma-3: llama.cpp's NLL a few 1e-3 from transformers'",
-    ("gemma3-270m-shortgpt-depth-20", "llamacpp"): "trained Gemma-3: llama.cpp's NLL a few 1e-3 from transformers'",
+    ("gemma3-270m-wanda-query_head-20", "llamacpp"): "trained Gemma-3: llama.cpp's NLL 1e-3 to 2e-2 from transformers'",
+    ("gemma3-270m-shortgpt-depth-20", "llamacpp"): "trained Gemma-3: llama.cpp's NLL 1e-3 to 2e-2 from transformers'",
 }
 
 
