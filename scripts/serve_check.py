@@ -32,7 +32,7 @@ import transformers as tf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serving import pruned_smollm2, smollm2_gguf  # noqa: E402
+from bench.serving import pruned_model, smollm2_gguf  # noqa: E402
 from harness import metrics, sparse  # noqa: E402
 from harness.models.export import export, load_exported  # noqa: E402
 from harness.models.gguf_export import GGUFRefused, write_gguf  # noqa: E402
@@ -44,7 +44,7 @@ ENGINES = {"vllm": (ROOT / ".venv-vllm/bin/python", ROOT / "serving/check_vllm.p
            "llamacpp": (ROOT / ".venv-llamacpp/bin/python", ROOT / "serving/check_llamacpp.py")}
 VOCAB = 49152  # SmolLM2's tokenizer (the GGUF files copy it): tiny models use its vocabulary
 NEW_TOKENS, SEQUENCE = 32, 64
-# What vLLM 0.32 cannot load, and why (docs/deploy.md); a case listed here that passes is reported too.
+# What an engine cannot load or match, and why (docs/deploy.md); a case listed here that passes is reported too.
 KNOWN = {
     ("tiny-llama-attention_removed", "vllm"): "vLLM's Transformers backend needs every layer's attention",
     # Trained Gemma-3 weights: identical tokens, NLL further off than the tolerance (the tiny random
@@ -130,18 +130,18 @@ def real_cases(names: list[str] | None = None) -> list[tuple[str, torch.nn.Modul
     from harness.models.loading import gguf_source
 
     cases = []
-    for name, overrides in (
-            ("smollm2-ours-uniform-20", ["sparsity=0.2"]),
-            ("smollm2-flap-bias-adaptive-20", ["sparsity=0.2", "+method=flap_bias", "allocation=adaptive"]),
-            ("smollm2-shortgpt-depth-20", ["sparsity=0.2", "+method=depth_shortgpt"]),
-            ("smollm2-wanda-2:4", ["sparsity_type=nm", "nm=2:4", "sparsity=0.5", "metric=wanda"]),
-            ("gemma3-270m-wanda-query_head-20", ["model=gemma3-270m", "sparsity=0.2", "metric=wanda",
-                                                 "prune.attention_unit=query_head"]),
-            ("gemma3-270m-shortgpt-depth-20", ["model=gemma3-270m", "sparsity=0.2", "+method=depth_shortgpt"])):
+    for name, model_name, overrides in (
+            ("smollm2-ours-uniform-20", "smollm2-135m", ["sparsity=0.2"]),
+            ("smollm2-flap-bias-adaptive-20", "smollm2-135m", ["sparsity=0.2", "+method=flap_bias",
+                                                                "allocation=adaptive"]),
+            ("smollm2-shortgpt-depth-20", "smollm2-135m", ["sparsity=0.2", "+method=depth_shortgpt"]),
+            ("smollm2-wanda-2:4", "smollm2-135m", ["sparsity_type=nm", "nm=2:4", "sparsity=0.5", "metric=wanda"]),
+            ("gemma3-270m-wanda-query_head-20", "gemma3-270m", ["sparsity=0.2", "metric=wanda",
+                                                                "prune.attention_unit=query_head"]),
+            ("gemma3-270m-shortgpt-depth-20", "gemma3-270m", ["sparsity=0.2", "+method=depth_shortgpt"])):
         if names and name not in names:
             continue
-        model_name = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "smollm2-135m")
-        model, tok, record = pruned_smollm2([o for o in overrides if not o.startswith("model=")], model=model_name)
+        model, tok, record = pruned_model(overrides, model=model_name)
         cases.append((name, model, record, tok, gguf_source(OmegaConf.create(record["config"]["model"]))))
     return cases
 
@@ -159,10 +159,13 @@ def vllm_impl(folder: Path) -> str:
     return "auto"
 
 
-def _nll(model, sequence: list[int]) -> list[float]:
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([sequence]), use_cache=False).logits[0].double()
-    logp = torch.log_softmax(logits[:-1], dim=-1)
+@torch.no_grad()
+def _log_probs(model, sequence: list[int]) -> torch.Tensor:
+    return torch.log_softmax(model(input_ids=torch.tensor([sequence]), use_cache=False).logits[0].double(), dim=-1)
+
+
+def _nll(logp: torch.Tensor, sequence: list[int]) -> list[float]:
+    """Per-token NLL of positions 1.. from the log-probabilities of every position."""
     return (-logp[torch.arange(len(sequence) - 1), torch.tensor(sequence[1:])]).tolist()
 
 
@@ -190,15 +193,15 @@ def _reference(folder: Path, prompt: list[int], sequence: list[int]) -> dict:
     with torch.no_grad():
         generated = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
                                    pad_token_id=0)[0, len(prompt):].tolist()
-        logits = model(input_ids=torch.tensor([sequence]), use_cache=False).logits[0].double()
-    top2 = torch.topk(torch.log_softmax(logits, -1), 2).values
-    reference = {"tokens": generated, "nll": _nll(model, sequence), "min_margin": float((top2[:, 0] - top2[:, 1]).min())}
+    logp = _log_probs(model, sequence)
+    top2 = torch.topk(logp, 2).values
+    reference = {"tokens": generated, "nll": _nll(logp, sequence), "min_margin": float((top2[:, 0] - top2[:, 1]).min())}
     if _gelu(model.config):
         for module in list(model.modules()):
             for attr in ("act", "act_fn"):
                 if isinstance(getattr(module, attr, None), torch.nn.Module):
                     setattr(module, attr, GGMLGelu())
-        reference["nll_ggml_gelu"] = _nll(model, sequence)
+        reference["nll_ggml_gelu"] = _nll(_log_probs(model, sequence), sequence)
     return reference
 
 

@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM
 from harness import records
 from harness.models import adapter_for, module_view
 from harness.models.card import model_card
-from harness.models.surgery import ATTENTION, PARTS, block_shape, part_skipped
+from harness.models.surgery import ATTENTION, PARTS, block_shape, config_head_dim, part_skipped
 
 PRUNING_KEY = "harness_pruning"  # per-layer shapes, for the model card and the reader
 _MODELING = Path(__file__).with_name("modeling_pruned.py")
@@ -93,9 +93,8 @@ def _stock_candidate(model, shapes: list[dict]):
     config = _dense_config(model)
     t = config.model_type
     if t in _LLAMA_FAMILY or t == "phi3":
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         config.update({"num_attention_heads": first["heads"], "num_key_value_heads": first["kv_heads"],
-                       "intermediate_size": first["channels"], "head_dim": head_dim})
+                       "intermediate_size": first["channels"], "head_dim": config_head_dim(config)})
         o_bias, down_bias = first["level2_bias"]
         if o_bias and hasattr(config, "attention_bias"):
             config.attention_bias = True

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from harness.models import adapter_for
-from harness.models.surgery import ATTENTION, MLP, PARTS, block_shape, part_skipped
+from harness.models.surgery import ATTENTION, MLP, PARTS, block_shape, config_head_dim, part_skipped
 
 GGUF_DTYPES = ("f32", "f16", "bf16")
 # uniform blocks; Phi-3's blocks are LLaMA's with fused projections, which are split
@@ -57,10 +57,6 @@ class GGUFRefused(ValueError):
 
 def _refuse(reason: str) -> GGUFRefused:
     return GGUFRefused(f"{reason}: export it as a transformers folder")
-
-
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def check_config(config) -> None:
@@ -87,9 +83,9 @@ def _check_gemma3(config) -> None:
         raise _refuse(f"rope scaling {rope}: llama.cpp's gemma3 takes linear scaling on its global layers only")
     if getattr(config, "attn_logit_softcapping", None) is not None:
         raise _refuse("an attention logit soft-cap: llama.cpp's gemma3 has none")
-    if config.query_pre_attn_scalar != _head_dim(config):
+    if config.query_pre_attn_scalar != config_head_dim(config):
         raise _refuse(f"query_pre_attn_scalar={config.query_pre_attn_scalar}: llama.cpp's gemma3 scales queries by "
-                      f"1/sqrt(head size {_head_dim(config)})")
+                      f"1/sqrt(head size {config_head_dim(config)})")
 
 
 def plan(model: nn.Module) -> dict:
@@ -105,7 +101,7 @@ def plan(model: nn.Module) -> dict:
     qkv_bias = any(getattr(m, "bias", None) is not None for b in blocks if not part_skipped(ad, b, ATTENTION)
                    for m in _qkv(ad.attention_module(b)))
     down_bias = kind != "gpt2" and any(ad.mlp(b).level2.bias is not None for b in blocks if not part_skipped(ad, b, MLP))
-    full_heads = shapes[0]["heads"] * _head_dim(config) == config.hidden_size
+    full_heads = shapes[0]["heads"] * config_head_dim(config) == config.hidden_size
     family = FAMILY_ARCH[kind]
     if kind in _UNIFORM_ONLY:
         if not uniform:
@@ -115,7 +111,7 @@ def plan(model: nn.Module) -> dict:
             raise _refuse(f"the bias remedy added MLP output biases, which llama.cpp's {family} does not have")
         if kind == "gpt2" and not full_heads:
             raise _refuse(f"llama.cpp's gpt2 sizes the attention projections by the hidden width "
-                          f"({config.hidden_size}); this model keeps {shapes[0]['heads']} heads of {_head_dim(config)}")
+                          f"({config.hidden_size}); this model keeps {shapes[0]['heads']} heads of {config_head_dim(config)}")
         return {"arch": family, "shapes": shapes}
     if kind == "phi3":
         _check_full_rotary(config)
@@ -179,7 +175,7 @@ def write_gguf(model: nn.Module, path: str | Path, vocab_from: str | Path, dtype
 def _add_hyperparameters(writer, config, arch: str, shapes: list[dict]) -> None:
     import gguf
 
-    head_dim = _head_dim(config)
+    head_dim = config_head_dim(config)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(len(shapes))
@@ -194,10 +190,10 @@ def _add_hyperparameters(writer, config, arch: str, shapes: list[dict]) -> None:
         writer.add_layer_norm_eps(config.layer_norm_epsilon)
         return
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_dimension_count(head_dim)
     rope = config.rope_parameters
     if arch == "gemma3":
         full, sliding = rope["full_attention"], rope["sliding_attention"]
-        writer.add_rope_dimension_count(head_dim)
         writer.add_rope_freq_base(float(full["rope_theta"]))
         if full.get("rope_type", "default") == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -210,7 +206,6 @@ def _add_hyperparameters(writer, config, arch: str, shapes: list[dict]) -> None:
         if getattr(config, "final_logit_softcapping", None) is not None:
             writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
         return
-    writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(float(rope["rope_theta"]))
 
 
@@ -247,7 +242,7 @@ def _decoder_tensors(model: nn.Module, arch: str, shapes: list[dict]):
     query and key rows permuted for the non-NeoX layouts,
     Gemma's norms shifted by one."""
     config = model.config
-    head_dim = _head_dim(config)
+    head_dim = config_head_dim(config)
     gemma = arch == "gemma3"
     names = _GEMMA3_NAMES if gemma else _NAMES
     state = model.state_dict()

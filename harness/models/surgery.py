@@ -33,6 +33,11 @@ def layer_count_key(config) -> str:
     return next(k for k in _LAYER_COUNT_KEYS if isinstance(getattr(config, k, None), int))
 
 
+def config_head_dim(config) -> int:
+    """The head size the (dense) config describes: its own `head_dim`, else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def remove_blocks(model: nn.Module, removed: list[int]) -> list[int]:
     """Delete the blocks `removed` (indices of the current model) in place; returns the kept
     blocks' original indices."""
