@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 SHARED_DATA := $(wildcard ../shared/data)
 export HARNESS_DATA_DIR ?= $(if $(SHARED_DATA),$(abspath $(SHARED_DATA)),)
 
-.PHONY: setup demo test test-fast bench bench-gpu lint slurm-up slurm-down clean serving-setup serve-check bench-serving
+.PHONY: setup demo test test-fast bench bench-gpu lint slurm-up slurm-down clean serving-setup serve-check bench-serving bench-lazy-real
 
 setup: $(VENV)/.installed
 
@@ -45,6 +45,12 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(PY) -m bench.lazy_memory
 	HF_HUB_OFFLINE=1 $(PY) -m bench.uncertainty_cost
 	HF_HUB_OFFLINE=1 $(PY) -m bench.depth_cost
+
+# Resident against lazy on the 1.5B real model (bench/lazy_real.py): the same run of `ours` at 20%
+# with model.lazy=false and true, peak RSS and wall time of each, and their results compared ->
+# results/bench/lazy_real.{json,md} (about half an hour on 2 CPU cores; needs the model's pip parts).
+bench-lazy-real: setup
+	HF_HUB_OFFLINE=1 $(PY) -m bench.lazy_real
 
 # The prepared GPU check (bench/gpu.py): a random LLaMA-7B-shaped model pruned on one GPU,
 # resident and block-wise, and CPU-vs-GPU parity -> results/bench/gpu.{json,md}. It needs

@@ -162,6 +162,18 @@ def test_smoke_lazy_memory_prunes_a_sharded_checkpoint_in_a_fresh_process(tmp_pa
     assert "peak RSS while pruning" in (tmp_path / "lazy_memory.md").read_text()
 
 
+def test_smoke_lazy_real_runs_the_harness_resident_and_lazy_with_one_result(tmp_path):
+    """The two runs are separate processes, each measured; their records must agree (the same
+    units removed, parameters and perplexity) and the report says so."""
+    from bench.lazy_real import run as lazy_real
+
+    r = lazy_real(smoke=True, out=tmp_path)
+    assert r["same_units_removed"] and r["same_params"] and r["params_after"] < r["params_before"]
+    assert r["ppl_abs_difference"] < 1e-3 * r["ppl"]["resident"]
+    assert r["resident"]["peak_rss"] > 2**20 and r["lazy"]["seconds"] > 0
+    assert "`model.lazy=true`" in (tmp_path / "lazy_real.md").read_text()
+
+
 def test_smoke_depth_cost_counts_each_method_and_the_searches_against_the_references(tmp_path):
     from bench.depth_cost import run as depth_cost
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from harness import depth, metrics, sparse
+from harness import depth, metrics, records, sparse
 from harness import remedy as remedies
 from harness.config import CONFIG_DIR, ConfigError, RunConfig, as_dict, compose, typed
 from harness.prune import allocation
@@ -150,7 +150,20 @@ def test_every_experiment_composes_and_validates(experiment):
             for key, value in zip(keys, point, strict=True):
                 OmegaConf.update(cfg, key, yaml.safe_load(value), merge=False)
             typed(cfg)
-    assert experiment.startswith(("table", "fig", "compare", "architectures", "unstructured", "hywia", "seeds", "depth"))
+    assert experiment.startswith(("table", "fig", "compare", "architectures", "unstructured", "hywia", "seeds", "depth",
+                                  "scale"))
+
+
+@pytest.mark.parametrize("point", [("qwen2.5-0.5b", "ours"), ("qwen2.5-0.5b", "depth_sleb"),
+                                   ("gemma3-270m", "wanda", "prune.attention_unit=query_head")])
+def test_scale_shares_depth_models_run_ids(point):
+    """The scale experiment's protocol is depth_models': a point both sweep has one run id, so
+    the depth_models record of it (copied into results/scale/runs) is that run, skipped there."""
+    model, method, *extra = point
+    ids = [records.config_hash(as_dict(typed(compose(f"+experiment={e}", f"model={model}", f"+method={method}",
+                                                      *extra))))
+           for e in ("scale", "depth_models")]
+    assert ids[0] == ids[1]
 
 
 @pytest.mark.parametrize("method", _options("method"))

@@ -10,8 +10,9 @@
 Only complete records are read. Tables go to <out>/tables, plots to <out>/plots:
 Table 1 (methods x perplexities, 7 tasks, average; runs with zero-shot), Table 2 (head-only
 pruning: pruned heads x perplexities), Table 3 (methods x sparsity x datasets), runs.csv,
-perplexity vs sparsity, perplexity vs calibration size (Figure 4, where a sweep varies
-n_samples) and the head-similarity graph of one block (Figure 3, runs whose metric
+the scale table (methods x models, perplexity as a ratio to each model's dense run; where 2+
+models were pruned at one sparsity), perplexity vs sparsity, perplexity vs calibration size
+(Figure 4, where a sweep varies n_samples), that ratio vs model size and the head-similarity graph of one block (Figure 3, runs whose metric
 measured head divergences). Cells show mean +- sd (n) over seeds or one run's 95% interval;
 the best of each column and every cell not significantly worse than it are bold.
 
@@ -31,7 +32,8 @@ from harness import records
 from harness.collect import compare as comparison
 from harness.collect import sources
 from harness.collect.frame import frame, public, where
-from harness.collect.plots import figure3_records, plot_head_graph, plot_ppl_vs
+from harness.collect.plots import figure3_records, plot_head_graph, plot_ppl_vs, plot_ratio_vs_size
+from harness.collect.scale import ratio_frame, table_scale
 from harness.collect.tables import (
     is_lower_better,
     pivot,
@@ -75,9 +77,12 @@ def collect(runs: Path, out: Path, rows: list[str] | None = None, cols: list[str
         written += write_table(t, tables, f"sparse_{model}")
     for model, t in table_depth(df).items():
         written += write_table(t, tables, f"depth_{model}")
+    for sparsity, t in table_scale(df).items():
+        written += write_table(t, tables, f"scale_{sparsity}")
     plots = out / "plots"
     written += plot_ppl_vs(df, plots, "sparsity", ["modules", "calibration", "n_samples"], "ppl_vs_sparsity")
     written += plot_ppl_vs(df, plots, "n_samples", ["modules", "calibration", "sparsity"], "ppl_vs_calibration")
+    written += plot_ratio_vs_size(ratio_frame(df), plots)
     for rec in figure3_records(recs, fig3_run):
         written += plot_head_graph(rec, plots, fig3_layer, fig3_tau)
     return written

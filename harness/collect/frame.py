@@ -133,7 +133,7 @@ def _row(r: dict) -> dict:
         "n_samples": c["calibration"]["n_samples"], "sparsity": c["sparsity"], "sparsity_mode": c["sparsity_mode"],
         "sparsity_achieved": round(p["sparsity_achieved"], 4), "seed": c["seed"], "modules": "+".join(c["prune"]["modules"]),
         "attention_unit": c["prune"].get("attention_unit", "kv_group"), "bos": c["model"].get("bos", "stream"),
-        "params": r["model"]["params_after"], "prune_seconds": p["seconds"],
+        "params": r["model"]["params_after"], "params_dense": r["model"]["params_before"], "prune_seconds": p["seconds"],
         "run_id": r["run_id"],
         "metric_params": _params(c["metric"].get("params") or {}),
         "remedy_params": _remedy_params(c["remedy"]),

@@ -1,5 +1,6 @@
 """Figures from the runs frame and the records: perplexity against sparsity or calibration
-size (Figure 4) and the head-similarity graph of one block (Figure 3)."""
+size (Figure 4), the perplexity ratio to dense against model size and the head-similarity
+graph of one block (Figure 3)."""
 
 from __future__ import annotations
 
@@ -110,6 +111,56 @@ def error_bars(runs: pd.DataFrame, x: str, col: str) -> pd.DataFrame:
             low = high = mean
         rows[value] = {"mean": mean, "low": low, "high": high, "n": len(seeds)}
     return pd.DataFrame.from_dict(rows, orient="index", columns=["mean", "low", "high", "n"]).sort_index()
+
+
+def plot_ratio_vs_size(ratios: pd.DataFrame, out: Path) -> list[Path]:
+    """Per (sparsity, dataset) with two or more models (scale.ratio_frame's runs): perplexity as
+    a ratio to the model's dense run against the dense model's parameter count, a line per
+    method (colour: the method, line style: remedy); bars as in plot_ppl_vs (sd over seeds, or
+    one run's paired interval against its dense run)."""
+    if ratios.empty:
+        return []
+    plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter
+
+    paths = []
+    for sparsity, sub in ratios.groupby("sparsity"):
+        if sub["model"].nunique() < 2:
+            continue
+        methods = rows_of(sub, ["sparsity_type", *METHOD], exclude=("model", "params_dense", "sparsity", "attention_unit"))
+        lines = list(sub.groupby(methods))
+        shared = {c for c in methods if sub[c].nunique() == 1}  # said once by the title, not on every line
+        for col in ppl_columns(sub):
+            fig, ax = plt.subplots(figsize=(5.5, 3.5))
+            for i, (method, g) in enumerate(lines):
+                parts = dict(zip(methods, method if isinstance(method, tuple) else (method,), strict=True))
+                label = " ".join(str(v) for k, v in parts.items() if k not in ("sparsity_type", "remedy", *shared)
+                                 and v not in ("-", "none"))
+                label += "" if parts["remedy"] == "none" else f" + {parts['remedy']}"
+                g = error_bars(g, "params_dense", col)
+                if g.empty:
+                    continue
+                colour, marker = f"C{i % 10}", _MARKERS[i % len(_MARKERS)]
+                ax.plot(g.index, g["mean"], color=colour, linestyle=_STYLE.get(parts["remedy"], "-."), marker=marker,
+                        markersize=4, label=label)
+                ax.errorbar(g.index, g["mean"], yerr=[g["mean"] - g["low"], g["high"] - g["mean"]], color=colour,
+                            linestyle="none", capsize=2, linewidth=0.8)
+            ax.axhline(1.0, color="grey", linewidth=1.5, linestyle=(0, (1, 3)))
+            sizes = sub.groupby("model")["params_dense"].first().sort_values()
+            ax.set_xscale("log")
+            ax.set_xticks(sizes.values, [f"{m}\n{n / 1e6:.0f}M" for m, n in sizes.items()], fontsize=6)
+            ax.minorticks_off()
+            ax.set(xlabel="dense model (parameters)", ylabel=f"{col.removeprefix('ppl.')} perplexity / dense",
+                   yscale="log")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            allocation = f", {sub['allocation'].iloc[0]} allocation" if "allocation" in shared else ""
+            ax.set_title(f"{sparsity:.0%} of the parameters removed{allocation}\nbars: mean +- sd over seeds, or one run's "
+                         "95% interval paired against its dense run", fontsize=8)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+            paths += _save(fig, out, f"ppl_ratio_vs_size_{sparsity:g}_{col.removeprefix('ppl.')}")
+            plt.close(fig)
+    return paths
 
 
 def _heads_per_unit(layer: dict, n_heads: int) -> int:
