@@ -10,6 +10,7 @@ import pandas as pd
 
 from harness import metrics
 from harness.collect.frame import METHOD, ppl_columns, rows_of
+from harness.collect.scale import PER_MODEL
 
 
 def _pyplot():
@@ -121,13 +122,13 @@ def plot_ratio_vs_size(ratios: pd.DataFrame, out: Path) -> list[Path]:
     if ratios.empty:
         return []
     plt = _pyplot()
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     paths = []
     for sparsity, sub in ratios.groupby("sparsity"):
         if sub["model"].nunique() < 2:
             continue
-        methods = rows_of(sub, ["sparsity_type", *METHOD], exclude=("model", "params_dense", "sparsity", "attention_unit"))
+        methods = rows_of(sub, ["sparsity_type", *METHOD], exclude=PER_MODEL)
         lines = list(sub.groupby(methods))
         shared = {c for c in methods if sub[c].nunique() == 1}  # said once by the title, not on every line
         for col in ppl_columns(sub):
@@ -153,7 +154,7 @@ def plot_ratio_vs_size(ratios: pd.DataFrame, out: Path) -> list[Path]:
             ax.set(xlabel="dense model (parameters)", ylabel=f"{col.removeprefix('ppl.')} perplexity / dense",
                    yscale="log")
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
             allocation = f", {sub['allocation'].iloc[0]} allocation" if "allocation" in shared else ""
             ax.set_title(f"{sparsity:.0%} of the parameters removed{allocation}\nbars: mean +- sd over seeds, or one run's "
                          "95% interval paired against its dense run", fontsize=8)

@@ -17,8 +17,9 @@ log = logging.getLogger(__name__)
 # A run and the dense run it is divided by must agree on these (the same evaluation windows).
 _SAME_EVALUATION = ("model", "ppl_tokens", "bos")
 # Per model, not per method: a row spans models that may differ here (Gemma-3's width runs
-# take query heads, the others KV groups); the caption names what each model used.
-_PER_MODEL = ("model", "params_dense", "sparsity", "attention_unit")
+# take query heads, the others KV groups; Gemma-3 puts BOS at every window, Qwen2.5 once per
+# stream); the caption names the attention units where they differ.
+PER_MODEL = ("model", "params_dense", "sparsity", "attention_unit", "bos")
 
 
 def ratio_frame(df: pd.DataFrame) -> pd.DataFrame:
@@ -68,7 +69,7 @@ def table_scale(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
         if sub["model"].nunique() < 2:
             continue
         order = sub.groupby("model")["params_dense"].first().sort_values()
-        rows = rows_of(sub, ["sparsity_type", *METHOD], exclude=_PER_MODEL)
+        rows = rows_of(sub, ["sparsity_type", *METHOD], exclude=PER_MODEL)
         values = [c for c in [*ppl_columns(sub), "zs.avg"] if c in sub and sub[c].notna().any()]
         t = pd.concat([cell_frame(sub, rows, ["model"], [c], 100.0 if c.startswith("zs.") else 1.0) for c in values],
                       axis=1)
