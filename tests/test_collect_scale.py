@@ -1,8 +1,10 @@
 """The scale table and plot (collect/scale.py) from synthetic records: the ratio to dense and
 its interval equal a hand computation from the stored windows, models come smallest first,
-a row spans models whose width runs used different attention units, and a run with no dense
-run on its windows is left out."""
+a row spans models whose width runs used different attention units (but two units within one
+model split it), each ratio divides by a dense run on the same windows and dtype, and masked
+runs (which remove no parameters) are left out."""
 
+import json
 import math
 
 import numpy as np
@@ -18,11 +20,11 @@ from tests import synthetic
 MODELS = [("tiny-llama", 9_000_000, 40.0, 90.0, 70.0), ("tiny-gpt2", 2_000_000, 60.0, 300.0, 150.0)]
 
 
-def _record(model: str, params: int, metric: str, ppl: float, *overrides: str) -> dict:
+def _record(model: str, params: int, metric: str, ppl: float, *overrides: str, windows: int = 64) -> dict:
     sparsity = "sparsity=0" if metric == "dense" else "sparsity=0.2"
     r = synthetic.record(f"model={model}", sparsity, f"metric={'random' if metric == 'dense' else metric}",
                          *overrides, ppl={"wikitext2": ppl, "ptb": ppl / 2}, zeroshot={"arc_easy": 0.5},
-                         draw=7 if metric == "dense" else 8)  # windows of other difficulty: the ratio varies
+                         draw=7 if metric == "dense" else 8, windows=windows)  # other difficulty: the ratio varies
     r["model"]["params_before"] = params
     return r
 
@@ -53,7 +55,7 @@ def test_ratio_and_its_interval_are_the_paired_windows_against_the_dense_run():
 
 
 def test_scale_table_orders_models_by_size_and_keeps_one_row_per_method(tmp_path):
-    tables = table_scale(collect.frame(_records()))
+    tables = table_scale(ratio_frame(collect.frame(_records())))
     t = tables["0.2"]
     assert list(t.columns) == ["tiny-gpt2 wikitext2 x dense", "tiny-gpt2 ptb x dense", "tiny-gpt2 zero-shot avg",
                                "tiny-llama wikitext2 x dense", "tiny-llama ptb x dense", "tiny-llama zero-shot avg"]
@@ -67,21 +69,44 @@ def test_scale_table_orders_models_by_size_and_keeps_one_row_per_method(tmp_path
 def test_scale_needs_two_models_and_the_dense_run_on_the_same_windows():
     recs = _records()
     one_model = [r for r in recs if r["config"]["model"]["name"] == "tiny-llama"]
-    assert table_scale(collect.frame(one_model)) == {}
+    assert table_scale(ratio_frame(collect.frame(one_model))) == {}
     other_windows = [r for r in recs if r["config"]["sparsity"] == 0] + [
         _record("tiny-llama", 9_000_000, "ours", 90.0, "eval.ppl.max_tokens=512")]
     assert ratio_frame(collect.frame(other_windows)).empty
 
 
+def test_each_ratio_divides_by_a_dense_run_on_the_same_windows_and_dtype():
+    pruned = _record("tiny-llama", 9_000_000, "ours", 90.0)
+    other_windows = _record("tiny-llama", 9_000_000, "dense", 50.0, windows=32)
+    same_windows = _record("tiny-llama", 9_000_000, "dense", 40.0)
+    row = ratio_frame(collect.frame([other_windows, same_windows, pruned])).iloc[0]
+    assert row["ppl.wikitext2"] == pytest.approx(90 / 40) and row["dense.ppl.wikitext2"] == 40.0
+    assert math.isnan(ratio_frame(collect.frame([other_windows, pruned])).iloc[0]["ppl.wikitext2"])
+    bf16 = _record("tiny-llama", 9_000_000, "ours", 90.0, "dtype=bfloat16")
+    assert ratio_frame(collect.frame([same_windows, bf16])).empty
+
+
+def test_masked_runs_are_not_in_the_scale_table_and_two_units_of_one_model_split_a_row():
+    recs = _records()
+    recs.append(_record("tiny-llama", 9_000_000, "wanda", 70.0, "sparsity_type=unstructured"))
+    recs.append(_record("tiny-llama", 9_000_000, "ours", 60.0, "prune.attention_unit=query_head"))
+    t = table_scale(ratio_frame(collect.frame(recs)))["0.2"]
+    assert "unstructured" not in t.index.get_level_values("sparsity_type")
+    assert "attention_unit" in t.index.names and len(t) == 4  # flap and ours, each by KV group and by query head
+    ours = t.xs("ours", level="metric")["tiny-llama wikitext2 x dense"]
+    assert ours.xs("query_head", level="attention_unit").item() == pytest.approx(60 / 40)
+    assert ours.xs("kv_group", level="attention_unit").item() == pytest.approx(90 / 40)
+
+
 def test_seeds_average_as_ratios_and_the_collector_writes_table_and_plot(tmp_path):
     recs = _records()
-    recs += [_record("tiny-llama", 9_000_000, "ours", v, "seed=1") for v in (100.0,)]
+    recs.append(_record("tiny-llama", 9_000_000, "ours", 100.0, "seed=1"))
     for r in recs:
         (tmp_path / "runs" / r["run_id"]).mkdir(parents=True)
-        (tmp_path / "runs" / r["run_id"] / "result.json").write_text(__import__("json").dumps(r))
+        (tmp_path / "runs" / r["run_id"] / "result.json").write_text(json.dumps(r))
     written = collect_runs(tmp_path / "runs", tmp_path)
     names = {p.name for p in written}
     assert {"scale_0.2.md", "ppl_ratio_vs_size_0.2_wikitext2.png"} <= names
-    t = table_scale(collect.frame(recs))["0.2"]
+    t = table_scale(ratio_frame(collect.frame(recs)))["0.2"]
     cell = t.attrs["cells"].loc[("structured", "ours", "none", "uniform"), "tiny-llama wikitext2 x dense"]
     assert cell.n == 2 and cell.mean == pytest.approx(np.mean([90 / 40, 100 / 40]))

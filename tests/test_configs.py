@@ -155,7 +155,8 @@ def test_every_experiment_composes_and_validates(experiment):
 
 
 @pytest.mark.parametrize("point", [("qwen2.5-0.5b", "ours"), ("qwen2.5-0.5b", "depth_sleb"),
-                                   ("gemma3-270m", "wanda", "prune.attention_unit=query_head")])
+                                   ("gemma3-270m", "wanda", "prune.attention_unit=query_head"),
+                                   ("gemma3-270m", "random", "sparsity=0")])
 def test_scale_shares_depth_models_run_ids(point):
     """The scale experiment's protocol is depth_models': a point both sweep has one run id, so
     the depth_models record of it (copied into results/scale/runs) is that run, skipped there."""

@@ -77,12 +77,13 @@ def collect(runs: Path, out: Path, rows: list[str] | None = None, cols: list[str
         written += write_table(t, tables, f"sparse_{model}")
     for model, t in table_depth(df).items():
         written += write_table(t, tables, f"depth_{model}")
-    for sparsity, t in table_scale(df).items():
+    ratios = ratio_frame(df)
+    for sparsity, t in table_scale(ratios).items():
         written += write_table(t, tables, f"scale_{sparsity}")
     plots = out / "plots"
     written += plot_ppl_vs(df, plots, "sparsity", ["modules", "calibration", "n_samples"], "ppl_vs_sparsity")
     written += plot_ppl_vs(df, plots, "n_samples", ["modules", "calibration", "sparsity"], "ppl_vs_calibration")
-    written += plot_ratio_vs_size(ratio_frame(df), plots)
+    written += plot_ratio_vs_size(ratios, plots)
     for rec in figure3_records(recs, fig3_run):
         written += plot_head_graph(rec, plots, fig3_layer, fig3_tau)
     return written

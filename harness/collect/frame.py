@@ -18,7 +18,7 @@ METHOD = ["metric", "remedy", "allocation"]
 # one, it becomes an extra row level, so different configurations are never averaged
 # (only repeated seeds are).
 SETTINGS = ["sparsity_type", "nm", "finetune", "metric_params", "remedy_params", "remedy_data", "attention_unit",
-            "calibration", "n_samples", "sparsity_mode", "modules", "ppl_tokens", "zs_limit", "bos"]
+            "calibration", "n_samples", "sparsity_mode", "modules", "ppl_tokens", "zs_limit", "bos", "dtype"]
 # The method part a parameter setting belongs to: with that part as a table column, the
 # setting varies with the column, not within a row.
 OWNER = {"metric_params": "metric", "remedy_params": "remedy", "remedy_data": "remedy"}
@@ -133,6 +133,7 @@ def _row(r: dict) -> dict:
         "n_samples": c["calibration"]["n_samples"], "sparsity": c["sparsity"], "sparsity_mode": c["sparsity_mode"],
         "sparsity_achieved": round(p["sparsity_achieved"], 4), "seed": c["seed"], "modules": "+".join(c["prune"]["modules"]),
         "attention_unit": c["prune"].get("attention_unit", "kv_group"), "bos": c["model"].get("bos", "stream"),
+        "dtype": c.get("dtype", "auto"),
         "params": r["model"]["params_after"], "params_dense": r["model"]["params_before"], "prune_seconds": p["seconds"],
         "run_id": r["run_id"],
         "metric_params": _params(c["metric"].get("params") or {}),

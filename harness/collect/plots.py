@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness import metrics
+from harness import depth, metrics
 from harness.collect.frame import METHOD, ppl_columns, rows_of
-from harness.collect.scale import PER_MODEL
+from harness.collect.scale import method_rows
 
 
 def _pyplot():
@@ -38,10 +38,24 @@ _STYLE = {"none": "-", "bias": "--", "recovery": ":"}
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
+_PALETTE = ("C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9")  # tab10 without its grey (C7)
+
+
+def _known() -> list[str]:
+    return metrics.names() + [m for m in depth.names() if m not in metrics.names()]
+
+
 def _colour(metric: str) -> str:
-    palette = ("C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9")  # tab10 without its grey (C7)
-    known = metrics.names()
-    return palette[known.index(metric) % len(palette)] if metric in known else "black"
+    known = _known()
+    return _PALETTE[known.index(metric) % len(_PALETTE)] if metric in known else "black"
+
+
+def _distinct_colours(present) -> dict[str, str]:
+    """A colour per metric of one figure, none shared (in the registries' order, so the same
+    set of metrics is coloured alike in every figure)."""
+    known = _known()
+    ordered = sorted(set(present), key=lambda m: (known.index(m) if m in known else len(known), m))
+    return {m: _PALETTE[i % len(_PALETTE)] for i, m in enumerate(ordered)}
 
 
 def plot_ppl_vs(df: pd.DataFrame, out: Path, x: str, fixed: list[str], stem: str) -> list[Path]:
@@ -117,51 +131,66 @@ def error_bars(runs: pd.DataFrame, x: str, col: str) -> pd.DataFrame:
 def plot_ratio_vs_size(ratios: pd.DataFrame, out: Path) -> list[Path]:
     """Per (sparsity, dataset) with two or more models (scale.ratio_frame's runs): perplexity as
     a ratio to the model's dense run against the dense model's parameter count, a line per
-    method (colour: the method, line style: remedy); bars as in plot_ppl_vs (sd over seeds, or
-    one run's paired interval against its dense run)."""
+    method (colour: metric, distinct within the figure; line style: remedy; marker: the rest); bars as in plot_ppl_vs (sd
+    over seeds, or one run's paired interval against its dense run)."""
     if ratios.empty:
         return []
     plt = _pyplot()
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
     paths = []
     for sparsity, sub in ratios.groupby("sparsity"):
         if sub["model"].nunique() < 2:
             continue
-        methods = rows_of(sub, ["sparsity_type", *METHOD], exclude=PER_MODEL)
-        lines = list(sub.groupby(methods))
-        shared = {c for c in methods if sub[c].nunique() == 1}  # said once by the title, not on every line
+        methods = method_rows(sub)
+        colours = _distinct_colours(sub["metric"])
         for col in ppl_columns(sub):
             fig, ax = plt.subplots(figsize=(5.5, 3.5))
-            for i, (method, g) in enumerate(lines):
+            variant_of: dict[str, int] = {}
+            for method, g in sub.groupby(methods, dropna=False):
                 parts = dict(zip(methods, method if isinstance(method, tuple) else (method,), strict=True))
-                label = " ".join(str(v) for k, v in parts.items() if k not in ("sparsity_type", "remedy", *shared)
-                                 and v not in ("-", "none"))
-                label += "" if parts["remedy"] == "none" else f" + {parts['remedy']}"
+                variant = _variant(parts, sub)
+                marker = _MARKERS[variant_of.setdefault(variant, len(variant_of)) % len(_MARKERS)]
                 g = error_bars(g, "params_dense", col)
                 if g.empty:
                     continue
-                colour, marker = f"C{i % 10}", _MARKERS[i % len(_MARKERS)]
+                colour = colours[parts["metric"]]
+                label = " ".join(p for p in (parts["metric"], variant) if p)
+                label += "" if parts["remedy"] == "none" else f" + {parts['remedy']}"
                 ax.plot(g.index, g["mean"], color=colour, linestyle=_STYLE.get(parts["remedy"], "-."), marker=marker,
                         markersize=4, label=label)
                 ax.errorbar(g.index, g["mean"], yerr=[g["mean"] - g["low"], g["high"] - g["mean"]], color=colour,
                             linestyle="none", capsize=2, linewidth=0.8)
-            ax.axhline(1.0, color="grey", linewidth=1.5, linestyle=(0, (1, 3)))
-            sizes = sub.groupby("model")["params_dense"].first().sort_values()
-            ax.set_xscale("log")
-            ax.set_xticks(sizes.values, [f"{m}\n{n / 1e6:.0f}M" for m, n in sizes.items()], fontsize=6)
-            ax.minorticks_off()
-            ax.set(xlabel="dense model (parameters)", ylabel=f"{col.removeprefix('ppl.')} perplexity / dense",
-                   yscale="log")
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.yaxis.set_minor_formatter(NullFormatter())
-            allocation = f", {sub['allocation'].iloc[0]} allocation" if "allocation" in shared else ""
-            ax.set_title(f"{sparsity:.0%} of the parameters removed{allocation}\nbars: mean +- sd over seeds, or one run's "
-                         "95% interval paired against its dense run", fontsize=8)
+            _size_axes(ax, sub, col)
+            allocation = f", {sub['allocation'].iloc[0]} allocation" if sub["allocation"].nunique() == 1 else ""
+            ax.set_title(f"{sparsity:.0%} of the parameters removed{allocation}\nbars: mean +- sd over seeds, or one "
+                         "run's 95% interval paired against its dense run", fontsize=8)
             ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
             paths += _save(fig, out, f"ppl_ratio_vs_size_{sparsity:g}_{col.removeprefix('ppl.')}")
             plt.close(fig)
     return paths
+
+
+def _variant(parts: dict, runs: pd.DataFrame) -> str:
+    """What tells a line apart besides its metric and remedy: `key=value` of the other row keys
+    that vary (the track where it does: `depth` / `structured`)."""
+    shown = [f"{k}={v}" for k, v in parts.items()
+             if k not in ("metric", "remedy", "sparsity_type") and runs[k].nunique(dropna=False) > 1]
+    if runs["sparsity_type"].nunique() > 1:
+        shown.insert(0, f"({parts['sparsity_type']})")
+    return " ".join(shown)
+
+
+def _size_axes(ax, runs: pd.DataFrame, col: str) -> None:
+    """Log-log axes: one tick per model at its dense parameter count, the dense level (1) dotted."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.axhline(1.0, color="grey", linewidth=1.5, linestyle=(0, (1, 3)))
+    sizes = runs.groupby("model")["params_dense"].first().sort_values()
+    ax.set_xscale("log")
+    ax.set_xticks(sizes.values, [f"{m}\n{n / 1e6:.0f}M" for m, n in sizes.items()], fontsize=6)
+    ax.minorticks_off()
+    ax.set(xlabel="dense model (parameters)", ylabel=f"{col.removeprefix('ppl.')} perplexity / dense", yscale="log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _heads_per_unit(layer: dict, n_heads: int) -> int:
