@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from bench.run import PeakMemory, cli, report
+from bench.run import PeakMemory, cli, gib, report
 
 FULL = {"hidden_size": 2048, "intermediate_size": 5504, "num_hidden_layers": 30, "num_attention_heads": 32,
         "num_key_value_heads": 32, "vocab_size": 32000}
@@ -106,25 +106,21 @@ def run(smoke: bool, out: Path) -> dict:
     return report(out, "lazy_memory", result, markdown)
 
 
-def _gb(b: float) -> str:
-    return f"{b / 2**30:.2f}"
-
-
 def markdown(r: dict) -> str:
     b = r["bytes"]
     return "\n".join([
         f"# Lazy pruning: peak host memory (`ours`, {r['calibration']['n_samples']} x {r['calibration']['seqlen']} calibration)", "",
         f"LLaMA-shaped random float32 checkpoint: {r['shape']['num_hidden_layers']} blocks, d {r['shape']['hidden_size']}, "
-        f"f {r['shape']['intermediate_size']}, vocab {r['shape']['vocab_size']}; {_gb(b['checkpoint'])} GiB on disk.", "",
+        f"f {r['shape']['intermediate_size']}, vocab {r['shape']['vocab_size']}; {gib(b['checkpoint'])} GiB on disk.", "",
         "| quantity | GiB |", "| --- | ---: |",
-        f"| checkpoint on disk | {_gb(b['checkpoint'])} |",
-        f"| one block | {_gb(b['block'])} |",
-        f"| weights outside the blocks read for the capture (embeddings, norm) | {_gb(b['outside'])} |",
-        f"| calibration stream (float32) | {_gb(r['activations_bytes'])} |",
-        f"| process before reading weights (baseline RSS) | {_gb(r['baseline_rss'])} |",
-        f"| **peak RSS while pruning** | **{_gb(r['peak_rss'])}** |",
-        f"| bound: baseline + max(outside, 2 blocks + in-block activations) + 0.25 | {_gb(r['bound_rss'])} |",
-        f"| the issue's bound: 2 blocks + calibration activations + 1 | {_gb(r['issue_bound_rss'])} |", "",
+        f"| checkpoint on disk | {gib(b['checkpoint'])} |",
+        f"| one block | {gib(b['block'])} |",
+        f"| weights outside the blocks read for the capture (embeddings, norm) | {gib(b['outside'])} |",
+        f"| calibration stream (float32) | {gib(r['activations_bytes'])} |",
+        f"| process before reading weights (baseline RSS) | {gib(r['baseline_rss'])} |",
+        f"| **peak RSS while pruning** | **{gib(r['peak_rss'])}** |",
+        f"| bound: baseline + max(outside, 2 blocks + in-block activations) + 0.25 | {gib(r['bound_rss'])} |",
+        f"| the issue's bound: 2 blocks + calibration activations + 1 | {gib(r['issue_bound_rss'])} |", "",
         f"Within the bound: {r['within_bound']}; within the issue's bound: {r['peak_rss'] <= r['issue_bound_rss']}. "
         f"Pruning took {r['seconds']:.0f} s ({r['params_before']:,} -> {r['params_after']:,} parameters); "
         f"writing the checkpoint {r['checkpoint_write_seconds']:.0f} s.", ""])

@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.run import cli, report
+from bench.run import cli, gib, report
 
 ROOT = Path(__file__).resolve().parent.parent
 FULL = {"model": "qwen2.5-coder-1.5b", "tokens": 4096, "n_samples": 32}
@@ -92,10 +92,6 @@ def run(smoke: bool, out: Path) -> dict:
     return report(out, "lazy_real", result, markdown)
 
 
-def _gib(b: float) -> str:
-    return f"{b / 2**30:.2f}"
-
-
 def markdown(r: dict) -> str:
     c = r["case"]
     return "\n".join([
@@ -103,7 +99,7 @@ def markdown(r: dict) -> str:
         f"{r['params_before']:,} -> {r['params_after']:,} parameters; {c['n_samples']} C4 windows of 128 tokens; "
         f"WikiText-2 perplexity on the first {c['tokens']:,} tokens. Each run in a fresh process:", "",
         "| | peak RSS (GiB) | wall time (s) | pruning (s) | WikiText-2 |", "| --- | ---: | ---: | ---: | ---: |",
-        *(f"| `model.lazy={str(mode == 'lazy').lower()}` | {_gib(r[mode]['peak_rss'])} | {r[mode]['seconds']:.0f} | "
+        *(f"| `model.lazy={str(mode == 'lazy').lower()}` | {gib(r[mode]['peak_rss'])} | {r[mode]['seconds']:.0f} | "
           f"{r[mode]['prune_seconds']:.0f} | {r['ppl'][mode]:.4f} |" for mode in ("resident", "lazy")), "",
         f"Same units removed in every block: {r['same_units_removed']}; same parameter count: {r['same_params']}; "
         f"perplexity difference {r['ppl_abs_difference']:.2e}.", "",

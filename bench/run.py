@@ -362,6 +362,11 @@ def report(out: Path, name: str, result: dict, markdown) -> dict:
     return result
 
 
+def gib(b: float) -> str:
+    """Bytes as GiB with two decimals (the memory reports' unit)."""
+    return f"{b / 2**30:.2f}"
+
+
 def _mb(b: float) -> str:
     return f"{b / 2**20:.0f}"
 
