@@ -10,7 +10,7 @@ import pandas as pd
 
 from harness import depth, metrics
 from harness.collect.frame import METHOD, ppl_columns, rows_of
-from harness.collect.scale import method_rows
+from harness.collect.scale import method_rows, model_sizes
 
 
 def _pyplot():
@@ -83,10 +83,7 @@ def plot_ppl_vs(df: pd.DataFrame, out: Path, x: str, fixed: list[str], stem: str
                 marker = _MARKERS[variant_of.setdefault(variant, len(variant_of)) % len(_MARKERS)]
                 g = error_bars(g, x, col)
                 colour = _colour(parts["metric"])
-                ax.plot(g.index, g["mean"], color=colour, linestyle=_STYLE.get(parts["remedy"], "-."),
-                        marker=marker, markersize=4)
-                ax.errorbar(g.index, g["mean"], yerr=[g["mean"] - g["low"], g["high"] - g["mean"]], color=colour,
-                            linestyle="none", capsize=2, linewidth=0.8)
+                _line_with_bars(ax, g, colour, parts["remedy"], marker)
             handles = [Line2D([], [], color=_colour(m), label=m) for m in sorted(set(sub["metric"]))]
             handles += [Line2D([], [], color="black", linestyle=_STYLE.get(r, "-."), label=f"remedy={r}")
                         for r in sorted(set(sub["remedy"]))]
@@ -110,6 +107,14 @@ def plot_ppl_vs(df: pd.DataFrame, out: Path, x: str, fixed: list[str], stem: str
     return paths
 
 
+def _line_with_bars(ax, bars: pd.DataFrame, colour: str, remedy: str, marker: str, label: str | None = None) -> None:
+    """One method's line through error_bars' means (line style: its remedy), with its bars."""
+    ax.plot(bars.index, bars["mean"], color=colour, linestyle=_STYLE.get(remedy, "-."), marker=marker, markersize=4,
+            label=label)
+    ax.errorbar(bars.index, bars["mean"], yerr=[bars["mean"] - bars["low"], bars["high"] - bars["mean"]], color=colour,
+                linestyle="none", capsize=2, linewidth=0.8)
+
+
 def error_bars(runs: pd.DataFrame, x: str, col: str) -> pd.DataFrame:
     """Per value of `x`: the mean of `col` over its runs (seeds) and the bar around it: mean +- sd
     over two or more seeds, else the one run's own 95% evaluation interval (none in older records)."""
@@ -131,8 +136,8 @@ def error_bars(runs: pd.DataFrame, x: str, col: str) -> pd.DataFrame:
 def plot_ratio_vs_size(ratios: pd.DataFrame, out: Path) -> list[Path]:
     """Per (sparsity, dataset) with two or more models (scale.ratio_frame's runs): perplexity as
     a ratio to the model's dense run against the dense model's parameter count, a line per
-    method (colour: metric, distinct within the figure; line style: remedy; marker: the rest); bars as in plot_ppl_vs (sd
-    over seeds, or one run's paired interval against its dense run)."""
+    method (colour: metric, distinct within the figure; line style: remedy; marker: the rest);
+    bars as in plot_ppl_vs (sd over seeds, or one run's paired interval against its dense run)."""
     if ratios.empty:
         return []
     plt = _pyplot()
@@ -155,10 +160,7 @@ def plot_ratio_vs_size(ratios: pd.DataFrame, out: Path) -> list[Path]:
                 colour = colours[parts["metric"]]
                 label = " ".join(p for p in (parts["metric"], variant) if p)
                 label += "" if parts["remedy"] == "none" else f" + {parts['remedy']}"
-                ax.plot(g.index, g["mean"], color=colour, linestyle=_STYLE.get(parts["remedy"], "-."), marker=marker,
-                        markersize=4, label=label)
-                ax.errorbar(g.index, g["mean"], yerr=[g["mean"] - g["low"], g["high"] - g["mean"]], color=colour,
-                            linestyle="none", capsize=2, linewidth=0.8)
+                _line_with_bars(ax, g, colour, parts["remedy"], marker, label)
             _size_axes(ax, sub, col)
             allocation = f", {sub['allocation'].iloc[0]} allocation" if sub["allocation"].nunique() == 1 else ""
             ax.set_title(f"{sparsity:.0%} of the parameters removed{allocation}\nbars: mean +- sd over seeds, or one "
@@ -184,7 +186,7 @@ def _size_axes(ax, runs: pd.DataFrame, col: str) -> None:
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     ax.axhline(1.0, color="grey", linewidth=1.5, linestyle=(0, (1, 3)))
-    sizes = runs.groupby("model")["params_dense"].first().sort_values()
+    sizes = model_sizes(runs)
     ax.set_xscale("log")
     ax.set_xticks(sizes.values, [f"{m}\n{n / 1e6:.0f}M" for m, n in sizes.items()], fontsize=6)
     ax.minorticks_off()

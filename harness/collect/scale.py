@@ -73,6 +73,11 @@ def method_rows(ratios: pd.DataFrame) -> list[str]:
     return rows
 
 
+def model_sizes(runs: pd.DataFrame) -> pd.Series:
+    """Each model's dense parameter count, smallest first (the table's column order, the plot's x)."""
+    return runs.groupby("model")["params_dense"].first().sort_values()
+
+
 def table_scale(ratios: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Per sparsity that two or more models were pruned at (ratio_frame's runs): methods x
     (model, smallest first) of the perplexity ratio to dense (lower is better; bold as in every
@@ -83,7 +88,7 @@ def table_scale(ratios: pd.DataFrame) -> dict[str, pd.DataFrame]:
     for sparsity, sub in ratios.groupby("sparsity"):
         if sub["model"].nunique() < 2:
             continue
-        order = sub.groupby("model")["params_dense"].first().sort_values()
+        order = model_sizes(sub)
         rows = method_rows(sub)
         values = [c for c in [*ppl_columns(sub), "zs.avg"] if c in sub and sub[c].notna().any()]
         t = pd.concat([cell_frame(sub, rows, ["model"], [c], 100.0 if c.startswith("zs.") else 1.0) for c in values],
