@@ -155,6 +155,7 @@ def test_every_experiment_composes_and_validates(experiment):
 
 
 @pytest.mark.parametrize("point", [("qwen2.5-0.5b", "ours"), ("qwen2.5-0.5b", "depth_sleb"),
+                                   ("qwen2.5-0.5b", "depth_angular_replaceme"),
                                    ("gemma3-270m", "wanda", "prune.attention_unit=query_head"),
                                    ("gemma3-270m", "random", "sparsity=0")])
 def test_scale_shares_depth_models_run_ids(point):
