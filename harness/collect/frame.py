@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 
 import pandas as pd
 
@@ -140,6 +141,8 @@ def _row(r: dict) -> dict:
         "remedy_params": _remedy_params(c["remedy"]),
         "remedy_data": _remedy_data(c),
     }
+    if r.get("started_at") and r.get("finished_at"):  # the run's wall time, loading and evaluation included
+        row["run_seconds"] = (datetime.fromisoformat(r["finished_at"]) - datetime.fromisoformat(r["started_at"])).total_seconds()
     if all("heads_kept" in layer for layer in p["per_layer"]):  # the structured track: units removed
         row["heads_kept"] = sum(layer["heads_kept"] for layer in p["per_layer"])
         if "heads_before" in r["model"]:
