@@ -58,6 +58,7 @@ def record(*overrides: str, ppl: dict[str, float] | None = None, zeroshot: dict[
                                     "tokens_per_s": 100.0 * config["eval"]["efficiency"]["seqlen"]}
     run_id = f"{records.config_hash(config)[:8]}{next(_ids):04d}"
     return {"schema_version": records.SCHEMA_VERSION, "run_id": run_id, "status": "complete", "config": config,
+            "started_at": "2026-12-01T00:00:00+00:00", "finished_at": "2026-12-01T00:00:02+00:00",
             "model": {"name": config["model"]["name"], "params_before": 1000, "params_after": 800,
                       "heads_before": heads * layers},
             "pruning": {"sparsity_achieved": config["sparsity"], "seconds": 1.0, "per_layer": per_layer},
