@@ -13,8 +13,9 @@ pruning: pruned heads x perplexities), Table 3 (methods x sparsity x datasets), 
 the scale table (methods x models, perplexity as a ratio to each model's dense run; where 2+
 models were pruned at one sparsity), perplexity vs sparsity, perplexity vs calibration size
 (Figure 4, where a sweep varies n_samples), that ratio vs model size and the head-similarity
-graph of one block (Figure 3, runs whose metric measured head divergences). Cells show mean +- sd (n) over seeds or one run's 95% interval;
-the best of each column and every cell not significantly worse than it are bold.
+graph of one block (Figure 3, runs whose metric measured head divergences). Cells show
+mean +- sd (n) over seeds or one run's 95% interval; the best of each column and every cell
+not significantly worse than it are bold.
 
 `--compare A B` writes no tables: it pairs the runs of A and B that agree on everything else
 (same model, sparsity, seed, evaluation windows, ...) and prints, per pair, ppl_A/ppl_B and
